@@ -1,0 +1,66 @@
+"""Flower ClientApp: a thin adapter from messages and ``context.state`` to the node rules."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask
+from strategies.decentralized import NEIGHBOUR_PREFIX
+
+from .config import RunConfig
+
+STATE_PREFIX = "node."  # context.state records "node.<group>" hold the node's tensors
+ROUND_KEY = "node-round"
+
+app = ClientApp()
+
+
+@app.query("info")
+def info(msg: Message, context: Context) -> Message:
+    """Tell the orchestrator which partition this node holds."""
+    record = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
+                           "num-partitions": int(context.node_config["num-partitions"])})
+    return Message(RecordDict({"info": record}), reply_to=msg)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    """One round of the algorithm named by the message type (``train.<algorithm>``)."""
+    config = RunConfig.from_run_config(msg.content["run"])
+    rule = _node_rule(config, int(context.node_config["partition-id"]))
+    neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
+                  for key, record in msg.content.array_records.items()
+                  if key.startswith(NEIGHBOUR_PREFIX)}
+    state, metrics = rule.step(load_state(context) or rule.init_state(),
+                               NodeTask.from_record(msg.content["config"]), neighbours)
+    save_state(context, state)
+    return Message(RecordDict({"arrays": ArrayRecord(state.model),
+                               "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+for _algorithm in ALGORITHMS:
+    app.train(_algorithm)(_train)
+
+
+@lru_cache(maxsize=256)
+def _node_rule(config: RunConfig, partition_id: int) -> NodeRule:
+    return ALGORITHMS[config.algorithm][1](config, partition_id)
+
+
+def save_state(context: Context, state: NodeState) -> None:
+    """Store a ``NodeState`` in ``context.state`` (one ArrayRecord per tensor group)."""
+    for group, tensors in state.tensors.items():
+        context.state[STATE_PREFIX + group] = ArrayRecord(tensors)
+    context.state[ROUND_KEY] = ConfigRecord({"round": state.round})
+
+
+def load_state(context: Context) -> NodeState | None:
+    """The ``NodeState`` saved by ``save_state``, or None on the node's first message."""
+    if ROUND_KEY not in context.state:
+        return None
+    tensors = {key[len(STATE_PREFIX):]: dict(record.to_torch_state_dict())
+               for key, record in context.state.array_records.items()
+               if key.startswith(STATE_PREFIX)}
+    return NodeState(int(context.state[ROUND_KEY]["round"]), tensors)

@@ -1,0 +1,204 @@
+"""Run configuration: one typed, validated record shared by Flower, YAML and the CLI.
+
+``RunConfig`` field ``num_rounds`` is the Flower run-config key ``num-rounds`` (``_`` <-> ``-``).
+Defaults are the paper's base setting (50 nodes, Dirichlet alpha 0.1, link density 0.5,
+lr 0.01, batch 128, 100 rounds) on the offline ``synthetic`` dataset.
+
+    python -m flwr_hyperprism.config simulations/base.yaml dataset=mnist --toml run.toml
+    flwr run . --run-config run.toml
+
+writes the flat TOML that ``flwr run --run-config`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .data import DATASETS
+from .graphs import TOPOLOGIES
+from .hypernetwork import HN_INPUTS, P_SELECT_MODES, parse_candidates
+from .models import MODELS
+
+ALGORITHMS = ("hyperprism",)
+P_MODES = ("hypernetwork", "fixed")
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run. Units: seconds for timeouts, fractions for accuracies."""
+
+    algorithm: str = "hyperprism"
+    seed: int = 0
+    num_nodes: int = 50  # partitions = SuperNodes expected before round 1
+    num_rounds: int = 100
+    # data and model
+    dataset: str = "synthetic"
+    data_dir: str = ""  # absolute path with torchvision's layout; unused by 'synthetic'
+    download: bool = False
+    alpha: float = 0.1  # Dirichlet concentration of the label skew
+    min_partition_size: int = 10
+    model: str = "logreg"
+    # local training (plain SGD, as in the paper)
+    lr: float = 0.01
+    batch_size: int = 128
+    local_epochs: int = 1  # the paper does not say; one pass over the node's data per round
+    local_steps: int = 0  # > 0: exactly this many minibatch steps per round instead of epochs
+    momentum: float = 0.0
+    # communication graph
+    topology: str = "erdos-renyi"
+    density: float = 0.5
+    exact_edges: bool = False
+    mobility_speed: float = 0.05  # unit-square lengths per round ('mobility' topology)
+    # HyperPrism
+    p_mode: str = "hypernetwork"  # or 'fixed': p = fixed-p for both layer groups, no hypernetwork
+    fixed_p: float = 1.0
+    p_candidates: str = "1,3,5,7,9,11,13,15"
+    p_select: str = "soft"  # expectation over candidates; 'st' = argmax, straight-through
+    hn_input: str = "gradient"  # embedding + gradient summary; 'embedding' = embedding only
+    embedding_dim: int = 32
+    hn_hidden: int = 64
+    hn_lr: float = 0.01
+    # orchestration and outputs
+    round_timeout: float = 600.0
+    node_wait_timeout: float = 300.0
+    output_dir: str = "runs"  # relative paths resolve against the ServerApp's working dir
+    run_name: str = ""  # default: <algorithm>-<dataset>-seed<seed>-<UTC time>
+    target_accuracy: float = 0.85  # summary.json reports the first round reaching it
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif not _has_type(value, f.type):
+                raise ValueError(f"config key {_key(f.name)!r} must be a {f.type}, "
+                                 f"got {value!r} ({type(value).__name__})")
+        self._validate()
+
+    def _validate(self) -> None:
+        choices = {"algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS,
+                   "topology": TOPOLOGIES, "p_mode": P_MODES, "p_select": P_SELECT_MODES,
+                   "hn_input": HN_INPUTS}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"config key {_key(name)!r} = {getattr(self, name)!r} is not "
+                                 f"one of: {', '.join(valid)}")
+        ranges = [
+            ("num_nodes", 2, None, "an integer >= 2"), ("num_rounds", 1, None, "an integer >= 1"),
+            ("min_partition_size", 1, None, "an integer >= 1"),
+            ("batch_size", 1, None, "an integer >= 1"), ("local_epochs", 1, None, ">= 1"),
+            ("local_steps", 0, None, ">= 0"), ("momentum", 0.0, 1.0, "in [0, 1)"),
+            ("embedding_dim", 1, None, ">= 1"), ("hn_hidden", 1, None, ">= 1"),
+            ("fixed_p", 1.0, None, ">= 1"), ("mobility_speed", 0.0, None, ">= 0"),
+            ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
+        ]
+        for name, low, high, text in ranges:
+            value = getattr(self, name)
+            if not (value >= low and (high is None or value <= high)) or (
+                    name == "momentum" and value == 1.0) or not math.isfinite(value):
+                raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
+        for name in ("alpha", "lr", "hn_lr", "round_timeout", "node_wait_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"config key 'density' must be in (0, 1], got {self.density!r}")
+        parse_candidates(self.p_candidates)
+
+    @property
+    def candidates(self) -> tuple[float, ...]:
+        return parse_candidates(self.p_candidates)
+
+    # --- conversions -------------------------------------------------------------------------
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Scalar]) -> RunConfig:
+        """Build from Flower's flat run config (kebab-case keys); unknown keys are an error."""
+        known = {_key(f.name): f.name for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(known)}")
+        return cls(**{known[k]: v for k, v in run_config.items()})
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """Flat kebab-case mapping, as in ``[tool.flwr.app.config]``."""
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Scalar) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RunConfig:
+    """Merge YAML files (later wins) and ``key=value`` overrides over the defaults.
+
+    YAML and override keys are the field names (``num_rounds``) or the Flower keys
+    (``num-rounds``). Unknown keys and wrong types raise ValueError naming the key.
+    """
+    base = OmegaConf.structured(RunConfig)
+    layers = [OmegaConf.load(path) for path in paths]
+    dotlist = OmegaConf.from_dotlist([_normalise_override(o) for o in overrides])
+    try:
+        merged = OmegaConf.merge(base, *[_snake_keys(layer) for layer in layers], dotlist)
+        values = OmegaConf.to_container(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"invalid configuration: {err}") from err
+    return RunConfig(**values)  # type: ignore[arg-type]
+
+
+def _snake_keys(layer):
+    return OmegaConf.create({str(k).replace("-", "_"): v for k, v in layer.items()})
+
+
+def _normalise_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if not sep:
+        raise ValueError(f"override {override!r} must look like key=value")
+    return f"{key.strip().replace('-', '_')}={value}"
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _has_type(value: object, type_name: str) -> bool:
+    expected = {"bool": (bool,), "int": (int,), "float": (float,), "str": (str,)}[type_name]
+    return isinstance(value, expected) and (type_name == "bool" or not isinstance(value, bool))
+
+
+def to_toml(config: RunConfig) -> str:
+    """The config as flat TOML for ``flwr run . --run-config FILE.toml``."""
+    lines = []
+    for key, value in config.to_run_config().items():
+        text = ("true" if value else "false") if isinstance(value, bool) else (
+            json.dumps(value) if isinstance(value, str) else repr(value))
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Merge YAML configs and overrides into the "
+                                     "flat TOML run config that `flwr run --run-config` takes.")
+    parser.add_argument("items", nargs="*", help="YAML files, then key=value overrides")
+    parser.add_argument("--toml", type=Path, help="write here instead of printing")
+    args = parser.parse_args(argv)
+    paths = [i for i in args.items if "=" not in i]
+    config = load_config(paths, [i for i in args.items if "=" in i])
+    text = to_toml(config)
+    if args.toml:
+        args.toml.write_text(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Per-round metrics: aggregation over nodes, the log line, metrics.jsonl and summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from .config import RunConfig
+
+# Per-node values kept as lists (ordered by partition id) in every metrics.jsonl row.
+PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
+
+
+def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]],
+                    seconds: float) -> dict:
+    """One metrics row from each replying node's metrics (keys: accuracy, loss, ...).
+
+    Every numeric key K becomes ``K_mean`` over nodes; accuracy also gets ``accuracy_std``
+    (population std); ``PER_NODE_KEYS`` are kept per node, ordered by partition id.
+    """
+    nodes = sorted(node_metrics)
+    row: dict = {"round": round_, "nodes_replied": len(nodes)}
+    keys = sorted({k for m in node_metrics.values() for k in m})
+    for key in keys:
+        values = [float(node_metrics[n][key]) for n in nodes if key in node_metrics[n]]
+        mean = math.fsum(values) / len(values)
+        row[f"{key}_mean"] = mean
+        if key == "accuracy":
+            row["accuracy_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values)
+                                            / len(values))
+        if key in PER_NODE_KEYS:
+            row[key] = values
+    row["seconds"] = seconds
+    return row
+
+
+def format_round(row: Mapping, num_rounds: int) -> str:
+    """The per-round log line."""
+    return (f"round {row['round']:>3}/{num_rounds}  acc {row.get('accuracy_mean', math.nan):.4f}"
+            f" ± {row.get('accuracy_std', math.nan):.4f}  loss {row.get('loss_mean', math.nan):.4f}"
+            f"  p_theta {row.get('p_theta_mean', math.nan):.2f}"
+            f"  p_phi {row.get('p_phi_mean', math.nan):.2f}"
+            f"  nodes {row['nodes_replied']}  {row['seconds']:.2f}s")
+
+
+class RunRecorder:
+    """Writes ``config.json``, ``metrics.jsonl`` (a row per round) and ``summary.json``."""
+
+    def __init__(self, run_dir: str | Path, config: RunConfig) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.rows: list[dict] = []
+        (self.run_dir / "config.json").write_text(json.dumps(config.to_run_config(), indent=2))
+        (self.run_dir / "metrics.jsonl").write_text("")
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a") as out:
+            out.write(json.dumps(row) + "\n")
+        (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+
+    def summary(self) -> dict:
+        return summarise_run(self.rows, self.config)
+
+
+def summarise_run(rows: list[dict], config: RunConfig) -> dict:
+    """Max accuracy (and its round) and the first round reaching the target accuracy."""
+    accuracies = [(r.get("accuracy_mean", -math.inf), r["round"]) for r in rows]
+    best, best_round = max(accuracies, key=lambda a: (a[0], -a[1]), default=(None, None))
+    reached = next((r for a, r in accuracies if a >= config.target_accuracy), None)
+    return {
+        "algorithm": config.algorithm, "dataset": config.dataset, "model": config.model,
+        "seed": config.seed, "num_nodes": config.num_nodes, "rounds_completed": len(rows),
+        "max_accuracy": best, "max_accuracy_round": best_round,
+        "target_accuracy": config.target_accuracy, "rounds_to_target": reached,
+        "seconds_total": math.fsum(r["seconds"] for r in rows),
+    }
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """``<output-dir>/<run-name>``; run-name defaults to algorithm, dataset, seed and UTC time."""
+    name = config.run_name or (f"{config.algorithm}-{config.dataset}-seed{config.seed}-"
+                               f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    return Path(config.output_dir).expanduser().resolve() / name

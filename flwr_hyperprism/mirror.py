@@ -1,0 +1,134 @@
+"""Mirror maps and the weighted power mean (a Kolmogorov mean) used by HyperPrism.
+
+The mirror map is the sign-preserving power ``s_p(u) = sign(u) * |u|**p`` with inverse
+``s_p^{-1}(v) = sign(v) * |v|**(1/p)``; for odd integer ``p`` it is the literal ``u**p``.
+The weighted power mean of k tensors is ``WPM_p(x; a) = s_p^{-1}(sum_j a_j s_p(x_j))``.
+
+``power_mean`` evaluates it in the scaled form ``S * WPM_p(x / S; a)`` with ``S`` the
+per-coordinate maximum of ``|x_j|`` (exact, because the mean is positively homogeneous), so
+every powered value lies in [-1, 1]: nothing overflows for any ``p``, and underflow only hits
+terms that are negligible next to the largest one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Each coordinate's p-th root has slope |s|**(1/p - 1), unbounded where the mirror-space sum s
+# is (close to) zero. Below the floating-point resolution that slope carries no information,
+# so derivatives through the root are capped at 1/eps of the dtype (8.4e6 for float32).
+_WEIGHT_SUM_TOLERANCE = 1e-5
+
+
+def sign_power(u: Tensor, p: float | Tensor) -> Tensor:
+    """Mirror map ``sign(u) * |u|**p`` (elementwise, any shape); requires ``p >= 1``."""
+    return torch.copysign(u.abs().pow(p), u)
+
+
+def inverse_sign_power(v: Tensor, p: float | Tensor) -> Tensor:
+    """Inverse mirror map ``sign(v) * |v|**(1/p)`` (elementwise, any shape)."""
+    return torch.copysign(v.abs().pow(1.0 / p), v)
+
+
+def power_mean(x: Tensor, weights: Tensor, p: float | Tensor) -> Tensor:
+    """Weighted power mean ``s_p^{-1}(sum_j a_j s_p(x_j))`` over the first axis.
+
+    Args:
+        x: shape (k, *shape), k stacked models or tensors (floating point).
+        weights: shape (k,), non-negative, summing to 1 (e.g. one row of a mixing matrix).
+        p: the power degree, ``p >= 1``; a Python number or a 0-d tensor (may require grad).
+
+    Returns:
+        A tensor of shape ``shape`` and the dtype of ``x``. With ``p == 1`` it is the weighted
+        arithmetic mean. Differentiable in ``x``, ``weights`` and ``p``, with finite gradients
+        also where parameters are exactly zero.
+
+    Raises:
+        ValueError: if ``p < 1`` or not finite, ``weights`` is not a (k,) vector of
+            non-negative values summing to 1, or the shapes of ``x`` and ``weights`` disagree.
+    """
+    p_tensor = _check_inputs(x, weights, p)
+    weights = weights.to(dtype=x.dtype)
+    if not p_tensor.requires_grad and float(p_tensor) == 1.0:
+        return torch.tensordot(weights, x, dims=1)
+    # Rows with zero weight must not set the scale: a huge unweighted value would push every
+    # weighted term into underflow.
+    positive = weights > 0
+    if not bool(positive.all()):
+        x, weights = x[positive], weights[positive]
+    return _ScaledPowerMean.apply(x, weights, p_tensor.to(dtype=x.dtype))
+
+
+def _check_inputs(x: Tensor, weights: Tensor, p: float | Tensor) -> Tensor:
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 1:
+        raise ValueError(
+            f"power_mean: x must be a floating-point tensor of shape (k, ...), got "
+            f"{type(x).__name__} with shape {tuple(getattr(x, 'shape', ()))}"
+        )
+    if not torch.is_tensor(weights) or weights.shape != (x.shape[0],):
+        raise ValueError(
+            f"power_mean: weights must have shape ({x.shape[0]},) to match x of shape "
+            f"{tuple(x.shape)}, got {tuple(getattr(weights, 'shape', ()))}"
+        )
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(
+            f"power_mean: weights must be finite and non-negative, got {weights.tolist()}"
+        )
+    total = float(weights.double().sum())
+    if abs(total - 1.0) > _WEIGHT_SUM_TOLERANCE:
+        raise ValueError(
+            f"power_mean: weights must sum to 1 (within {_WEIGHT_SUM_TOLERANCE}), got sum "
+            f"{total!r}; normalise them first (weights / weights.sum())"
+        )
+    p_tensor = torch.as_tensor(p)
+    if p_tensor.ndim != 0:
+        raise ValueError(f"power_mean: p must be a number or a 0-d tensor, got shape "
+                         f"{tuple(p_tensor.shape)}")
+    p_value = float(p_tensor.detach())
+    if not p_value >= 1.0 or p_value == float("inf"):
+        raise ValueError(f"power_mean: p must be a finite number >= 1, got {p_value!r}")
+    return p_tensor
+
+
+class _ScaledPowerMean(torch.autograd.Function):
+    """Scaled power mean with an analytic backward (stable where autograd of pow is not).
+
+    With u_j = x_j / S, m_j = s_p(u_j), s = sum_j a_j m_j, t = s_p^{-1}(s), out = S t and the
+    root slope r = |s|**(1/p - 1) (capped, see module constant):
+      d out / d x_j = a_j |u_j|**(p-1) r
+      d out / d a_j = S m_j r / p
+      d out / d p   = S (r (sum_j a_j m_j ln|u_j|) / p - t ln|s| / p**2)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weights: Tensor, p: Tensor) -> Tensor:  # type: ignore[override]
+        low, high = torch.aminmax(x, dim=0)
+        scale = torch.maximum(high, low.neg_())
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero column -> 0
+        u = x / scale
+        mirrored = u.abs().pow_(p).copysign_(u)
+        s = torch.tensordot(weights, mirrored, dims=1)
+        t = s.abs().pow_(1.0 / p).copysign_(s)
+        ctx.save_for_backward(u, mirrored, weights, p, scale, s, t)
+        return t * scale
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        u, mirrored, weights, p, scale, s, t = ctx.saved_tensors
+        cap = 1.0 / torch.finfo(u.dtype).eps
+        root_slope = s.abs().pow(1.0 / p - 1.0).clamp_(max=cap)
+        grad_x = grad_weights = grad_p = None
+        if ctx.needs_input_grad[0]:
+            row_weights = weights.reshape((-1,) + (1,) * (u.ndim - 1))
+            grad_x = row_weights * u.abs().pow(p - 1.0) * (grad_out * root_slope)
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.tensordot(mirrored, grad_out * scale * root_slope / p,
+                                           dims=s.ndim)
+        if ctx.needs_input_grad[2]:
+            tiny = torch.finfo(u.dtype).tiny
+            log_u = u.abs().clamp(min=tiny).log()  # m_j ln|u_j| -> 0 where u_j = 0
+            ds_dp = torch.tensordot(weights, mirrored * log_u, dims=1)
+            dt_dp = root_slope * ds_dp / p - t * s.abs().clamp(min=tiny).log() / p**2
+            grad_p = (grad_out * scale * dt_dp).sum()
+        return grad_x, grad_weights, grad_p

@@ -1,0 +1,65 @@
+"""Models, split into HyperPrism's two layer groups.
+
+Every model has two children: ``features`` (representation layers, theta: conv/embedding,
+merged with p_theta) and ``classifier`` (decision layers, phi: fully connected, merged with
+p_phi). For logistic regression ``features`` has no parameters: everything is decision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODELS = ("logreg", "cnn")
+REPRESENTATION, DECISION = "theta", "phi"
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on flattened images: (n, C, H, W) -> (n, classes)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Flatten()
+        self.classifier = nn.Linear(int(torch.Size(input_shape).numel()), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Two 5x5 conv + max-pool blocks (representation) and a 2-layer MLP head (decision).
+
+    The classic CIFAR-10 baseline CNN of the decentralized-learning literature; works for any
+    (C, H, W) input with H, W divisible by 4.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """A freshly initialised model; the same (name, shape, seed) gives identical parameters."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    if name == "cnn" and len(input_shape) != 3:
+        raise ValueError(f"model 'cnn' needs (C, H, W) images, got input shape {input_shape}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return (LogisticRegression if name == "logreg" else SmallCNN)(input_shape, num_classes)
+
+
+def layer_group(parameter_name: str) -> str:
+    """``theta`` for representation parameters (``features.*``), ``phi`` for the rest."""
+    return REPRESENTATION if parameter_name.startswith("features.") else DECISION

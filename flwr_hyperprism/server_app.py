@@ -1,0 +1,46 @@
+"""Flower ServerApp: builds the routing-only orchestrator from the run config and starts it."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from strategies import ALGORITHMS
+
+from .config import RunConfig
+from .data import INPUT_SHAPES, NUM_CLASSES
+from .metrics import default_run_dir
+from .models import build_model
+
+log = logging.getLogger("flwr")
+
+
+def initial_model(config: RunConfig) -> ArrayRecord:
+    """The common initial model every node starts from (a function of model, dataset, seed)."""
+    model = build_model(config.model, INPUT_SHAPES[config.dataset], NUM_CLASSES, config.seed)
+    return ArrayRecord(model.state_dict())
+
+
+def run(grid: Grid, config: RunConfig) -> Result:
+    """Run ``config.algorithm`` on the nodes behind ``grid``; outputs go to the run directory."""
+    run_dir = default_run_dir(config)
+    log.info("flwr-hyperprism: %s, outputs in %s", config.algorithm, run_dir)
+    strategy = ALGORITHMS[config.algorithm][0](config, run_dir)
+    return strategy.start(grid, initial_model(config))
+
+
+def make_server_app(config: RunConfig | None = None) -> ServerApp:
+    """A ServerApp for ``config``, or for the run config Flower passes when it is None."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, config or RunConfig.from_run_config(context.run_config))
+
+    return server_app
+
+
+app = make_server_app()

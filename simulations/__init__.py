@@ -1,0 +1,1 @@
+"""Experiment configs (omegaconf YAML) and the runner that executes them."""

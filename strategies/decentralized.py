@@ -1,0 +1,305 @@
+"""The serverless round loop shared by every decentralized algorithm.
+
+The orchestrator (``DecentralizedStrategy``) only routes: each round it samples the graph G(t),
+tells every node its neighbours and mixing weights, and forwards the neighbours' latest models
+untouched. It never does arithmetic on parameters. Nodes hold their own state and run the
+algorithm's ``NodeRule``. ``run_in_process`` drives the same plan and node rules without Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from torch import Tensor
+
+from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.data import Dataset, Split, dirichlet_partition, load_dataset
+from flwr_hyperprism.graphs import TimeVaryingGraph, metropolis_hastings_weights
+from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
+
+log = logging.getLogger("flwr")
+
+NEIGHBOUR_PREFIX = "nbr."  # message records "nbr.<partition id>" carry neighbours' models
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    """What the orchestrator tells one node for one round (all ids are partition ids)."""
+
+    round: int
+    neighbours: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()  # a_ij, aligned with neighbours
+    self_weight: float = 1.0  # a_ii
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({"round": self.round, "neighbours": list(self.neighbours),
+                             "weights": list(self.weights), "self-weight": self.self_weight})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> NodeTask:
+        return cls(int(record["round"]), tuple(int(n) for n in record["neighbours"]),
+                   tuple(float(w) for w in record["weights"]), float(record["self-weight"]))
+
+
+@dataclass
+class NodeState:
+    """A node's persistent state: named groups of tensors (``model`` is what it shares)."""
+
+    round: int = 0
+    tensors: dict[str, StateDict] = field(default_factory=dict)
+
+    @property
+    def model(self) -> StateDict:
+        return self.tensors["model"]
+
+
+class NodeRule(Protocol):
+    """An algorithm's node update; pure torch, no Flower."""
+
+    def init_state(self) -> NodeState: ...
+
+    def step(self, state: NodeState, task: NodeTask,
+             neighbour_models: Mapping[int, StateDict]) -> tuple[NodeState, dict[str, float]]:
+        """One round: returns the new state and scalar metrics (accuracy, loss, ...)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NodeData:
+    train: Split  # this node's partition
+    test: Split  # the global test set
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+@lru_cache(maxsize=2)
+def _partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
+                 alpha: float, min_size: int) -> tuple[Dataset, tuple]:
+    data = load_dataset(dataset, data_dir, download, seed)
+    parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
+    return data, tuple(parts)
+
+
+def node_data(config: RunConfig, partition_id: int) -> NodeData:
+    """The node's training partition and the global test set (cached per process)."""
+    if not 0 <= partition_id < config.num_nodes:
+        raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
+                         f"(num-nodes={config.num_nodes})")
+    data, parts = _partitioned(config.dataset, config.data_dir, config.download, config.seed,
+                               config.num_nodes, config.alpha, config.min_partition_size)
+    idx = torch.from_numpy(parts[partition_id])
+    return NodeData(Split(data.train.x[idx], data.train.y[idx]), data.test)
+
+
+class DecentralizedStrategy(Strategy):
+    """Routing-only orchestrator: one Flower round-trip per round, no global model.
+
+    Round t: sample G(t); send node i its ``NodeTask`` and the latest model of each neighbour
+    (as received, untouched); collect every node's new model and metrics. Metrics are logged
+    per round and, with ``run_dir``, written to metrics.jsonl / summary.json there.
+    """
+
+    algorithm: ClassVar[str]
+
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.graphs = TimeVaryingGraph(config.num_nodes, config.topology, config.density,
+                                       config.seed, config.exact_edges, config.mobility_speed)
+        self.recorder = RunRecorder(run_dir, config) if run_dir is not None else None
+        self.node_ids: dict[int, int] = {}  # partition id -> Flower node id
+        self.latest: dict[int, ArrayRecord] = {}  # partition id -> latest routed model
+        self.node_metrics: dict[int, dict[str, float]] = {}  # of the last aggregated round
+
+    # --- the plan: pure, shared with run_in_process -----------------------------------------
+
+    def plan_round(self, round_: int, available: Iterable[int]) -> dict[int, NodeTask]:
+        """Each node's task for round ``round_``: Metropolis-Hastings weights on G(t).
+
+        Neighbours without a model to route (``available``) are left out and their weight
+        goes to the node itself, so every row still sums to 1.
+        """
+        weights = metropolis_hastings_weights(self.graphs.at(round_))
+        have = set(available)
+        tasks = {}
+        for i in range(self.config.num_nodes):
+            nbrs = tuple(int(j) for j in weights[i].nonzero()[0] if j != i and j in have)
+            tasks[i] = NodeTask(round_, nbrs, tuple(float(weights[i, j]) for j in nbrs),
+                                float(1.0 - sum(weights[i, j] for j in nbrs)))
+        return tasks
+
+    # --- Flower hooks ------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Per-node messages: task, run config, and the neighbours' latest models."""
+        run = ConfigRecord(self.config.to_run_config())
+        messages = []
+        for pid, task in self.plan_round(server_round, self.latest).items():
+            content = RecordDict({"config": task.to_record(), "run": run})
+            for j in task.neighbours:
+                content[f"{NEIGHBOUR_PREFIX}{j}"] = self.latest[j]
+            messages.append(Message(content, dst_node_id=self.node_ids[pid],
+                                    message_type=f"train.{self.algorithm}",
+                                    group_id=str(server_round)))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Store each node's new model for routing; no global model (returns None arrays)."""
+        partition_of = {nid: pid for pid, nid in self.node_ids.items()}
+        self.node_metrics = {}
+        for reply in replies:
+            pid = partition_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                log.error("round %s: node %s (partition %s) failed: %s", server_round,
+                          reply.metadata.src_node_id, pid, reply.error.reason)
+                continue
+            self.latest[pid] = reply.content["arrays"]
+            self.node_metrics[pid] = dict(reply.content["metrics"])
+        row = summarise_round(server_round, self.node_metrics, seconds=0.0)
+        return None, MetricRecord({k: v for k, v in row.items() if k != "seconds"})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """No evaluation round-trip: nodes evaluate inside the training reply."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Nothing to aggregate (see ``configure_evaluate``)."""
+        return None
+
+    def summary(self) -> None:
+        log.info("%s: %s nodes, %s graph (density %s), %s rounds, dataset %s, model %s",
+                 type(self).__name__, self.config.num_nodes, self.config.topology,
+                 self.config.density, self.config.num_rounds, self.config.dataset,
+                 self.config.model)
+
+    # --- the round loop ----------------------------------------------------------------------
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None,
+              num_rounds: int | None = None, timeout: float | None = None,
+              train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              ) -> Result:
+        """Run the decentralized rounds; same signature as ``Strategy.start``.
+
+        ``initial_arrays`` (the common initial model) is routed as every node's latest model
+        in round 1. ``evaluate_fn``/``evaluate_config`` do not apply: there is no global model.
+        """
+        num_rounds = num_rounds or self.config.num_rounds
+        timeout = timeout or self.config.round_timeout
+        self.summary()
+        self.node_ids = wait_for_partitions(grid, self.config.num_nodes,
+                                            self.config.node_wait_timeout)
+        if initial_arrays:
+            self.latest = dict.fromkeys(range(self.config.num_nodes), initial_arrays)
+        result = Result()
+        for server_round in range(1, num_rounds + 1):
+            started = time.perf_counter()
+            messages = self.configure_train(server_round, initial_arrays or ArrayRecord(),
+                                            train_config or ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            _, metrics = self.aggregate_train(server_round, replies)
+            row = summarise_round(server_round, self.node_metrics,
+                                  time.perf_counter() - started)
+            self._record(row, num_rounds)
+            result.train_metrics_clientapp[server_round] = metrics
+        return result
+
+    def _record(self, row: dict, num_rounds: int) -> None:
+        log.info("[%s] %s", self.algorithm, format_round(row, num_rounds))
+        if self.recorder is not None:
+            self.recorder.record(row)
+
+
+def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
+                        poll: float = 0.2) -> dict[int, int]:
+    """Wait until ``num_nodes`` nodes with partition ids 0..num_nodes-1 are connected.
+
+    Asks each new node once (``query.info``) for its partition id and num-partitions.
+    Returns {partition id: node id}. Raises RuntimeError on a mismatch with the federation or
+    when the nodes are not all there within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    partitions: dict[int, int] = {}
+    asked: set[int] = set()
+    while True:
+        new = [nid for nid in grid.get_node_ids() if nid not in asked]
+        if new:
+            asked.update(new)
+            queries = [Message(RecordDict(), dst_node_id=nid, message_type="query.info")
+                       for nid in new]
+            for reply in grid.send_and_receive(queries, timeout=max(deadline - time.monotonic(),
+                                                                    1.0)):
+                _register_partition(reply, partitions, num_nodes)
+        if sorted(partitions) == list(range(num_nodes)):
+            return partitions
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(partitions)} of num-nodes={num_nodes} nodes (partitions "
+                f"{sorted(partitions)}) connected within node-wait-timeout={timeout}s; start "
+                f"more SuperNodes (simulation: --federation-config 'num-supernodes={num_nodes}')"
+            )
+        time.sleep(poll)
+
+
+def _register_partition(reply: Message, partitions: dict[int, int], num_nodes: int) -> None:
+    if reply.has_error():
+        raise RuntimeError(f"node {reply.metadata.src_node_id} did not answer query.info: "
+                           f"{reply.error.reason}")
+    info = reply.content["info"]
+    pid, total = int(info["partition-id"]), int(info["num-partitions"])
+    if total != num_nodes:
+        raise RuntimeError(
+            f"the federation has num-partitions={total} but the run config has "
+            f"num-nodes={num_nodes}: pass --run-config 'num-nodes={total}' or start "
+            f"{num_nodes} SuperNodes (simulation: --federation-config "
+            f"'num-supernodes={num_nodes}')"
+        )
+    if pid in partitions:
+        raise RuntimeError(f"partition id {pid} is claimed by nodes {partitions[pid]} and "
+                           f"{reply.metadata.src_node_id}; give every SuperNode its own "
+                           f"partition-id")
+    partitions[pid] = reply.metadata.src_node_id
+
+
+def run_in_process(strategy: DecentralizedStrategy,
+                   make_rule: Callable[[RunConfig, int], NodeRule],
+                   initial_model: StateDict) -> list[dict]:
+    """Drive ``strategy``'s plan and the node rules for all rounds in this process.
+
+    Same plan, node rules and metrics as a Flower run (models are passed by reference instead
+    of messages), so the same seed and config give the same metrics.jsonl rows.
+    """
+    config = strategy.config
+    rules = {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
+    states = {pid: rule.init_state() for pid, rule in rules.items()}
+    latest = dict.fromkeys(rules, initial_model)
+    strategy.summary()
+    rows = []
+    for round_ in range(1, config.num_rounds + 1):
+        started = time.perf_counter()
+        metrics = {}
+        for pid, task in strategy.plan_round(round_, latest).items():
+            states[pid], metrics[pid] = rules[pid].step(
+                states[pid], task, {j: latest[j] for j in task.neighbours})
+        latest = {pid: state.model for pid, state in states.items()}
+        row = summarise_round(round_, metrics, time.perf_counter() - started)
+        strategy._record(row, config.num_rounds)
+        rows.append(row)
+    return rows
