@@ -144,7 +144,7 @@ def _to_split(images, labels, mean: tuple[float, ...], std: tuple[float, ...]) -
     return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
-def synthetic_dataset(seed: int, num_train: int = 12_000, num_test: int = 2_000) -> Dataset:
+def synthetic_dataset(seed: int, num_train: int = 30_000, num_test: int = 5_000) -> Dataset:
     """Ten-class 1x28x28 images: a smooth random template per class plus pixel noise.
 
     Needs no files and no network; a pure function of ``seed``. Linear models reach roughly
@@ -163,4 +163,4 @@ def synthetic_dataset(seed: int, num_train: int = 12_000, num_test: int = 2_000)
     return Dataset(draw(num_train), draw(num_test))
 
 
-_SYNTHETIC_NOISE = 4.0
+_SYNTHETIC_NOISE = 3.0

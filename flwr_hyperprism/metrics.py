@@ -74,7 +74,8 @@ def summarise_run(rows: list[dict], config: RunConfig) -> dict:
     reached = next((r for a, r in accuracies if a >= config.target_accuracy), None)
     return {
         "algorithm": config.algorithm, "dataset": config.dataset, "model": config.model,
-        "seed": config.seed, "num_nodes": config.num_nodes, "rounds_completed": len(rows),
+        "seed": config.seed, "num_nodes": config.num_nodes,
+        "rounds_completed": rows[-1]["round"] if rows else 0,
         "max_accuracy": best, "max_accuracy_round": best_round,
         "target_accuracy": config.target_accuracy, "rounds_to_target": reached,
         "seconds_total": math.fsum(r["seconds"] for r in rows),

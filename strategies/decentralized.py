@@ -4,6 +4,12 @@ The orchestrator (``DecentralizedStrategy``) only routes: each round it samples 
 tells every node its neighbours and mixing weights, and forwards the neighbours' latest models
 untouched. It never does arithmetic on parameters. Nodes hold their own state and run the
 algorithm's ``NodeRule``. ``run_in_process`` drives the same plan and node rules without Flower.
+
+Round protocol (one Flower round-trip per round): in round-trip t a node merges the models its
+neighbours trained in round-trip t-1, evaluates the merged model, trains it locally and replies.
+The merge completes round t-1 of the paper's adapt-then-combine loop, so the metrics of
+round-trip t describe the model after round t-1 (round 0: the initial model). T rounds take
+T + 1 round-trips; the last one merges and evaluates without training.
 """
 
 from __future__ import annotations
@@ -37,19 +43,22 @@ StateDict = dict[str, Tensor]
 class NodeTask:
     """What the orchestrator tells one node for one round (all ids are partition ids)."""
 
-    round: int
+    round: int  # round-trip index t >= 1; its merge completes round t - 1
     neighbours: tuple[int, ...] = ()
     weights: tuple[float, ...] = ()  # a_ij, aligned with neighbours
     self_weight: float = 1.0  # a_ii
+    train: bool = True  # False in the final round-trip: merge and evaluate only
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({"round": self.round, "neighbours": list(self.neighbours),
-                             "weights": list(self.weights), "self-weight": self.self_weight})
+                             "weights": list(self.weights), "self-weight": self.self_weight,
+                             "train": self.train})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeTask:
         return cls(int(record["round"]), tuple(int(n) for n in record["neighbours"]),
-                   tuple(float(w) for w in record["weights"]), float(record["self-weight"]))
+                   tuple(float(w) for w in record["weights"]), float(record["self-weight"]),
+                   bool(record["train"]))
 
 
 @dataclass
@@ -71,7 +80,7 @@ class NodeRule(Protocol):
 
     def step(self, state: NodeState, task: NodeTask,
              neighbour_models: Mapping[int, StateDict]) -> tuple[NodeState, dict[str, float]]:
-        """One round: returns the new state and scalar metrics (accuracy, loss, ...)."""
+        """One round-trip: the new state and scalar metrics of the merged model."""
         ...
 
 
@@ -126,18 +135,20 @@ class DecentralizedStrategy(Strategy):
     # --- the plan: pure, shared with run_in_process -----------------------------------------
 
     def plan_round(self, round_: int, available: Iterable[int]) -> dict[int, NodeTask]:
-        """Each node's task for round ``round_``: Metropolis-Hastings weights on G(t).
+        """Each node's task for round-trip ``round_``: Metropolis-Hastings weights on G(t).
 
         Neighbours without a model to route (``available``) are left out and their weight
-        goes to the node itself, so every row still sums to 1.
+        goes to the node itself, so every row still sums to 1. The round-trip after the last
+        round (``num_rounds + 1``) does not train.
         """
         weights = metropolis_hastings_weights(self.graphs.at(round_))
         have = set(available)
+        train = round_ <= self.config.num_rounds
         tasks = {}
         for i in range(self.config.num_nodes):
             nbrs = tuple(int(j) for j in weights[i].nonzero()[0] if j != i and j in have)
             tasks[i] = NodeTask(round_, nbrs, tuple(float(weights[i, j]) for j in nbrs),
-                                float(1.0 - sum(weights[i, j] for j in nbrs)))
+                                float(1.0 - sum(weights[i, j] for j in nbrs)), train)
         return tasks
 
     # --- Flower hooks ------------------------------------------------------------------------
@@ -169,7 +180,7 @@ class DecentralizedStrategy(Strategy):
                 continue
             self.latest[pid] = reply.content["arrays"]
             self.node_metrics[pid] = dict(reply.content["metrics"])
-        row = summarise_round(server_round, self.node_metrics, seconds=0.0)
+        row = summarise_round(server_round - 1, self.node_metrics, seconds=0.0)
         return None, MetricRecord({k: v for k, v in row.items() if k != "seconds"})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -200,8 +211,11 @@ class DecentralizedStrategy(Strategy):
 
         ``initial_arrays`` (the common initial model) is routed as every node's latest model
         in round 1. ``evaluate_fn``/``evaluate_config`` do not apply: there is no global model.
+        ``result.train_metrics_clientapp[r]`` holds round r's aggregates, r = 0..num_rounds.
         """
-        num_rounds = num_rounds or self.config.num_rounds
+        if num_rounds is not None and num_rounds != self.config.num_rounds:
+            self.config = self.config.replace(num_rounds=num_rounds)
+        num_rounds = self.config.num_rounds
         timeout = timeout or self.config.round_timeout
         self.summary()
         self.node_ids = wait_for_partitions(grid, self.config.num_nodes,
@@ -209,20 +223,20 @@ class DecentralizedStrategy(Strategy):
         if initial_arrays:
             self.latest = dict.fromkeys(range(self.config.num_nodes), initial_arrays)
         result = Result()
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(1, num_rounds + 2):
             started = time.perf_counter()
             messages = self.configure_train(server_round, initial_arrays or ArrayRecord(),
                                             train_config or ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=timeout)
             _, metrics = self.aggregate_train(server_round, replies)
-            row = summarise_round(server_round, self.node_metrics,
-                                  time.perf_counter() - started)
-            self._record(row, num_rounds)
-            result.train_metrics_clientapp[server_round] = metrics
+            self.record_round(summarise_round(server_round - 1, self.node_metrics,
+                                              time.perf_counter() - started))
+            result.train_metrics_clientapp[server_round - 1] = metrics
         return result
 
-    def _record(self, row: dict, num_rounds: int) -> None:
-        log.info("[%s] %s", self.algorithm, format_round(row, num_rounds))
+    def record_round(self, row: dict) -> None:
+        """Log one metrics row and append it to the run directory's files."""
+        log.info("[%s] %s", self.algorithm, format_round(row, self.config.num_rounds))
         if self.recorder is not None:
             self.recorder.record(row)
 
@@ -292,14 +306,13 @@ def run_in_process(strategy: DecentralizedStrategy,
     latest = dict.fromkeys(rules, initial_model)
     strategy.summary()
     rows = []
-    for round_ in range(1, config.num_rounds + 1):
+    for round_ in range(1, config.num_rounds + 2):
         started = time.perf_counter()
         metrics = {}
         for pid, task in strategy.plan_round(round_, latest).items():
             states[pid], metrics[pid] = rules[pid].step(
                 states[pid], task, {j: latest[j] for j in task.neighbours})
         latest = {pid: state.model for pid, state in states.items()}
-        row = summarise_round(round_, metrics, time.perf_counter() - started)
-        strategy._record(row, config.num_rounds)
-        rows.append(row)
+        rows.append(summarise_round(round_ - 1, metrics, time.perf_counter() - started))
+        strategy.record_round(rows[-1])
     return rows

@@ -1,14 +1,14 @@
 """HyperPrism (NeurIPS 2024): orchestration and node update, side by side.
 
 Orchestrator: the shared routing loop with Metropolis-Hastings weights on G(t) (nothing to add).
-Node i, one round (the paper's Algorithm 1, synchronous; "merge" completes the previous round's
-adapt-then-combine step with the neighbours' freshly trained models):
+Node i, one round-trip (the paper's Algorithm 1, synchronous; the merge completes the previous
+round's adapt-then-combine step with the neighbours' freshly trained models):
   1. (p_theta, p_phi) = HN_i(v_i, gradient summary)      -- or fixed p (ablation; p = 1: D-PSGD)
   2. merge per layer group in mirror space: w_i <- WPM_p({w_j}_{j in N_i + i}; a_i.)
   3. train HN_i: loss of the merged model on a fresh minibatch, backpropagated through the merge
      into the hypernetwork and v_i (neighbours' models are constants)
-  4. local training (SGD, one epoch by default) -> new gradient summary
-  5. evaluate on the global test set; reply with the new model and metrics.
+  4. evaluate the merged model on the global test set (the paper's per-round accuracy)
+  5. local training (SGD, one epoch by default) -> new gradient summary; reply with the model.
 """
 
 from __future__ import annotations
@@ -104,10 +104,11 @@ class HyperPrismNode:
                 metrics["hn_loss"] = self._train_hypernet(merged, gen)
 
         self.model.load_state_dict({k: v.detach() for k, v in merged.items()})
-        metrics["train_loss"], summary = self._train_locally(gen)
         metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
         metrics.update(p_theta=float(degrees[REPRESENTATION]), p_phi=float(degrees[DECISION]),
                        num_examples=float(len(self.data.train)))
+        if task.train:
+            metrics["train_loss"], summary = self._train_locally(gen)
 
         tensors = {"model": _clone(self.model.state_dict()),
                    "optimizer": optimizer_state(self.optimizer),
@@ -143,7 +144,7 @@ class HyperPrismNode:
             loss = F.cross_entropy(self.model(train.x[idx]), train.y[idx])
             loss.backward()
             self.optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         summary = gradient_summary(p.grad for p in self.model.parameters())
         return sum(losses) / len(losses), summary
 

@@ -1,0 +1,68 @@
+"""A Ray-free Flower Grid for fast wiring tests: calls the ClientApp object directly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity  # private API: set outside a real run
+
+
+class LocalGrid(Grid):
+    """Virtual nodes with their own ``Context``; ``partitions`` maps node id -> (pid, total).
+
+    A ClientApp exception becomes an error reply (code 2), as in a real run.
+    """
+
+    def __init__(self, client_app: ClientApp, partitions: dict[int, tuple[int, int]]) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.client_app = client_app
+        self.contexts = {
+            nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config={},
+                         node_config={"partition-id": pid, "num-partitions": total})
+            for nid, (pid, total) in partitions.items()
+        }
+        self.replies: dict[str, Message] = {}
+
+    @classmethod
+    def with_nodes(cls, client_app: ClientApp, num_nodes: int) -> LocalGrid:
+        # Node ids deliberately unrelated to partition ids.
+        return cls(client_app, {1000 + 7 * pid: (pid, num_nodes) for pid in range(num_nodes)})
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError("deprecated in Flower 1.41: construct Message directly")
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            msg.metadata.__dict__["_src_node_id"] = 0
+            context = self.contexts[msg.metadata.dst_node_id]
+            try:
+                reply = self.client_app(msg, context)
+            except Exception as err:  # noqa: BLE001 - mirrors Flower's error replies
+                reply = Message(Error(2, repr(err)), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in message_ids]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

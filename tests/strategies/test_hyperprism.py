@@ -1,0 +1,161 @@
+"""HyperPrism's plan and node rule driven in-process, against dense references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.graphs import metropolis_hastings_weights
+from flwr_hyperprism.mirror import inverse_sign_power, sign_power
+from flwr_hyperprism.server_app import initial_model
+from strategies import ALGORITHMS, HyperPrism, HyperPrismNode, run_in_process
+from strategies.hyperprism import load_optimizer_state, optimizer_state
+
+
+def small_config(tmp_path, **changes) -> RunConfig:
+    settings = {"num_nodes": 5, "num_rounds": 3, "output_dir": str(tmp_path), "run_name": "run"}
+    return RunConfig(**{**settings, **changes})
+
+
+def flat(model: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in model.values()]).double()
+
+
+def spread_models(rules: dict, seed: int = 1) -> dict:
+    """Node states whose models differ (so merging has something to do)."""
+    gen = torch.Generator().manual_seed(seed)
+    states = {}
+    for pid, rule in rules.items():
+        state = rule.init_state()
+        state.tensors["model"] = {k: torch.randn(v.shape, generator=gen)
+                                  for k, v in state.model.items()}
+        states[pid] = state
+    return states
+
+
+def gossip_without_training(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
+    """Drive plan + node rule with train=False (learning rate 0); stacked models per round."""
+    history = [torch.stack([flat(states[p].model) for p in sorted(states)])]
+    for round_ in range(1, rounds + 1):
+        latest = {p: s.model for p, s in states.items()}
+        for pid, task in strategy.plan_round(round_, latest).items():
+            states[pid], _ = rules[pid].step(states[pid], dataclasses.replace(task, train=False),
+                                             {j: latest[j] for j in task.neighbours})
+        history.append(torch.stack([flat(states[p].model) for p in sorted(states)]))
+    return history
+
+
+@pytest.mark.parametrize("topology", ["ring", "erdos-renyi"])
+@pytest.mark.parametrize("p", [1.0, 3.0, 9.0])
+def test_fixed_p_gossip_matches_dense_mirror_space_reference(tmp_path, topology, p):
+    # With a common fixed p, s_p(X_t) = A(t) s_p(X_{t-1}): linear gossip in mirror space
+    # (p = 1: X_t = A(t) X_{t-1}, D-PSGD's averaging). Compared in (scaled) mirror space, where
+    # float32 errors stay at eps: the p-th root amplifies them near sign cancellations.
+    config = small_config(tmp_path, topology=topology, p_mode="fixed", fixed_p=p)
+    strategy = HyperPrism(config)
+    rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
+    history = gossip_without_training(strategy, rules, spread_models(rules), rounds=3)
+    for round_, (before, after) in enumerate(zip(history, history[1:]), start=1):
+        mixing = mixing_at(strategy, round_)
+        scale = before.abs().amax(0)
+        torch.testing.assert_close(sign_power(after / scale, p),
+                                   mixing @ sign_power(before / scale, p), rtol=0, atol=2e-6)
+    if p == 1.0:
+        torch.testing.assert_close(history[1], mixing_at(strategy, 1) @ history[0], rtol=1e-5,
+                                   atol=1e-6)
+
+
+def mixing_at(strategy, round_: int) -> torch.Tensor:
+    return torch.from_numpy(metropolis_hastings_weights(strategy.graphs.at(round_)))
+
+
+def test_fixed_p_preserves_mirror_space_mass_and_reaches_its_consensus(tmp_path):
+    # Invariants 13 and 15: sum_i s_p(w_i) is preserved; the limit is s_p^-1(mean s_p(w_i^0)).
+    p = 3.0
+    config = small_config(tmp_path, topology="complete", p_mode="fixed", fixed_p=p)
+    rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
+    history = gossip_without_training(HyperPrism(config), rules, spread_models(rules), 2)
+    mass = sign_power(history[0], p).sum(0)
+    torch.testing.assert_close(sign_power(history[1], p).sum(0), mass, rtol=1e-4, atol=1e-4)
+    consensus = inverse_sign_power(mass / config.num_nodes, p)
+    torch.testing.assert_close(history[-1], consensus.expand_as(history[-1]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_plan_gives_symmetric_metropolis_weights_and_keeps_missing_weight_at_home(tmp_path):
+    strategy = HyperPrism(small_config(tmp_path, num_nodes=8))
+    tasks = strategy.plan_round(3, available=range(8))
+    mixing = metropolis_hastings_weights(strategy.graphs.at(3))
+    for i, task in tasks.items():
+        assert task.round == 3 and task.train
+        for j, w in zip(task.neighbours, task.weights):
+            assert i in tasks[j].neighbours and w == pytest.approx(mixing[i, j])
+        assert task.self_weight + sum(task.weights) == pytest.approx(1.0)
+    partial = strategy.plan_round(3, available=[0, 1, 2])
+    for i, task in partial.items():
+        assert set(task.neighbours) <= {0, 1, 2} - {i}
+        assert task.self_weight + sum(task.weights) == pytest.approx(1.0)
+    assert not strategy.plan_round(strategy.config.num_rounds + 1, range(8))[0].train
+
+
+def hypernet_params(state) -> dict[str, torch.Tensor]:
+    return state.tensors["hypernet"]
+
+
+def test_hypernetwork_is_trained_through_the_merge(tmp_path):
+    # Invariant 20: gradients reach psi_i and v_i when neighbours differ. For logistic
+    # regression every layer is "decision", so the p_theta head gets no gradient.
+    config = small_config(tmp_path, topology="complete")
+    rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
+    states = spread_models(rules)
+    before = {k: v.clone() for k, v in hypernet_params(states[0]).items()}
+    gossip_without_training(HyperPrism(config), rules, states, rounds=1)
+    after = hypernet_params(states[0])
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "embedding" in changed and "heads.phi.weight" in changed
+    assert {f"trunk.{i}.weight" for i in (0, 2, 4)} <= changed
+    assert not {k for k in changed if k.startswith("heads.theta")}
+
+
+def test_consensus_is_a_fixed_point_with_zero_hypernetwork_gradient(tmp_path):
+    # Invariant 14: identical models stay identical for any p, and d loss / d p = 0.
+    config = small_config(tmp_path, topology="complete")
+    rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
+    states = {pid: rule.init_state() for pid, rule in rules.items()}
+    before = {k: v.clone() for k, v in hypernet_params(states[0]).items()}
+    history = gossip_without_training(HyperPrism(config), rules, states, rounds=2)
+    torch.testing.assert_close(history[-1], history[0], rtol=1e-6, atol=1e-7)
+    for key, value in hypernet_params(states[0]).items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+
+
+def test_in_process_runs_are_deterministic_and_learn(tmp_path):
+    config = small_config(tmp_path, num_rounds=4, momentum=0.5)
+
+    def run() -> list[dict]:
+        strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+        rows = run_in_process(strategy_cls(config), make_rule,
+                              dict(initial_model(config).to_torch_state_dict()))
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    first, second = run(), run()
+    assert first == second
+    assert [row["round"] for row in first] == [0, 1, 2, 3, 4]
+    assert first[-1]["accuracy_mean"] > first[0]["accuracy_mean"] + 0.3
+    assert "train_loss_mean" not in first[-1]  # the final round-trip only merges
+
+
+def test_optimizer_state_round_trips(tmp_path):
+    config = small_config(tmp_path, momentum=0.9)
+    rule = HyperPrismNode.for_partition(config, 0)
+    state = rule.init_state()
+    state, _ = rule.step(state, HyperPrism(config).plan_round(1, [])[0], {})
+    buffers = state.tensors["optimizer"]
+    assert buffers and all(torch.count_nonzero(v) > 0 for v in buffers.values())
+    load_optimizer_state(rule.optimizer, buffers)
+    assert optimizer_state(rule.optimizer).keys() == buffers.keys()
+    for key, value in optimizer_state(rule.optimizer).items():
+        assert torch.equal(value, buffers[key])
