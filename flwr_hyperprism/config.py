@@ -142,7 +142,9 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     """Merge YAML files (later wins) and ``key=value`` overrides over the defaults.
 
     YAML and override keys are the field names (``num_rounds``) or the Flower keys
-    (``num-rounds``). Unknown keys and wrong types raise ValueError naming the key.
+    (``num-rounds``). Unknown keys and wrong types raise ValueError naming the key. Relative
+    ``data_dir`` and ``output_dir`` are made absolute against the current directory, so the
+    config also works for apps that run elsewhere (``flwr run`` installs them under FLWR_HOME).
     """
     base = OmegaConf.structured(RunConfig)
     layers = [OmegaConf.load(path) for path in paths]
@@ -152,6 +154,9 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         values = OmegaConf.to_container(merged)
     except OmegaConfBaseException as err:
         raise ValueError(f"invalid configuration: {err}") from err
+    for key in ("data_dir", "output_dir"):
+        if values[key]:
+            values[key] = str(Path(values[key]).expanduser().resolve())
     return RunConfig(**values)  # type: ignore[arg-type]
 
 

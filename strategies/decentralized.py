@@ -245,21 +245,19 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
                         poll: float = 0.2) -> dict[int, int]:
     """Wait until ``num_nodes`` nodes with partition ids 0..num_nodes-1 are connected.
 
-    Asks each new node once (``query.info``) for its partition id and num-partitions.
+    Asks every node (``query.info``) for its partition id and num-partitions until it answers.
     Returns {partition id: node id}. Raises RuntimeError on a mismatch with the federation or
     when the nodes are not all there within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     partitions: dict[int, int] = {}
-    asked: set[int] = set()
     while True:
-        new = [nid for nid in grid.get_node_ids() if nid not in asked]
-        if new:
-            asked.update(new)
+        unknown = [nid for nid in grid.get_node_ids() if nid not in partitions.values()]
+        if unknown:
             queries = [Message(RecordDict(), dst_node_id=nid, message_type="query.info")
-                       for nid in new]
-            for reply in grid.send_and_receive(queries, timeout=max(deadline - time.monotonic(),
-                                                                    1.0)):
+                       for nid in unknown]
+            remaining = max(deadline - time.monotonic(), poll)
+            for reply in grid.send_and_receive(queries, timeout=remaining):
                 _register_partition(reply, partitions, num_nodes)
         if sorted(partitions) == list(range(num_nodes)):
             return partitions
