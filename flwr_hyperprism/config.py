@@ -185,7 +185,7 @@ def to_toml(config: RunConfig) -> str:
     lines = []
     for key, value in config.to_run_config().items():
         text = ("true" if value else "false") if isinstance(value, bool) else (
-            json.dumps(value) if isinstance(value, str) else repr(value))
+            json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value))
         lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"
 

@@ -94,6 +94,8 @@ def test_wrong_types_are_rejected(key, value):
 
 # --- validation ----------------------------------------------------------------------------
 
+_FLOAT_KEYS = {f.name for f in dataclasses.fields(RunConfig) if f.type == "float"}
+
 BAD_VALUES = [
     ("density", 0), ("density", 1.5), ("alpha", 0), ("alpha", float("inf")), ("num_nodes", 1),
     ("num_rounds", 0), ("lr", 0), ("hn_lr", -0.1), ("batch_size", 0), ("momentum", 1.0),
@@ -113,9 +115,6 @@ def test_validation_error_names_the_key_and_the_bad_value(key, value):
     assert key.replace("_", "-") in message or key in message
     shown = float(value) if isinstance(value, int) and key in _FLOAT_KEYS else value
     assert repr(shown) in message
-
-
-_FLOAT_KEYS = {f.name for f in dataclasses.fields(RunConfig) if f.type == "float"}
 
 
 # --- YAML files and overrides --------------------------------------------------------------

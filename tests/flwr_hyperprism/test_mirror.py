@@ -104,15 +104,21 @@ def test_float32_large_p_is_computed_like_float64(p):
     assert error.max() <= 1e-6
 
 
-def test_float32_cancellation_example():
-    """Minimal instance of the above: x = (-1, 0.999), a ~ (0.484, 0.516), p = 64."""
-    x = torch.tensor([[-1.0], [0.999]])
-    a0 = torch.tensor(0.48399764, dtype=torch.float32)
+@pytest.mark.parametrize(("p", "value", "weight"), [(9, 0.94105375, 0.36660826),
+                                                     (64, 0.98954606, 0.33792076)])
+def test_float32_cancellation_example(p, value, weight):
+    """Minimal instances of the above: x = (-1, value), a = (weight, 1 - weight) in float32.
+
+    The exact means are 0.1174 (p = 9) and -0.7385 (p = 64); a float32 evaluation of the
+    scaled form gives 0.1458 and +0.7628 (wrong sign).
+    """
+    x = torch.tensor([[-1.0], [value]])
+    a0 = torch.tensor(weight)
     weights = torch.stack([a0, 1 - a0])
 
-    out = power_mean(x, weights, 64)
+    out = power_mean(x, weights, p)
 
-    expected = reference_power_mean(x.double().numpy(), weights.double().numpy(), 64)
+    expected = reference_power_mean(x.double().numpy(), weights.double().numpy(), p)
     assert out.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
