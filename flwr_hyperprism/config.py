@@ -48,6 +48,7 @@ class RunConfig:
     alpha: float = 0.1  # Dirichlet concentration of the label skew
     min_partition_size: int = 10
     model: str = "logreg"
+    eval_size: int = 0  # test samples each node is evaluated on per round; 0 = the whole test set
     # local training (plain SGD, as in the paper)
     lr: float = 0.01
     batch_size: int = 128
@@ -95,7 +96,7 @@ class RunConfig:
                                  f"one of: {', '.join(valid)}")
         ranges = [
             ("num_nodes", 2, None, "an integer >= 2"), ("num_rounds", 1, None, "an integer >= 1"),
-            ("min_partition_size", 1, None, "an integer >= 1"),
+            ("min_partition_size", 1, None, "an integer >= 1"), ("eval_size", 0, None, ">= 0"),
             ("batch_size", 1, None, "an integer >= 1"), ("local_epochs", 1, None, ">= 1"),
             ("local_steps", 0, None, ">= 0"), ("momentum", 0.0, 1.0, "in [0, 1)"),
             ("embedding_dim", 1, None, ">= 1"), ("hn_hidden", 1, None, ">= 1"),

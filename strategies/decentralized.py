@@ -30,7 +30,7 @@ from torch import Tensor
 
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.data import Dataset, Split, dirichlet_partition, load_dataset
-from flwr_hyperprism.graphs import TimeVaryingGraph, metropolis_hastings_weights
+from flwr_hyperprism.graphs import TimeVaryingGraph, metropolis_hastings_weights, round_rng
 from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 
 log = logging.getLogger("flwr")
@@ -103,14 +103,23 @@ def _partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nod
 
 
 def node_data(config: RunConfig, partition_id: int) -> NodeData:
-    """The node's training partition and the global test set (cached per process)."""
+    """The node's training partition and the global test set (cached per process).
+
+    With ``eval_size`` > 0 the test set is a fixed random subset of that size (the same for
+    every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
+    """
     if not 0 <= partition_id < config.num_nodes:
         raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
                          f"(num-nodes={config.num_nodes})")
     data, parts = _partitioned(config.dataset, config.data_dir, config.download, config.seed,
                                config.num_nodes, config.alpha, config.min_partition_size)
     idx = torch.from_numpy(parts[partition_id])
-    return NodeData(Split(data.train.x[idx], data.train.y[idx]), data.test)
+    test = data.test
+    if 0 < config.eval_size < len(test):
+        keep = torch.from_numpy(round_rng(config.seed, 0xE7A1).permutation(len(test))
+                                [:config.eval_size])
+        test = Split(test.x[keep], test.y[keep])
+    return NodeData(Split(data.train.x[idx], data.train.y[idx]), test)
 
 
 class DecentralizedStrategy(Strategy):

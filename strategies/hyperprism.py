@@ -105,7 +105,8 @@ class HyperPrismNode:
 
         self.model.load_state_dict({k: v.detach() for k, v in merged.items()})
         metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
-        metrics.update(p_theta=float(degrees[REPRESENTATION]), p_phi=float(degrees[DECISION]),
+        metrics.update(p_theta=float(degrees[REPRESENTATION].detach()),
+                       p_phi=float(degrees[DECISION].detach()),
                        num_examples=float(len(self.data.train)))
         if task.train:
             metrics["train_loss"], summary = self._train_locally(gen)

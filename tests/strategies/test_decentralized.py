@@ -1,0 +1,30 @@
+"""The shared round machinery: node data, tasks on the wire."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flwr_hyperprism.config import RunConfig
+from strategies import NodeTask
+from strategies.decentralized import node_data
+
+
+def test_eval_size_gives_every_node_the_same_fixed_test_subset():
+    config = RunConfig(num_nodes=4, eval_size=300)
+    subsets = [node_data(config, pid).test for pid in range(4)]
+    assert all(len(s) == 300 for s in subsets)
+    assert all(torch.equal(s.y, subsets[0].y) and torch.equal(s.x, subsets[0].x)
+               for s in subsets)
+    full = node_data(config.replace(eval_size=0), 0).test
+    assert len(full) > 300
+
+
+def test_node_data_rejects_partition_ids_outside_the_federation():
+    with pytest.raises(ValueError, match="partition id 4 is outside 0..3"):
+        node_data(RunConfig(num_nodes=4), 4)
+
+
+def test_node_task_survives_the_config_record_round_trip():
+    task = NodeTask(7, (1, 4), (0.25, 0.2), 0.55, train=False)
+    assert NodeTask.from_record(task.to_record()) == task
