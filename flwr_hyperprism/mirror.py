@@ -12,6 +12,8 @@ terms that are negligible next to the largest one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,7 @@ _WEIGHT_SUM_TOLERANCE = 1e-5
 # sum_j a_j |m_j| / |s|; below this ratio the coordinate is recomputed in float64, which keeps
 # the float32 result within ~eps * S for every p.
 _REFINE_BELOW = 0.1
+_BLOCK_COLUMNS = 1 << 17
 
 
 def sign_power(u: Tensor, p: float | Tensor) -> Tensor:
@@ -111,17 +114,13 @@ class _ScaledPowerMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weights: Tensor, p: Tensor) -> Tensor:  # type: ignore[override]
         flat = x.reshape(x.shape[0], -1)
-        log_abs = flat.abs().log2_()  # -inf at zeros
-        log_scale = log_abs.amax(dim=0).nan_to_num_(neginf=0.0)  # all-zero column: S = 1
-        p_value = float(p)
-        mirrored = log_abs.sub_(log_scale).mul_(p_value).exp2_()  # |u_j|**p in [0, 1]
-        magnitude = torch.mv(mirrored.T, weights)  # sum_j a_j |m_j|
-        mirrored.copysign_(flat)
-        s = torch.mv(mirrored.T, weights)
-        ill = (s.abs() < _REFINE_BELOW * magnitude).nonzero().squeeze(1)
-        if len(ill):
-            s[ill] = _mirror_sum_float64(flat[:, ill], weights, log_scale[ill], p_value)
-        t = s.abs().log2_().div_(p_value).exp2_().copysign_(s)
+        mirrored = torch.empty_like(flat)
+        s, log_scale = flat.new_empty(flat.shape[1]), flat.new_empty(flat.shape[1])
+        for start in range(0, flat.shape[1], _BLOCK_COLUMNS):  # blocks stay in cache
+            cols = slice(start, start + _BLOCK_COLUMNS)
+            _mirror_sum(flat[:, cols], weights, float(p), mirrored[:, cols], s[cols],
+                        log_scale[cols])
+        t = s.abs().log2_().div_(float(p)).exp2_().copysign_(s)
         scale = log_scale.exp2_()
         ctx.save_for_backward(flat, mirrored, weights, p, scale, s, t)
         ctx.shape = x.shape
@@ -133,7 +132,7 @@ class _ScaledPowerMean(torch.autograd.Function):
         grad_out = grad_out.reshape(-1)
         eps, tiny = torch.finfo(flat.dtype).eps, torch.finfo(flat.dtype).tiny
         root_slope = s.abs().pow(1.0 / p - 1.0).clamp_(max=1.0 / eps)
-        abs_u = flat.abs() / scale
+        abs_u = flat.abs() / torch.where(scale > 0, scale, torch.ones_like(scale))
         grad_x = grad_weights = grad_p = None
         if ctx.needs_input_grad[0]:
             grad_x = (weights[:, None] * abs_u.pow(p - 1.0) * (grad_out * root_slope))
@@ -147,7 +146,21 @@ class _ScaledPowerMean(torch.autograd.Function):
         return grad_x, grad_weights, grad_p
 
 
-def _mirror_sum_float64(x: Tensor, weights: Tensor, log_scale: Tensor, p: float) -> Tensor:
-    """sum_j a_j s_p(x_j / S) in float64 for (k, c) columns; returned in x's dtype."""
-    u = x.double() / log_scale.double().exp2()
-    return torch.mv(torch.copysign(u.abs().pow(p), u).T, weights.double()).to(x.dtype)
+def _mirror_sum(x: Tensor, weights: Tensor, p: float, mirrored: Tensor, s: Tensor,
+                log_scale: Tensor) -> None:
+    """For (k, c) columns x, write s_p(x_j / S) into ``mirrored`` (k, c), the weighted sum over
+    j into ``s`` (c,) and log2 S into ``log_scale`` (c,)."""
+    torch.abs(x, out=mirrored).log2_()  # -inf at zeros
+    torch.amax(mirrored, dim=0, out=log_scale)  # -inf for an all-zero column: S = 0, out = 0
+    # |u_j|**p in [0, 1], floored at the smallest normal float: a term that small is
+    # negligible next to the largest (which is a_j * 1), and subnormals are ~100x slower.
+    min_exponent = math.log2(torch.finfo(x.dtype).tiny)
+    shift = log_scale.nan_to_num(neginf=0.0)
+    mirrored.sub_(shift).mul_(p).clamp_(min=min_exponent).exp2_()
+    magnitude = torch.mv(mirrored.T, weights)  # sum_j a_j |m_j|
+    mirrored.copysign_(x)
+    torch.mv(mirrored.T, weights, out=s)
+    ill = (s.abs() < _REFINE_BELOW * magnitude).nonzero().squeeze(1)
+    if len(ill):
+        u = x[:, ill].double() / shift[ill].double().exp2()
+        s[ill] = torch.mv(torch.copysign(u.abs().pow(p), u).T, weights.double()).to(s.dtype)
