@@ -114,11 +114,17 @@ class _ScaledPowerMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weights: Tensor, p: Tensor) -> Tensor:  # type: ignore[override]
         flat = x.reshape(x.shape[0], -1)
-        mirrored = torch.empty_like(flat)
-        s, log_scale = flat.new_empty(flat.shape[1]), flat.new_empty(flat.shape[1])
-        for start in range(0, flat.shape[1], _BLOCK_COLUMNS):  # blocks stay in cache
+        k, n = flat.shape
+        # The backward needs every mirrored value; without it one cache-sized block is reused
+        # (a fresh model-sized buffer costs more in page faults than the arithmetic).
+        keep = any(ctx.needs_input_grad)
+        mirrored = flat.new_empty((k, n) if keep else (k, min(n, _BLOCK_COLUMNS)))
+        s, log_scale = flat.new_empty(n), flat.new_empty(n)
+        for start in range(0, n, _BLOCK_COLUMNS):
             cols = slice(start, start + _BLOCK_COLUMNS)
-            _mirror_sum(flat[:, cols], weights, float(p), mirrored[:, cols], s[cols],
+            width = min(_BLOCK_COLUMNS, n - start)
+            _mirror_sum(flat[:, cols], weights, float(p),
+                        mirrored[:, cols] if keep else mirrored[:, :width], s[cols],
                         log_scale[cols])
         t = s.abs().log2_().div_(float(p)).exp2_().copysign_(s)
         scale = log_scale.exp2_()
