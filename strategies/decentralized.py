@@ -84,6 +84,29 @@ class NodeRule(Protocol):
         ...
 
 
+def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[int, StateDict]
+                      ) -> tuple[NodeTask, list[int]]:
+    """Drop neighbours whose model cannot be merged with ``own``.
+
+    A neighbour is dropped when its model lacks a tensor of ``own`` or has extra ones, or a
+    tensor with another shape or dtype, or any NaN/Inf. The kept weights (self included) are
+    renormalised to sum to 1. Returns the task to use and the dropped partition ids.
+    """
+    def usable(model: StateDict | None) -> bool:
+        return (model is not None and model.keys() == own.keys()
+                and all(model[k].shape == v.shape and model[k].dtype == v.dtype
+                        and bool(torch.isfinite(model[k]).all()) for k, v in own.items()))
+
+    keep = [(j, w) for j, w in zip(task.neighbours, task.weights)
+            if usable(neighbour_models.get(j))]
+    dropped = [j for j in task.neighbours if j not in dict(keep)]
+    if not dropped:
+        return task, []
+    total = task.self_weight + sum(w for _, w in keep)
+    return NodeTask(task.round, tuple(j for j, _ in keep), tuple(w / total for _, w in keep),
+                    task.self_weight / total, task.train), dropped
+
+
 @dataclass(frozen=True)
 class NodeData:
     train: Split  # this node's partition

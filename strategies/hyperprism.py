@@ -14,6 +14,7 @@ round's adapt-then-combine step with the neighbours' freshly trained models):
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -30,7 +31,10 @@ from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_
 
 from .decentralized import (
     DecentralizedStrategy, NodeData, NodeState, NodeTask, StateDict, node_data,
+    screen_neighbours,
 )
+
+log = logging.getLogger("flwr")
 
 EVAL_BATCH = 2048
 
@@ -87,7 +91,12 @@ class HyperPrismNode:
         self.model.load_state_dict(state.model)
         load_optimizer_state(self.optimizer, state.tensors["optimizer"])
         summary = state.tensors["grad_summary"]["summary"]
-        metrics: dict[str, float] = {"neighbours": float(len(task.neighbours))}
+        task, dropped = screen_neighbours(state.model, task, neighbour_models)
+        if dropped:
+            log.warning("round-trip %s: partition %s dropped unusable models of neighbours %s",
+                        task.round, self.partition_id, dropped)
+        metrics: dict[str, float] = {"neighbours": float(len(task.neighbours)),
+                                     "neighbours_dropped": float(len(dropped))}
 
         if self.hypernet is not None:
             self.hypernet.load_state_dict(state.tensors["hypernet"])

@@ -7,7 +7,7 @@ import torch
 
 from flwr_hyperprism.config import RunConfig
 from strategies import NodeTask
-from strategies.decentralized import node_data
+from strategies.decentralized import node_data, screen_neighbours
 
 
 def test_eval_size_gives_every_node_the_same_fixed_test_subset():
@@ -28,3 +28,22 @@ def test_node_data_rejects_partition_ids_outside_the_federation():
 def test_node_task_survives_the_config_record_round_trip():
     task = NodeTask(7, (1, 4), (0.25, 0.2), 0.55, train=False)
     assert NodeTask.from_record(task.to_record()) == task
+
+
+def test_screen_neighbours_drops_unmergeable_models_and_renormalises():
+    own = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    good = {"w": torch.ones(2, 3), "b": torch.ones(3)}
+    bad = {
+        1: {"w": torch.full((2, 3), float("nan")), "b": torch.ones(3)},
+        2: {"w": torch.ones(3, 2), "b": torch.ones(3)},
+        3: {"w": torch.ones(2, 3)},
+        4: {"w": torch.ones(2, 3), "b": torch.ones(3), "extra": torch.ones(1)},
+        5: {"w": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(3)},
+        6: {"w": torch.ones(2, 3), "b": torch.tensor([1.0, float("inf"), 0.0])},
+    }
+    task = NodeTask(3, (0, 1, 2, 3, 4, 5, 6), (0.1,) * 7, 0.3)
+    screened, dropped = screen_neighbours(own, task, {0: good, **bad})
+    assert dropped == [1, 2, 3, 4, 5, 6] and screened.neighbours == (0,)
+    assert screened.weights == pytest.approx((0.25,)) and screened.self_weight == pytest.approx(0.75)
+    assert screen_neighbours(own, NodeTask(3, (0,), (0.5,), 0.5), {0: good}) == (
+        NodeTask(3, (0,), (0.5,), 0.5), [])

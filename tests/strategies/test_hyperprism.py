@@ -159,3 +159,15 @@ def test_optimizer_state_round_trips(tmp_path):
     assert optimizer_state(rule.optimizer).keys() == buffers.keys()
     for key, value in optimizer_state(rule.optimizer).items():
         assert torch.equal(value, buffers[key])
+
+
+def test_a_non_finite_neighbour_does_not_poison_the_node(tmp_path):
+    config = small_config(tmp_path, topology="complete")
+    rule = HyperPrismNode.for_partition(config, 0)
+    state = rule.init_state()
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in state.model.items()}
+    task = HyperPrism(config).plan_round(1, range(config.num_nodes))[0]
+    state, metrics = rule.step(state, task, dict.fromkeys(task.neighbours, poisoned))
+    assert metrics["neighbours_dropped"] == len(task.neighbours) and metrics["neighbours"] == 0
+    assert all(bool(torch.isfinite(v).all()) for v in state.model.values())
+    assert all(bool(torch.isfinite(v).all()) for v in state.tensors["hypernet"].values())
