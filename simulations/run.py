@@ -22,7 +22,8 @@ from flwr_hyperprism.metrics import default_run_dir
 ENGINES = ("inprocess", "flower")
 
 
-def run_config(config: RunConfig, engine: str = "inprocess", run_dir: Path | None = None) -> Path:
+def run_experiment(config: RunConfig, engine: str = "inprocess",
+                   run_dir: Path | None = None) -> Path:
     """Run ``config`` with ``engine``; returns the run directory."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("flwr").setLevel(logging.INFO)
     config = load_config([i for i in args.items if "=" not in i],
                          [i for i in args.items if "=" in i])
-    print(run_config(config, args.engine))
+    print(run_experiment(config, args.engine))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 from flwr_hyperprism.client_app import app as client_app
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.server_app import run
-from simulations.run import run_config
+from simulations.run import run_experiment
 from strategies import wait_for_partitions
 from tests.harness import LocalGrid
 
@@ -29,7 +29,7 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 def test_flower_grid_run_equals_in_process_run(tmp_path):
     config = tiny_config(tmp_path, "grid")
     result = run(LocalGrid.with_nodes(client_app, config.num_nodes), config)
-    run_config(config.replace(run_name="inprocess"), "inprocess")
+    run_experiment(config.replace(run_name="inprocess"), "inprocess")
     flower_rows = metrics_rows(tmp_path / "grid")
     assert flower_rows == metrics_rows(tmp_path / "inprocess")
     assert sorted(result.train_metrics_clientapp) == [0, 1, 2, 3]
@@ -63,8 +63,8 @@ def test_wait_for_partitions_times_out_with_the_fix_in_the_message():
 @pytest.mark.slow
 def test_simulation_runtime_run_learns_and_equals_in_process_run(tmp_path):
     config = tiny_config(tmp_path, "ray", node_wait_timeout=120.0)
-    run_config(config, "flower", tmp_path / "ray")
-    run_config(config, "inprocess", tmp_path / "inprocess")
+    run_experiment(config, "flower", tmp_path / "ray")
+    run_experiment(config, "inprocess", tmp_path / "inprocess")
     rows = metrics_rows(tmp_path / "ray")
     assert [r["nodes_replied"] for r in rows] == [4, 4, 4, 4]
     assert rows[-1]["accuracy_mean"] > 0.5  # chance is 0.1
