@@ -69,6 +69,7 @@ class RunConfig:
     embedding_dim: int = 32
     hn_hidden: int = 64
     hn_lr: float = 0.01
+    hn_p_init: float = 0.0  # 0: heads start near uniform (p ~ 8); else start p near this degree
     # orchestration and outputs
     round_timeout: float = 600.0
     node_wait_timeout: float = 300.0
@@ -114,7 +115,10 @@ class RunConfig:
                 raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"config key 'density' must be in (0, 1], got {self.density!r}")
-        parse_candidates(self.p_candidates)
+        candidates = parse_candidates(self.p_candidates)
+        if self.hn_p_init != 0.0 and not min(candidates) <= self.hn_p_init <= max(candidates):
+            raise ValueError(f"config key 'hn-p-init' must be 0 or within the p-candidates "
+                             f"[{min(candidates)}, {max(candidates)}], got {self.hn_p_init!r}")
 
     @property
     def candidates(self) -> tuple[float, ...]:

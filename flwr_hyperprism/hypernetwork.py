@@ -12,6 +12,7 @@ from .models import DECISION, REPRESENTATION
 P_SELECT_MODES = ("soft", "st")
 HN_INPUTS = ("gradient", "embedding")
 SUMMARY_STATS = 3  # mean, std, L2 norm per parameter tensor
+_P_INIT_SHARPNESS = 2.0  # logit drop per unit of distance from p_init (p_init=1: p ~ 1.04)
 
 
 def parse_candidates(text: str) -> tuple[float, ...]:
@@ -37,11 +38,12 @@ class HyperNetwork(nn.Module):
     A trunk of three fully connected layers (``hidden`` units, ReLU) feeds two heads, each a
     linear layer and a softmax over the candidate degrees C. The degree is the expectation
     sum_k pi_k C_k (``soft``) or C[argmax pi] with the expectation's gradient (``st``,
-    straight-through). Either way p lies in [min C, max C].
+    straight-through). Either way p lies in [min C, max C]. By default the heads start near
+    uniform (p about the candidates' mean); ``p_init`` starts them near that degree instead.
     """
 
     def __init__(self, summary_dim: int, candidates: Sequence[float], embedding_dim: int = 32,
-                 hidden: int = 64, select: str = "soft") -> None:
+                 hidden: int = 64, select: str = "soft", p_init: float | None = None) -> None:
         super().__init__()
         if select not in P_SELECT_MODES:
             raise ValueError(f"unknown p-select {select!r}; valid: {', '.join(P_SELECT_MODES)}")
@@ -57,6 +59,13 @@ class HyperNetwork(nn.Module):
                                     for group in (REPRESENTATION, DECISION)})
         self.register_buffer("candidates", torch.tensor(candidates, dtype=torch.float32),
                              persistent=False)
+        if p_init is not None:  # head biases that put the softmax mass next to p_init
+            if not min(candidates) <= p_init <= max(candidates):
+                raise ValueError(f"hn-p-init={p_init} must lie within the candidate degrees "
+                                 f"[{min(candidates)}, {max(candidates)}] (or be 0: uniform)")
+            with torch.no_grad():
+                for head in self.heads.values():
+                    head.bias.copy_(-_P_INIT_SHARPNESS * (self.candidates - p_init).abs())
 
     def forward(self, summary: Tensor) -> dict[str, Tensor]:
         """Degrees for each layer group: {"theta": p_theta, "phi": p_phi}, 0-d tensors.

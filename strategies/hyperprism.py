@@ -61,7 +61,7 @@ class HyperPrismNode:
                 torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
                 self.hypernet = HyperNetwork(summary_dim, config.candidates,
                                              config.embedding_dim, config.hn_hidden,
-                                             config.p_select)
+                                             config.p_select, config.hn_p_init or None)
             self.hn_optimizer = torch.optim.SGD(self.hypernet.parameters(), lr=config.hn_lr)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
                                          momentum=config.momentum)

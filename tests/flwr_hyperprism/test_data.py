@@ -219,3 +219,31 @@ def test_empty_data_dir_raises_value_error(name):
 def test_unknown_dataset_raises_value_error():
     with pytest.raises(ValueError, match=r"'imagenet'.*synthetic"):
         load_dataset("imagenet", "/tmp")
+
+
+def test_load_cifar10_from_python_batches(tmp_path, monkeypatch):
+    # torchvision checks the real archives' md5 sums; tiny hand-made batches cannot pass that,
+    # so the check is bypassed and everything after it (unpickling, HWC -> CHW) runs for real.
+    import pickle
+
+    from torchvision.datasets import CIFAR10, cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    folder = tmp_path / CIFAR10.base_folder
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = {}
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        pixels = rng.integers(0, 256, (3, 3 * 32 * 32), dtype=np.uint8)
+        images[name] = pixels
+        (folder / name).write_bytes(pickle.dumps({"data": pixels, "labels": [1, 7, 3]}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in
+                                                                       range(10)]}))
+
+    dataset = load_dataset("cifar10", str(tmp_path))
+
+    assert dataset.train.x.shape == (15, 3, 32, 32) and dataset.test.x.shape == (3, 3, 32, 32)
+    assert dataset.test.y.tolist() == [1, 7, 3]
+    red = images["test_batch"][0, :1024].reshape(32, 32) / 255.0
+    expected = (red - 0.4914) / 0.2470  # channel 0 is red, normalised
+    np.testing.assert_allclose(dataset.test.x[0, 0].numpy(), expected, rtol=1e-5, atol=1e-5)

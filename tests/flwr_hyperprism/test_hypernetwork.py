@@ -178,3 +178,17 @@ def test_parse_candidates(text, expected):
 def test_parse_candidates_rejects_bad_lists(text):
     with pytest.raises(ValueError, match="p-candidates.*" + re.escape(repr(text))):
         parse_candidates(text)
+
+
+@pytest.mark.parametrize("p_init", [1.0, 7.0, 15.0])
+def test_p_init_starts_both_heads_near_that_degree(p_init):
+    torch.manual_seed(0)
+    net = HyperNetwork(6, (1, 3, 5, 7, 9, 11, 13, 15), p_init=p_init)
+    degrees = net(torch.zeros(6))
+    for p in degrees.values():
+        assert abs(float(p) - p_init) < 0.5
+
+
+def test_p_init_outside_the_candidates_is_rejected():
+    with pytest.raises(ValueError, match="hn-p-init=20"):
+        HyperNetwork(6, (1, 3, 5), p_init=20.0)
