@@ -14,9 +14,8 @@ from .config import RunConfig
 PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
 
 
-def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]],
-                    seconds: float) -> dict:
-    """One metrics row from each replying node's metrics (keys: accuracy, loss, ...).
+def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> dict:
+    """One metrics row (without ``seconds``) from each replying node's metrics.
 
     Every numeric key K becomes ``K_mean`` over nodes; accuracy also gets ``accuracy_std``
     (population std); ``PER_NODE_KEYS`` are kept per node, ordered by partition id.
@@ -33,7 +32,6 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
                                             / len(values))
         if key in PER_NODE_KEYS:
             row[key] = values
-    row["seconds"] = seconds
     return row
 
 
@@ -69,7 +67,7 @@ class RunRecorder:
 
 def summarise_run(rows: list[dict], config: RunConfig) -> dict:
     """Max accuracy (and its round) and the first round reaching the target accuracy."""
-    accuracies = [(r.get("accuracy_mean", -math.inf), r["round"]) for r in rows]
+    accuracies = [(r["accuracy_mean"], r["round"]) for r in rows if "accuracy_mean" in r]
     best, best_round = max(accuracies, key=lambda a: (a[0], -a[1]), default=(None, None))
     reached = next((r for a, r in accuracies if a >= config.target_accuracy), None)
     return {

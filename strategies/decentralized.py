@@ -162,7 +162,7 @@ class DecentralizedStrategy(Strategy):
         self.recorder = RunRecorder(run_dir, config) if run_dir is not None else None
         self.node_ids: dict[int, int] = {}  # partition id -> Flower node id
         self.latest: dict[int, ArrayRecord] = {}  # partition id -> latest routed model
-        self.node_metrics: dict[int, dict[str, float]] = {}  # of the last aggregated round
+        self.round_summary: dict = {}  # of the last aggregated round
 
     # --- the plan: pure, shared with run_in_process -----------------------------------------
 
@@ -203,7 +203,7 @@ class DecentralizedStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Store each node's new model for routing; no global model (returns None arrays)."""
         partition_of = {nid: pid for pid, nid in self.node_ids.items()}
-        self.node_metrics = {}
+        node_metrics = {}
         for reply in replies:
             pid = partition_of[reply.metadata.src_node_id]
             if reply.has_error():
@@ -211,9 +211,9 @@ class DecentralizedStrategy(Strategy):
                           reply.metadata.src_node_id, pid, reply.error.reason)
                 continue
             self.latest[pid] = reply.content["arrays"]
-            self.node_metrics[pid] = dict(reply.content["metrics"])
-        row = summarise_round(server_round - 1, self.node_metrics, seconds=0.0)
-        return None, MetricRecord({k: v for k, v in row.items() if k != "seconds"})
+            node_metrics[pid] = dict(reply.content["metrics"])
+        self.round_summary = summarise_round(server_round - 1, node_metrics)
+        return None, MetricRecord(self.round_summary)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -261,8 +261,7 @@ class DecentralizedStrategy(Strategy):
                                             train_config or ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=timeout)
             _, metrics = self.aggregate_train(server_round, replies)
-            self.record_round(summarise_round(server_round - 1, self.node_metrics,
-                                              time.perf_counter() - started))
+            self.record_round({**self.round_summary, "seconds": time.perf_counter() - started})
             result.train_metrics_clientapp[server_round - 1] = metrics
         return result
 
@@ -343,6 +342,7 @@ def run_in_process(strategy: DecentralizedStrategy,
             states[pid], metrics[pid] = rules[pid].step(
                 states[pid], task, {j: latest[j] for j in task.neighbours})
         latest = {pid: state.model for pid, state in states.items()}
-        rows.append(summarise_round(round_ - 1, metrics, time.perf_counter() - started))
+        rows.append({**summarise_round(round_ - 1, metrics),
+                     "seconds": time.perf_counter() - started})
         strategy.record_round(rows[-1])
     return rows
