@@ -47,3 +47,11 @@ def test_screen_neighbours_drops_unmergeable_models_and_renormalises():
     assert screened.weights == pytest.approx((0.25,)) and screened.self_weight == pytest.approx(0.75)
     assert screen_neighbours(own, NodeTask(3, (0,), (0.5,), 0.5), {0: good}) == (
         NodeTask(3, (0,), (0.5,), 0.5), [])
+
+
+def test_every_configurable_algorithm_has_an_orchestrator_and_a_node_rule():
+    from flwr_hyperprism import config
+    from strategies import ALGORITHMS
+
+    assert set(ALGORITHMS) == set(config.ALGORITHMS)
+    assert all(cls.algorithm == name for name, (cls, _) in ALGORITHMS.items())
