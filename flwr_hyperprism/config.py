@@ -28,7 +28,9 @@ from .graphs import TOPOLOGIES
 from .hypernetwork import HN_INPUTS, P_SELECT_MODES, parse_candidates
 from .models import MODELS
 
-ALGORITHMS = ("hyperprism",)
+ALGORITHMS = ("hyperprism", "dpsgd", "swarmsgd")
+ORDERS = ("atc", "cta")
+UNMATCHED_STEPS = ("sgd", "idle")
 P_MODES = ("hypernetwork", "fixed")
 Scalar = bool | int | float | str
 
@@ -55,6 +57,7 @@ class RunConfig:
     local_epochs: int = 1  # the paper does not say; one pass over the node's data per round
     local_steps: int = 0  # > 0: exactly this many minibatch steps per round instead of epochs
     momentum: float = 0.0
+    order: str = "atc"  # adapt then combine (Algorithm 1); 'cta': combine then adapt (Lian)
     # communication graph
     topology: str = "erdos-renyi"
     density: float = 0.5
@@ -70,6 +73,9 @@ class RunConfig:
     hn_hidden: int = 64
     hn_lr: float = 0.01
     hn_p_init: float = 0.0  # 0: heads start near uniform (p ~ 8); else start p near this degree
+    # SwarmSGD
+    swarm_local_steps: int = 1  # H, local SGD steps before each pairwise average (paper: 1)
+    swarm_unmatched: str = "sgd"  # what a node left out of the round's matching does: 'idle'
     # orchestration and outputs
     round_timeout: float = 600.0
     node_wait_timeout: float = 300.0
@@ -90,7 +96,7 @@ class RunConfig:
     def _validate(self) -> None:
         choices = {"algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS,
                    "topology": TOPOLOGIES, "p_mode": P_MODES, "p_select": P_SELECT_MODES,
-                   "hn_input": HN_INPUTS}
+                   "hn_input": HN_INPUTS, "order": ORDERS, "swarm_unmatched": UNMATCHED_STEPS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"config key {_key(name)!r} = {getattr(self, name)!r} is not "
@@ -102,6 +108,7 @@ class RunConfig:
             ("local_steps", 0, None, ">= 0"), ("momentum", 0.0, 1.0, "in [0, 1)"),
             ("embedding_dim", 1, None, ">= 1"), ("hn_hidden", 1, None, ">= 1"),
             ("fixed_p", 1.0, None, ">= 1"), ("mobility_speed", 0.0, None, ">= 0"),
+            ("swarm_local_steps", 1, None, "an integer >= 1"),
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
         ]
         for name, low, high, text in ranges:

@@ -111,6 +111,22 @@ def _disk_graph(pos: np.ndarray, radius: float) -> nx.Graph:
     return graph
 
 
+def random_maximal_matching(graph: nx.Graph, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """A random maximal matching: edges in random order, each kept if both ends are free.
+
+    Returns (i, j) pairs with i < j; every edge of ``graph`` has at least one matched end.
+    """
+    edges = sorted((min(i, j), max(i, j)) for i, j in graph.edges())
+    matched: set[int] = set()
+    pairs = []
+    for index in rng.permutation(len(edges)):
+        i, j = edges[index]
+        if i not in matched and j not in matched:
+            matched.update((i, j))
+            pairs.append((i, j))
+    return sorted(pairs)
+
+
 def metropolis_hastings_weights(graph: nx.Graph) -> np.ndarray:
     """Mixing matrix A with a_ij = 1 / (1 + max(d_i, d_j)) on edges, a_ii = 1 - sum_j a_ij.
 

@@ -35,6 +35,21 @@ def inverse_sign_power(v: Tensor, p: float | Tensor) -> Tensor:
     return torch.copysign(v.abs().pow(1.0 / p), v)
 
 
+def mirror_step(w: Tensor, step: Tensor, p: float) -> Tensor:
+    """A step taken in mirror space: ``s_p^{-1}(s_p(w) + step)``, elementwise (p >= 1).
+
+    Both terms are divided by S = max(|w|, |s_p^{-1}(step)|) before powering, so nothing
+    overflows. With ``p == 1`` it is exactly ``w + step``.
+    """
+    if p == 1.0:
+        return w + step
+    root = inverse_sign_power(step, p)
+    scale = torch.maximum(w.abs(), root.abs())
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    mirrored = sign_power(w / scale, p) + sign_power(root / scale, p)
+    return scale * inverse_sign_power(mirrored, p)
+
+
 def power_mean(x: Tensor, weights: Tensor, p: float | Tensor) -> Tensor:
     """Weighted power mean ``s_p^{-1}(sum_j a_j s_p(x_j))`` over the first axis.
 

@@ -7,14 +7,18 @@ from flwr_hyperprism.config import RunConfig
 from .decentralized import (
     DecentralizedStrategy, NodeRule, NodeState, NodeTask, run_in_process, wait_for_partitions,
 )
+from .dpsgd import DPSGD, DPSGDNode
 from .hyperprism import HyperPrism, HyperPrismNode
+from .swarmsgd import SwarmSGD, SwarmSGDNode
 
 # algorithm name -> (orchestrator class, node rule factory)
 ALGORITHMS: dict[str, tuple[type[DecentralizedStrategy], Callable[[RunConfig, int], NodeRule]]] = {
-    HyperPrism.algorithm: (HyperPrism, HyperPrismNode.for_partition),
+    cls.algorithm: (cls, node.for_partition)
+    for cls, node in ((HyperPrism, HyperPrismNode), (DPSGD, DPSGDNode), (SwarmSGD, SwarmSGDNode))
 }
 
 __all__ = [
-    "ALGORITHMS", "DecentralizedStrategy", "HyperPrism", "HyperPrismNode", "NodeRule",
-    "NodeState", "NodeTask", "run_in_process", "wait_for_partitions",
+    "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy", "HyperPrism", "HyperPrismNode",
+    "NodeRule", "NodeState", "NodeTask", "SwarmSGD", "SwarmSGDNode", "run_in_process",
+    "wait_for_partitions",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_hyperprism.mirror import inverse_sign_power, power_mean, sign_power
+from flwr_hyperprism.mirror import inverse_sign_power, mirror_step, power_mean, sign_power
 
 P_VALUES = (1, 1.5, 3, 9, 15, 33, 64)
 ODD_P = (1, 3, 5, 9, 15)
@@ -413,3 +413,27 @@ def test_invalid_inputs_raise_value_error(args):
 def test_small_weight_rounding_is_accepted():
     weights = torch.tensor([0.1] * 10, dtype=torch.float32)  # sums to 1 only up to rounding
     assert math.isclose(power_mean(torch.ones(10, 1), weights, 3).item(), 1.0, rel_tol=1e-6)
+
+
+# --- mirror_step -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", (1.0, 3.0, 9.0, 64.0))
+def test_mirror_step_adds_the_step_in_mirror_space(p):
+    rng = np.random.default_rng(11)
+    w = signed_log_uniform(rng, (500,)).float()
+    step = (signed_log_uniform(rng, (500,)) * 1e-3).float()
+    out = mirror_step(w, step, p)
+    assert bool(torch.isfinite(out).all())
+    w64, step64 = w.double().numpy(), step.double().numpy()
+    if p == 1.0:
+        assert torch.equal(out, w + step)
+        return
+    # float64 reference in the same scaled form (the unscaled one overflows for p = 64)
+    root = np.sign(step64) * np.abs(step64) ** (1 / p)
+    scale = np.maximum(np.abs(w64), np.abs(root))
+    inner = np.sign(w64) * np.abs(w64 / scale) ** p + np.sign(root) * np.abs(root / scale) ** p
+    expected = scale * np.sign(inner) * np.abs(inner) ** (1 / p)
+    assert np.max(np.abs(out.double().numpy() - expected) / scale) < 1e-4
+    zero = mirror_step(torch.zeros(3), torch.zeros(3), p)
+    assert torch.equal(zero, torch.zeros(3))

@@ -12,7 +12,7 @@ from flwr_hyperprism.graphs import metropolis_hastings_weights
 from flwr_hyperprism.mirror import inverse_sign_power, sign_power
 from flwr_hyperprism.server_app import initial_model
 from strategies import ALGORITHMS, HyperPrism, HyperPrismNode, run_in_process
-from strategies.hyperprism import load_optimizer_state, optimizer_state
+from strategies.node import load_optimizer_state, optimizer_state
 
 
 def small_config(tmp_path, **changes) -> RunConfig:

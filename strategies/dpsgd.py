@@ -1,0 +1,30 @@
+"""D-PSGD (Lian et al., 2017): linear gossip averaging with Metropolis-Hastings weights.
+
+Orchestrator: the shared routing loop (MH weights on G(t), the same as HyperPrism's, so p = 1
+comparisons are exact). Node: w_i <- sum_j a_ij w_j plus local SGD, in either order
+(``order``): ``atc`` (default, = HyperPrism's Algorithm 1 with p = 1) trains then averages;
+``cta`` (Lian et al.) adds the update computed at the pre-averaging model to the average.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .decentralized import DecentralizedStrategy, StateDict
+from .node import LINEAR, GossipNode, merge_models
+
+
+class DPSGD(DecentralizedStrategy):
+    """Routing-only D-PSGD orchestrator."""
+
+    algorithm = "dpsgd"
+
+
+class DPSGDNode(GossipNode):
+    """Weighted arithmetic mean of the node's and its neighbours' models."""
+
+    def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
+                metrics: dict[str, float]) -> StateDict:
+        # The p = 1 power mean: the same arithmetic as HyperPrism with fixed p = 1.
+        return merge_models(models, weights, LINEAR, self.groups)

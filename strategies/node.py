@@ -1,0 +1,216 @@
+"""The node machinery shared by the gossip algorithms: local SGD, evaluation, state, merges.
+
+``GossipNode`` is a node that mixes its model with its neighbours' and trains locally. The
+algorithm modules subclass it and define how models are combined. Two orders (config ``order``):
+
+- ``atc`` (adapt then combine, the paper's Algorithm 1; default): in round-trip t the node
+  combines its neighbours' freshly trained models with its own, evaluates the result (the model
+  after round t-1) and trains it locally.
+- ``cta`` (combine then adapt, Lian et al.'s D-PSGD): the node evaluates its own model (the model
+  after round t-1), computes a local update from it, and applies that update to the combination
+  of its own and its neighbours' models: w_i <- combine_j(w_j) + update_i(w_i).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.data import NUM_CLASSES
+from flwr_hyperprism.graphs import round_seed
+from flwr_hyperprism.mirror import power_mean
+from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_group
+
+from .decentralized import NodeData, NodeState, NodeTask, StateDict, node_data, screen_neighbours
+
+log = logging.getLogger("flwr")
+
+EVAL_BATCH = 2048
+LINEAR = {REPRESENTATION: 1.0, DECISION: 1.0}  # p = 1 for both layer groups: plain averaging
+
+
+class GossipNode:
+    """A node rule for one partition; stateless itself (the state lives in ``NodeState``).
+
+    Subclasses implement ``combine`` and may extend the state (``init_extra``, ``load_extra``,
+    ``save_extra``), the local training (``train_locally``) and the update under ``cta``
+    (``combine_with_step``).
+    """
+
+    def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
+        self.config, self.partition_id, self.data = config, partition_id, data
+        self.model = build_model(config.model, data.input_shape, NUM_CLASSES, config.seed)
+        names = [name for name, _ in self.model.named_parameters()]
+        self.groups = {g: [n for n in names if layer_group(n) == g]
+                       for g in (REPRESENTATION, DECISION)}
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
+                                         momentum=config.momentum)
+
+    @classmethod
+    def for_partition(cls, config: RunConfig, partition_id: int) -> GossipNode:
+        return cls(config, partition_id, node_data(config, partition_id))
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
+                metrics: dict[str, float]) -> StateDict:
+        """Merge k models (own first) with mixing weights (k,); may add to ``metrics``."""
+        raise NotImplementedError
+
+    def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
+                          gen: torch.Generator, metrics: dict[str, float]) -> StateDict:
+        """``cta``: the merge plus this node's local update ``step`` (primal by default)."""
+        merged = self.combine(models, weights, gen, metrics)
+        return {k: v + step[k] for k, v in merged.items()}
+
+    def init_extra(self) -> dict[str, StateDict]:
+        return {}
+
+    def load_extra(self, state: NodeState) -> None:
+        """Load algorithm-specific state before a round-trip."""
+
+    def save_extra(self) -> dict[str, StateDict]:
+        return {}
+
+    @property
+    def local_steps(self) -> int:
+        """Minibatch steps per round: ``local-steps``, else ``local-epochs`` passes."""
+        batches = -(-len(self.data.train) // self.config.batch_size)
+        return self.config.local_steps or self.config.local_epochs * batches
+
+    # --- the round-trip ----------------------------------------------------------------------
+
+    def init_state(self) -> NodeState:
+        return NodeState(0, {"model": _clone(self.model.state_dict()), "optimizer": {},
+                             **self.init_extra()})
+
+    def step(self, state: NodeState, task: NodeTask, neighbour_models: Mapping[int, StateDict]
+             ) -> tuple[NodeState, dict[str, float]]:
+        with _single_thread():
+            return self._step(state, task, neighbour_models)
+
+    def _step(self, state: NodeState, task: NodeTask, neighbour_models: Mapping[int, StateDict]
+              ) -> tuple[NodeState, dict[str, float]]:
+        gen = torch.Generator().manual_seed(round_seed(self.config.seed, self.partition_id,
+                                                       task.round))
+        self.model.load_state_dict(state.model)
+        load_optimizer_state(self.optimizer, state.tensors["optimizer"])
+        self.load_extra(state)
+        task, dropped = screen_neighbours(state.model, task, neighbour_models)
+        if dropped:
+            log.warning("round-trip %s: partition %s dropped unusable models of neighbours %s",
+                        task.round, self.partition_id, dropped)
+        metrics: dict[str, float] = {"neighbours": float(len(task.neighbours)),
+                                     "neighbours_dropped": float(len(dropped)),
+                                     "num_examples": float(len(self.data.train))}
+        models = [state.model] + [neighbour_models[j] for j in task.neighbours]
+        weights = torch.tensor((task.self_weight,) + task.weights)
+
+        if self.config.order == "atc":
+            self.model.load_state_dict(self.combine(models, weights, gen, metrics))
+            metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
+            if task.train:
+                metrics["train_loss"] = self.train_locally(gen)
+        else:
+            metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
+            if task.train:
+                metrics["train_loss"] = self.train_locally(gen)
+                step = {k: v - state.model[k] for k, v in self.model.state_dict().items()}
+                self.model.load_state_dict(
+                    self.combine_with_step(models, weights, step, gen, metrics))
+
+        tensors = {"model": _clone(self.model.state_dict()),
+                   "optimizer": optimizer_state(self.optimizer), **self.save_extra()}
+        return NodeState(task.round, tensors), metrics
+
+    def train_locally(self, gen: torch.Generator) -> float:
+        """``local_steps`` SGD steps on shuffled minibatches; returns the mean loss."""
+        train, batch = self.data.train, self.config.batch_size
+        order = torch.empty(0, dtype=torch.int64)
+        losses = []
+        self.model.train()
+        for _ in range(self.local_steps):
+            if len(order) == 0:
+                order = torch.randperm(len(train), generator=gen)
+            idx, order = order[:batch], order[batch:]
+            self.optimizer.zero_grad()
+            loss = F.cross_entropy(self.model(train.x[idx]), train.y[idx])
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+
+def merge_models(models: list[StateDict], weights: Tensor, degrees: Mapping[str, Tensor],
+                 groups: Mapping[str, list[str]]) -> StateDict:
+    """Weighted power mean of k models, per layer group with that group's degree.
+
+    Args:
+        models: k state dicts with identical keys and shapes (own model first).
+        weights: (k,) mixing weights summing to 1.
+        degrees: {group: p} with p >= 1 (0-d tensors; gradients flow to them).
+        groups: {group: parameter names}.
+    Returns:
+        The merged state dict (one power mean over each group's concatenated parameters).
+    """
+    merged: StateDict = {}
+    for group, names in groups.items():
+        if not names:
+            continue
+        stacked = torch.stack([torch.cat([m[n].reshape(-1) for n in names]) for m in models])
+        flat = power_mean(stacked, weights, degrees[group])
+        for name, chunk in zip(names, flat.split([models[0][n].numel() for n in names])):
+            merged[name] = chunk.view_as(models[0][name])
+    return merged
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, test) -> tuple[float, float]:
+    """Accuracy (fraction) and mean cross-entropy of ``model`` on a ``Split``."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(test), EVAL_BATCH):
+        logits = model(test.x[start:start + EVAL_BATCH])
+        labels = test.y[start:start + EVAL_BATCH]
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    return correct / len(test), loss / len(test)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> StateDict:
+    """The optimizer's per-parameter tensors as a flat dict ``"<index>.<name>"``."""
+    return {f"{index}.{name}": value.detach().clone()
+            for index, slots in optimizer.state_dict()["state"].items()
+            for name, value in slots.items() if torch.is_tensor(value)}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: StateDict) -> None:
+    """Inverse of ``optimizer_state`` (an empty dict resets the optimizer)."""
+    slots: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value.clone()
+    optimizer.load_state_dict({"state": slots,
+                               "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _clone(tensors: StateDict) -> StateDict:
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    # One intra-op thread: a node's arithmetic (and so every metric) is then identical in
+    # Flower's actors and in-process, whatever the machine's core count.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

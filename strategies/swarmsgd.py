@@ -1,0 +1,48 @@
+"""SwarmSGD (Nadiradze et al., 2021): pairwise averaging over a random matching.
+
+Orchestrator: each round it draws a random maximal matching of G(t) (edges in random order,
+kept when both ends are free) and pairs the matched nodes; a node is told its partner with
+weight 1/2. Node: H local SGD steps (``swarm-local-steps``, 1 as in the paper), then
+w_i = w_j = (w_i + w_j) / 2 with its partner (adapt then combine: in round-trip t a pair averages
+the models both trained in round-trip t - 1). A node left out of the matching keeps its model
+and, with ``swarm-unmatched='sgd'`` (default), still trains; with ``'idle'`` it waits.
+Synchronous, blocking, unquantised (the paper's asynchronous/quantised parts are not modelled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr_hyperprism.graphs import random_maximal_matching, round_rng
+
+from .decentralized import DecentralizedStrategy, NodeTask
+from .dpsgd import DPSGDNode
+
+
+class SwarmSGD(DecentralizedStrategy):
+    """Routing-only SwarmSGD orchestrator: a random matching per round."""
+
+    algorithm = "swarmsgd"
+
+    def plan_round(self, round_: int, available: Iterable[int]) -> dict[int, NodeTask]:
+        """Matched pairs average with weight 1/2; nodes without a routable partner are left out.
+
+        Only edges whose both ends have a model to route (``available``) can be matched.
+        """
+        have = set(available)
+        graph = self.graphs.at(round_).subgraph(have)
+        train = round_ <= self.config.num_rounds
+        tasks = {i: NodeTask(round_, train=train and self.config.swarm_unmatched == "sgd")
+                 for i in range(self.config.num_nodes)}
+        for i, j in random_maximal_matching(graph, round_rng(self.config.seed, round_, 0x5A)):
+            tasks[i] = NodeTask(round_, (j,), (0.5,), 0.5, train)
+            tasks[j] = NodeTask(round_, (i,), (0.5,), 0.5, train)
+        return tasks
+
+
+class SwarmSGDNode(DPSGDNode):
+    """D-PSGD's node with H local steps per round (weights 1/2 come from the plan)."""
+
+    @property
+    def local_steps(self) -> int:
+        return self.config.swarm_local_steps
