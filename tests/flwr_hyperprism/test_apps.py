@@ -11,13 +11,13 @@ from flwr_hyperprism.client_app import app as client_app
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.server_app import run
 from simulations.run import run_experiment
-from strategies import wait_for_partitions
+from strategies import ALGORITHMS, wait_for_partitions
 from tests.harness import LocalGrid
 
 
 def tiny_config(tmp_path: Path, name: str, **changes) -> RunConfig:
-    settings = {"num_nodes": 4, "num_rounds": 3, "momentum": 0.5, "output_dir": str(tmp_path),
-                "run_name": name, "node_wait_timeout": 5.0}
+    settings = {"num_nodes": 4, "num_rounds": 3, "momentum": 0.5, "swarm_local_steps": 20,
+                "output_dir": str(tmp_path), "run_name": name, "node_wait_timeout": 5.0}
     return RunConfig(**{**settings, **changes})
 
 
@@ -61,8 +61,9 @@ def test_wait_for_partitions_times_out_with_the_fix_in_the_message():
 
 
 @pytest.mark.slow
-def test_simulation_runtime_run_learns_and_equals_in_process_run(tmp_path):
-    config = tiny_config(tmp_path, "ray", node_wait_timeout=120.0)
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_simulation_runtime_run_learns_and_equals_in_process_run(tmp_path, algorithm):
+    config = tiny_config(tmp_path, "ray", node_wait_timeout=120.0, algorithm=algorithm)
     run_experiment(config, "flower", tmp_path / "ray")
     run_experiment(config, "inprocess", tmp_path / "inprocess")
     rows = metrics_rows(tmp_path / "ray")

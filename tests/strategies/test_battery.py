@@ -1,0 +1,184 @@
+"""One invariant battery over every algorithm (plan + node rule driven in-process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.mirror import sign_power
+from flwr_hyperprism.server_app import initial_model
+from strategies import ALGORITHMS, run_in_process
+
+# (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
+VARIANTS = {
+    "hyperprism-fixed-p3": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0}, 3.0),
+    "hyperprism-fixed-p3-cta": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0,
+                                               "order": "cta"}, 3.0),
+    "hyperprism": ("hyperprism", {}, None),
+    "dpsgd": ("dpsgd", {}, 1.0),
+    "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),
+    "swarmsgd": ("swarmsgd", {}, 1.0),
+}
+
+
+def make_config(tmp_path, variant: str, **changes) -> RunConfig:
+    algorithm, variant_changes, _ = VARIANTS[variant]
+    settings = {"num_nodes": 6, "num_rounds": 2, "local_steps": 2, "eval_size": 500,
+                "output_dir": str(tmp_path), "run_name": variant, "algorithm": algorithm}
+    return RunConfig(**{**settings, **variant_changes, **changes})
+
+
+def nodes_for(config: RunConfig):
+    strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+    return strategy_cls(config), {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
+
+
+def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    states = {}
+    template = None
+    for pid, rule in rules.items():
+        state = rule.init_state()
+        if template is None or not identical:
+            template = {k: torch.randn(v.shape, generator=gen) for k, v in state.model.items()}
+        state.tensors["model"] = {k: v.clone() for k, v in template.items()}
+        states[pid] = state
+    return states
+
+
+def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
+    """Round-trips 1..rounds; the stacked, flattened models after each (float64)."""
+    def stacked():
+        return torch.stack([torch.cat([v.reshape(-1) for v in states[p].model.values()])
+                            for p in sorted(states)]).double()
+
+    history = [stacked()]
+    for round_ in range(1, rounds + 1):
+        latest = {p: s.model for p, s in states.items()}
+        for pid, task in strategy.plan_round(round_, latest).items():
+            states[pid], _ = rules[pid].step(states[pid], task,
+                                             {j: latest[j] for j in task.neighbours})
+        history.append(stacked())
+    return history
+
+
+@pytest.fixture
+def zero_learning_rate(monkeypatch):
+    """eta = 0: gradients are computed as usual but no optimizer moves a parameter."""
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+
+
+@pytest.mark.parametrize("variant", [v for v, (_, _, p) in VARIANTS.items() if p is not None])
+def test_zero_learning_rate_conserves_the_network_mirror_average(tmp_path, variant,
+                                                                 zero_learning_rate):
+    # Sum_i s_p(w_i) is conserved by a doubly stochastic merge (p = 1: the network average).
+    p = VARIANTS[variant][2]
+    config = make_config(tmp_path, variant, topology="ring")
+    strategy, rules = nodes_for(config)
+    history = drive(strategy, rules, spread_states(rules), rounds=3)
+    scale = history[0].abs().amax(0)
+    mass = sign_power(history[0] / scale, p).sum(0)
+    for models in history[1:]:
+        torch.testing.assert_close(sign_power(models / scale, p).sum(0), mass, rtol=0,
+                                   atol=1e-5)
+    assert not torch.equal(history[-1], history[0])  # something was mixed
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_identical_models_stay_identical_without_learning(tmp_path, variant,
+                                                          zero_learning_rate):
+    config = make_config(tmp_path, variant)
+    strategy, rules = nodes_for(config)
+    history = drive(strategy, rules, spread_states(rules, identical=True), rounds=2)
+    torch.testing.assert_close(history[-1], history[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("graph", [{"num_nodes": 2}, {"density": 1e-9}],
+                         ids=["two-nodes", "no-edges"])
+def test_degenerate_graphs_give_finite_models_and_metrics(tmp_path, variant, graph):
+    config = make_config(tmp_path, variant, **graph)
+    strategy, make_rule = ALGORITHMS[config.algorithm]
+    rows = run_in_process(strategy(config), make_rule,
+                          dict(initial_model(config).to_torch_state_dict()))
+    for row in rows:
+        assert row["nodes_replied"] == config.num_nodes
+        assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_runs_are_deterministic_under_a_seed(tmp_path, variant):
+    config = make_config(tmp_path, variant)
+
+    def rows() -> list[dict]:
+        strategy, make_rule = ALGORITHMS[config.algorithm]
+        result = run_in_process(strategy(config), make_rule,
+                                dict(initial_model(config).to_torch_state_dict()))
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in result]
+
+    assert rows() == rows()
+
+
+@pytest.mark.parametrize("order", ["atc", "cta"])
+def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
+    # Invariant 12, bit for bit: the p = 1 merge is the same weighted mean in both.
+    def rows(algorithm: str, **changes) -> list[dict]:
+        config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
+                           algorithm=algorithm, **changes)
+        strategy, make_rule = ALGORITHMS[algorithm]
+        result = run_in_process(strategy(config), make_rule,
+                                dict(initial_model(config).to_torch_state_dict()))
+        drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean"}
+        return [{k: v for k, v in row.items() if k not in drop} for row in result]
+
+    assert rows("hyperprism", p_mode="fixed", fixed_p=1.0) == rows("dpsgd")
+
+
+def test_complete_graph_linear_gossip_reaches_consensus_in_one_round(tmp_path,
+                                                                    zero_learning_rate):
+    # Invariant 19: MH weights on the complete graph are 1/m, so one merge averages everyone.
+    config = make_config(tmp_path, "dpsgd", topology="complete")
+    strategy, rules = nodes_for(config)
+    history = drive(strategy, rules, spread_states(rules), rounds=1)
+    torch.testing.assert_close(history[1], history[0].mean(0).expand_as(history[1]), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_swarmsgd_pairs_leave_with_identical_models_and_conserve_the_average(
+        tmp_path, zero_learning_rate):
+    # Invariant 16.
+    config = make_config(tmp_path, "swarmsgd", num_nodes=8)
+    strategy, rules = nodes_for(config)
+    states = spread_states(rules)
+    tasks = strategy.plan_round(1, range(8))
+    history = drive(strategy, rules, states, rounds=1)
+    pairs = {(i, t.neighbours[0]) for i, t in tasks.items() if t.neighbours}
+    assert pairs and all((j, i) in pairs for i, j in pairs)
+    for i, j in pairs:
+        assert torch.equal(history[1][i], history[1][j])
+        torch.testing.assert_close(history[1][i], (history[0][i] + history[0][j]) / 2)
+    for i in set(range(8)) - {i for i, _ in pairs}:
+        assert torch.equal(history[1][i], history[0][i])
+    torch.testing.assert_close(history[1].sum(0), history[0].sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_swarmsgd_matching_is_maximal_and_idle_nodes_do_not_train(tmp_path):
+    config = make_config(tmp_path, "swarmsgd", num_nodes=9, num_rounds=3, swarm_unmatched="idle")
+    strategy, _ = nodes_for(config)
+    for round_ in (1, 2, 3):
+        tasks = strategy.plan_round(round_, range(9))
+        matched = {i for i, t in tasks.items() if t.neighbours}
+        unmatched = set(range(9)) - matched
+        assert all(not tasks[i].train for i in unmatched)
+        assert all(tasks[i].train and tasks[i].weights == (0.5,) for i in matched)
+        graph = strategy.graphs.at(round_)
+        assert not any(i in unmatched and j in unmatched for i, j in graph.edges())
+    partial = strategy.plan_round(1, [0, 1, 2])
+    assert all(set(t.neighbours) <= {0, 1, 2} for t in partial.values())
+    final = strategy.plan_round(config.num_rounds + 1, range(9))
+    assert not any(t.train for t in final.values())
+    assert dataclasses.replace(final[0], train=True).round == config.num_rounds + 1
