@@ -266,10 +266,10 @@ class DecentralizedStrategy(Strategy):
         return result
 
     def record_round(self, row: dict) -> None:
-        """Log one metrics row and append it to the run directory's files."""
+        """Log one metrics row and append it, naming the algorithm, to the run's files."""
         log.info("[%s] %s", self.algorithm, format_round(row, self.config.num_rounds))
         if self.recorder is not None:
-            self.recorder.record(row)
+            self.recorder.record({"algorithm": self.algorithm, **row})
 
 
 def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,

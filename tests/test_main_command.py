@@ -33,6 +33,7 @@ def test_flwr_run_completes_offline_and_writes_outputs(tmp_path):
         assert "round   3/3" in output, output[-3000:]
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [row["round"] for row in rows] == [0, 1, 2, 3]
+        assert {row["algorithm"] for row in rows} == {"hyperprism"}
         for key in ("accuracy_mean", "accuracy_std", "loss_mean", "p_theta_mean", "p_phi_mean",
                     "seconds"):
             assert all(key in row for row in rows), key
