@@ -37,11 +37,11 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
 
 def format_round(row: Mapping, num_rounds: int) -> str:
     """The per-round log line."""
+    degrees = "".join(f"  {key} {row[f'{key}_mean']:.2f}" for key in ("p_theta", "p_phi")
+                      if f"{key}_mean" in row)  # algorithms with power degrees only
     return (f"round {row['round']:>3}/{num_rounds}  acc {row.get('accuracy_mean', math.nan):.4f}"
             f" ± {row.get('accuracy_std', math.nan):.4f}  loss {row.get('loss_mean', math.nan):.4f}"
-            f"  p_theta {row.get('p_theta_mean', math.nan):.2f}"
-            f"  p_phi {row.get('p_phi_mean', math.nan):.2f}"
-            f"  nodes {row['nodes_replied']}  {row['seconds']:.2f}s")
+            f"{degrees}  nodes {row['nodes_replied']}  {row['seconds']:.2f}s")
 
 
 class RunRecorder:

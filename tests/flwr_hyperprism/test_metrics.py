@@ -20,11 +20,13 @@ def test_round_row_has_means_population_std_and_per_node_lists():
     assert row["loss_mean"] == pytest.approx(2.0)
     assert row["accuracy"] == [0.7, 0.5] and row["p_phi"] == [5.0, 3.0]  # by partition id
     assert "loss" not in row
+    assert "p_phi 4.00" in format_round({**row, "seconds": 1.0}, 9)
 
 
 def test_a_round_without_replies_still_logs_and_summarises():
     row = {**summarise_round(1, {}), "seconds": 0.5}
     assert row["nodes_replied"] == 0 and "nan" in format_round(row, 3)
+    assert "p_theta" not in format_round(row, 3)  # only algorithms with degrees show them
     summary = summarise_run([row], RunConfig())
     assert summary["max_accuracy"] is None and summary["rounds_to_target"] is None
 
