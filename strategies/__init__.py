@@ -5,7 +5,12 @@ from collections.abc import Callable
 from flwr_hyperprism.config import RunConfig
 
 from .decentralized import (
-    DecentralizedStrategy, NodeRule, NodeState, NodeTask, run_in_process, wait_for_partitions,
+    DecentralizedStrategy,
+    NodeRule,
+    NodeState,
+    NodeTask,
+    run_in_process,
+    wait_for_partitions,
 )
 from .dpsgd import DPSGD, DPSGDNode
 from .hyperprism import HyperPrism, HyperPrismNode

@@ -30,7 +30,11 @@ from torch import Tensor
 
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.data import Dataset, Split, dirichlet_partition, load_dataset
-from flwr_hyperprism.graphs import TimeVaryingGraph, metropolis_hastings_weights, round_rng
+from flwr_hyperprism.graphs import (
+    TimeVaryingGraph,
+    metropolis_hastings_weights,
+    round_rng,
+)
 from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 
 log = logging.getLogger("flwr")

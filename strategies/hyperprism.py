@@ -27,7 +27,13 @@ from flwr_hyperprism.mirror import mirror_step
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
 from .decentralized import DecentralizedStrategy, NodeData, NodeState, StateDict
-from .node import GossipNode, _clone, load_optimizer_state, merge_models, optimizer_state
+from .node import (
+    GossipNode,
+    _clone,
+    load_optimizer_state,
+    merge_models,
+    optimizer_state,
+)
 
 
 class HyperPrism(DecentralizedStrategy):

@@ -27,7 +27,14 @@ from flwr_hyperprism.graphs import round_seed
 from flwr_hyperprism.mirror import power_mean
 from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_group
 
-from .decentralized import NodeData, NodeState, NodeTask, StateDict, node_data, screen_neighbours
+from .decentralized import (
+    NodeData,
+    NodeState,
+    NodeTask,
+    StateDict,
+    node_data,
+    screen_neighbours,
+)
 
 log = logging.getLogger("flwr")
 

@@ -8,7 +8,9 @@ from uuid import uuid4
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity  # private API: set outside a real run
+from flwr.supercore.task_identity import (
+    TaskIdentity,  # private API: set outside a real run
+)
 
 
 class LocalGrid(Grid):

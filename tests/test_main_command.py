@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_flower import private_env, processes_with_home, run_flwr, stop_processes_with_home
+from tests.local_flower import (
+    private_env,
+    processes_with_home,
+    run_flwr,
+    stop_processes_with_home,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from flwr_hyperprism.config import RunConfig, load_config, to_toml
 

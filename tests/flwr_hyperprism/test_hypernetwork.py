@@ -7,7 +7,11 @@ import re
 import pytest
 import torch
 
-from flwr_hyperprism.hypernetwork import HyperNetwork, gradient_summary, parse_candidates
+from flwr_hyperprism.hypernetwork import (
+    HyperNetwork,
+    gradient_summary,
+    parse_candidates,
+)
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
 CANDIDATES = (1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0)

@@ -8,7 +8,12 @@ import math
 import pytest
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round, summarise_run
+from flwr_hyperprism.metrics import (
+    RunRecorder,
+    format_round,
+    summarise_round,
+    summarise_run,
+)
 
 
 def test_round_row_has_means_population_std_and_per_node_lists():

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_hyperprism.mirror import inverse_sign_power, mirror_step, power_mean, sign_power
+from flwr_hyperprism.mirror import (
+    inverse_sign_power,
+    mirror_step,
+    power_mean,
+    sign_power,
+)
 
 P_VALUES = (1, 1.5, 3, 9, 15, 33, 64)
 ODD_P = (1, 3, 5, 9, 15)

@@ -44,7 +44,8 @@ def test_screen_neighbours_drops_unmergeable_models_and_renormalises():
     task = NodeTask(3, (0, 1, 2, 3, 4, 5, 6), (0.1,) * 7, 0.3)
     screened, dropped = screen_neighbours(own, task, {0: good, **bad})
     assert dropped == [1, 2, 3, 4, 5, 6] and screened.neighbours == (0,)
-    assert screened.weights == pytest.approx((0.25,)) and screened.self_weight == pytest.approx(0.75)
+    assert screened.weights == pytest.approx((0.25,))
+    assert screened.self_weight == pytest.approx(0.75)
     assert screen_neighbours(own, NodeTask(3, (0,), (0.5,), 0.5), {0: good}) == (
         NodeTask(3, (0,), (0.5,), 0.5), [])
 
