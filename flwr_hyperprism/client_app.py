@@ -43,7 +43,7 @@ def _train(msg: Message, context: Context) -> Message:
     state, metrics = rule.step(load_state(context) or rule.init_state(),
                                NodeTask.from_record(msg.content["config"]), neighbours)
     save_state(context, state)
-    return Message(RecordDict({"arrays": ArrayRecord(state.model),
+    return Message(RecordDict({"arrays": ArrayRecord(state.shared),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -14,6 +14,7 @@ T + 1 round-trips; the last one merges and evaluates without training.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+import networkx as nx
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -52,29 +55,47 @@ class NodeTask:
     weights: tuple[float, ...] = ()  # a_ij, aligned with neighbours
     self_weight: float = 1.0  # a_ii
     train: bool = True  # False in the final round-trip: merge and evaluate only
+    coefficients: Mapping[str, float] = field(default_factory=dict)  # algorithm constants
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({"round": self.round, "neighbours": list(self.neighbours),
                              "weights": list(self.weights), "self-weight": self.self_weight,
-                             "train": self.train})
+                             "train": self.train,
+                             **{f"coef.{k}": v for k, v in self.coefficients.items()}})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeTask:
+        coefficients = {k[len("coef."):]: float(v) for k, v in record.items()
+                        if k.startswith("coef.")}
         return cls(int(record["round"]), tuple(int(n) for n in record["neighbours"]),
                    tuple(float(w) for w in record["weights"]), float(record["self-weight"]),
-                   bool(record["train"]))
+                   bool(record["train"]), coefficients)
+
+    def without(self, dropped: Iterable[int]) -> NodeTask:
+        """This task with some neighbours left out; their weight goes to the node itself, so
+        the row sum (1 for averaging weights, 0 for a Laplacian) is unchanged."""
+        gone = set(dropped)
+        keep = [(j, w) for j, w in zip(self.neighbours, self.weights) if j not in gone]
+        self_weight = self.self_weight + sum(w for j, w in zip(self.neighbours, self.weights)
+                                             if j in gone)
+        return dataclasses.replace(self, neighbours=tuple(j for j, _ in keep),
+                                   weights=tuple(w for _, w in keep), self_weight=self_weight)
 
 
 @dataclass
 class NodeState:
-    """A node's persistent state: named groups of tensors (``model`` is what it shares)."""
+    """A node's persistent state: named groups of tensors.
+
+    The ``shared`` group is what the node sends its neighbours each round: its model for the
+    gossip algorithms, other vectors for algorithms such as ADOM+.
+    """
 
     round: int = 0
     tensors: dict[str, StateDict] = field(default_factory=dict)
 
     @property
-    def model(self) -> StateDict:
-        return self.tensors["model"]
+    def shared(self) -> StateDict:
+        return self.tensors["shared"]
 
 
 class NodeRule(Protocol):
@@ -93,22 +114,16 @@ def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[
     """Drop neighbours whose model cannot be merged with ``own``.
 
     A neighbour is dropped when its model lacks a tensor of ``own`` or has extra ones, or a
-    tensor with another shape or dtype, or any NaN/Inf. The kept weights (self included) are
-    renormalised to sum to 1. Returns the task to use and the dropped partition ids.
+    tensor with another shape or dtype, or any NaN/Inf; its weight goes to the node itself
+    (``NodeTask.without``). Returns the task to use and the dropped partition ids.
     """
     def usable(model: StateDict | None) -> bool:
         return (model is not None and model.keys() == own.keys()
                 and all(model[k].shape == v.shape and model[k].dtype == v.dtype
                         and bool(torch.isfinite(model[k]).all()) for k, v in own.items()))
 
-    keep = [(j, w) for j, w in zip(task.neighbours, task.weights)
-            if usable(neighbour_models.get(j))]
-    dropped = [j for j in task.neighbours if j not in dict(keep)]
-    if not dropped:
-        return task, []
-    total = task.self_weight + sum(w for _, w in keep)
-    return NodeTask(task.round, tuple(j for j, _ in keep), tuple(w / total for _, w in keep),
-                    task.self_weight / total, task.train), dropped
+    dropped = [j for j in task.neighbours if not usable(neighbour_models.get(j))]
+    return (task.without(dropped) if dropped else task), dropped
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,9 @@ class DecentralizedStrategy(Strategy):
     """
 
     algorithm: ClassVar[str]
+    # Round 1 routes the common initial model as every node's latest model (what the gossip
+    # algorithms share); algorithms that share other vectors start with nothing to route.
+    routes_initial_model: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
         self.config = config
@@ -170,21 +188,31 @@ class DecentralizedStrategy(Strategy):
 
     # --- the plan: pure, shared with run_in_process -----------------------------------------
 
+    def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:
+        """The (m, m) weights nodes combine with: Metropolis-Hastings by default."""
+        return metropolis_hastings_weights(graph)
+
+    def coefficients(self, round_: int) -> dict[str, float]:
+        """Algorithm constants sent with every task (none by default)."""
+        return {}
+
     def plan_round(self, round_: int, available: Iterable[int]) -> dict[int, NodeTask]:
-        """Each node's task for round-trip ``round_``: Metropolis-Hastings weights on G(t).
+        """Each node's task for round-trip ``round_``: its row of ``mixing_matrix(G(t))``.
 
         Neighbours without a model to route (``available``) are left out and their weight
-        goes to the node itself, so every row still sums to 1. The round-trip after the last
+        goes to the node itself, so every row keeps its sum. The round-trip after the last
         round (``num_rounds + 1``) does not train.
         """
-        weights = metropolis_hastings_weights(self.graphs.at(round_))
+        weights = self.mixing_matrix(self.graphs.at(round_))
         have = set(available)
         train = round_ <= self.config.num_rounds
+        coefficients = self.coefficients(round_)
         tasks = {}
         for i in range(self.config.num_nodes):
-            nbrs = tuple(int(j) for j in weights[i].nonzero()[0] if j != i and j in have)
-            tasks[i] = NodeTask(round_, nbrs, tuple(float(weights[i, j]) for j in nbrs),
-                                float(1.0 - sum(weights[i, j] for j in nbrs)), train)
+            nbrs = tuple(int(j) for j in weights[i].nonzero()[0] if j != i)
+            task = NodeTask(round_, nbrs, tuple(float(weights[i, j]) for j in nbrs),
+                            float(weights[i, i]), train, coefficients)
+            tasks[i] = task.without(j for j in nbrs if j not in have)
         return tasks
 
     # --- Flower hooks ------------------------------------------------------------------------
@@ -256,7 +284,7 @@ class DecentralizedStrategy(Strategy):
         self.summary()
         self.node_ids = wait_for_partitions(grid, self.config.num_nodes,
                                             self.config.node_wait_timeout)
-        if initial_arrays:
+        if initial_arrays and self.routes_initial_model:
             self.latest = dict.fromkeys(range(self.config.num_nodes), initial_arrays)
         result = Result()
         for server_round in range(1, num_rounds + 2):
@@ -336,7 +364,7 @@ def run_in_process(strategy: DecentralizedStrategy,
     config = strategy.config
     rules = {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
     states = {pid: rule.init_state() for pid, rule in rules.items()}
-    latest = dict.fromkeys(rules, initial_model)
+    latest = dict.fromkeys(rules, initial_model) if strategy.routes_initial_model else {}
     strategy.summary()
     rows = []
     for round_ in range(1, config.num_rounds + 2):
@@ -345,7 +373,7 @@ def run_in_process(strategy: DecentralizedStrategy,
         for pid, task in strategy.plan_round(round_, latest).items():
             states[pid], metrics[pid] = rules[pid].step(
                 states[pid], task, {j: latest[j] for j in task.neighbours})
-        latest = {pid: state.model for pid, state in states.items()}
+        latest = {pid: state.shared for pid, state in states.items()}
         rows.append({**summarise_round(round_ - 1, metrics),
                      "seconds": time.perf_counter() - started})
         strategy.record_round(rows[-1])

@@ -94,7 +94,7 @@ class GossipNode:
     # --- the round-trip ----------------------------------------------------------------------
 
     def init_state(self) -> NodeState:
-        return NodeState(0, {"model": _clone(self.model.state_dict()), "optimizer": {},
+        return NodeState(0, {"shared": _clone(self.model.state_dict()), "optimizer": {},
                              **self.init_extra()})
 
     def step(self, state: NodeState, task: NodeTask, neighbour_models: Mapping[int, StateDict]
@@ -106,17 +106,17 @@ class GossipNode:
               ) -> tuple[NodeState, dict[str, float]]:
         gen = torch.Generator().manual_seed(round_seed(self.config.seed, self.partition_id,
                                                        task.round))
-        self.model.load_state_dict(state.model)
+        self.model.load_state_dict(state.shared)
         load_optimizer_state(self.optimizer, state.tensors["optimizer"])
         self.load_extra(state)
-        task, dropped = screen_neighbours(state.model, task, neighbour_models)
+        task, dropped = screen_neighbours(state.shared, task, neighbour_models)
         if dropped:
             log.warning("round-trip %s: partition %s dropped unusable models of neighbours %s",
                         task.round, self.partition_id, dropped)
         metrics: dict[str, float] = {"neighbours": float(len(task.neighbours)),
                                      "neighbours_dropped": float(len(dropped)),
                                      "num_examples": float(len(self.data.train))}
-        models = [state.model] + [neighbour_models[j] for j in task.neighbours]
+        models = [state.shared] + [neighbour_models[j] for j in task.neighbours]
         weights = torch.tensor((task.self_weight,) + task.weights)
 
         if self.config.order == "atc":
@@ -128,11 +128,11 @@ class GossipNode:
             metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
             if task.train:
                 metrics["train_loss"] = self.train_locally(gen)
-                step = {k: v - state.model[k] for k, v in self.model.state_dict().items()}
+                step = {k: v - state.shared[k] for k, v in self.model.state_dict().items()}
                 self.model.load_state_dict(
                     self.combine_with_step(models, weights, step, gen, metrics))
 
-        tensors = {"model": _clone(self.model.state_dict()),
+        tensors = {"shared": _clone(self.model.state_dict()),
                    "optimizer": optimizer_state(self.optimizer), **self.save_extra()}
         return NodeState(task.round, tensors), metrics
 

@@ -44,8 +44,8 @@ def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
     for pid, rule in rules.items():
         state = rule.init_state()
         if template is None or not identical:
-            template = {k: torch.randn(v.shape, generator=gen) for k, v in state.model.items()}
-        state.tensors["model"] = {k: v.clone() for k, v in template.items()}
+            template = {k: torch.randn(v.shape, generator=gen) for k, v in state.shared.items()}
+        state.tensors["shared"] = {k: v.clone() for k, v in template.items()}
         states[pid] = state
     return states
 
@@ -53,12 +53,12 @@ def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
 def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
     """Round-trips 1..rounds; the stacked, flattened models after each (float64)."""
     def stacked():
-        return torch.stack([torch.cat([v.reshape(-1) for v in states[p].model.values()])
+        return torch.stack([torch.cat([v.reshape(-1) for v in states[p].shared.values()])
                             for p in sorted(states)]).double()
 
     history = [stacked()]
     for round_ in range(1, rounds + 1):
-        latest = {p: s.model for p, s in states.items()}
+        latest = {p: s.shared for p, s in states.items()}
         for pid, task in strategy.plan_round(round_, latest).items():
             states[pid], _ = rules[pid].step(states[pid], task,
                                              {j: latest[j] for j in task.neighbours})

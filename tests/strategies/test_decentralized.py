@@ -26,11 +26,16 @@ def test_node_data_rejects_partition_ids_outside_the_federation():
 
 
 def test_node_task_survives_the_config_record_round_trip():
-    task = NodeTask(7, (1, 4), (0.25, 0.2), 0.55, train=False)
+    task = NodeTask(7, (1, 4), (0.25, 0.2), 0.55, train=False, coefficients={"chi": 2.5})
     assert NodeTask.from_record(task.to_record()) == task
 
 
-def test_screen_neighbours_drops_unmergeable_models_and_renormalises():
+def test_leaving_out_neighbours_keeps_the_row_sum():
+    laplacian_row = NodeTask(1, (2, 5, 7), (-0.25, -0.25, -0.25), 0.75)
+    assert laplacian_row.without([5]) == NodeTask(1, (2, 7), (-0.25, -0.25), 0.5)
+
+
+def test_screen_neighbours_drops_unmergeable_models_and_keeps_their_weight_at_home():
     own = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
     good = {"w": torch.ones(2, 3), "b": torch.ones(3)}
     bad = {
@@ -44,8 +49,8 @@ def test_screen_neighbours_drops_unmergeable_models_and_renormalises():
     task = NodeTask(3, (0, 1, 2, 3, 4, 5, 6), (0.1,) * 7, 0.3)
     screened, dropped = screen_neighbours(own, task, {0: good, **bad})
     assert dropped == [1, 2, 3, 4, 5, 6] and screened.neighbours == (0,)
-    assert screened.weights == pytest.approx((0.25,))
-    assert screened.self_weight == pytest.approx(0.75)
+    assert screened.weights == (0.1,)
+    assert screened.self_weight == pytest.approx(0.9)
     assert screen_neighbours(own, NodeTask(3, (0,), (0.5,), 0.5), {0: good}) == (
         NodeTask(3, (0,), (0.5,), 0.5), [])
 

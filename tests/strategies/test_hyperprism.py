@@ -30,21 +30,21 @@ def spread_models(rules: dict, seed: int = 1) -> dict:
     states = {}
     for pid, rule in rules.items():
         state = rule.init_state()
-        state.tensors["model"] = {k: torch.randn(v.shape, generator=gen)
-                                  for k, v in state.model.items()}
+        state.tensors["shared"] = {k: torch.randn(v.shape, generator=gen)
+                                  for k, v in state.shared.items()}
         states[pid] = state
     return states
 
 
 def gossip_without_training(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
     """Drive plan + node rule with train=False (learning rate 0); stacked models per round."""
-    history = [torch.stack([flat(states[p].model) for p in sorted(states)])]
+    history = [torch.stack([flat(states[p].shared) for p in sorted(states)])]
     for round_ in range(1, rounds + 1):
-        latest = {p: s.model for p, s in states.items()}
+        latest = {p: s.shared for p, s in states.items()}
         for pid, task in strategy.plan_round(round_, latest).items():
             states[pid], _ = rules[pid].step(states[pid], dataclasses.replace(task, train=False),
                                              {j: latest[j] for j in task.neighbours})
-        history.append(torch.stack([flat(states[p].model) for p in sorted(states)]))
+        history.append(torch.stack([flat(states[p].shared) for p in sorted(states)]))
     return history
 
 
@@ -165,9 +165,9 @@ def test_a_non_finite_neighbour_does_not_poison_the_node(tmp_path):
     config = small_config(tmp_path, topology="complete")
     rule = HyperPrismNode.for_partition(config, 0)
     state = rule.init_state()
-    poisoned = {k: torch.full_like(v, float("nan")) for k, v in state.model.items()}
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in state.shared.items()}
     task = HyperPrism(config).plan_round(1, range(config.num_nodes))[0]
     state, metrics = rule.step(state, task, dict.fromkeys(task.neighbours, poisoned))
     assert metrics["neighbours_dropped"] == len(task.neighbours) and metrics["neighbours"] == 0
-    assert all(bool(torch.isfinite(v).all()) for v in state.model.values())
+    assert all(bool(torch.isfinite(v).all()) for v in state.shared.values())
     assert all(bool(torch.isfinite(v).all()) for v in state.tensors["hypernet"].values())
