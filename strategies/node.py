@@ -42,12 +42,11 @@ EVAL_BATCH = 2048
 LINEAR = {REPRESENTATION: 1.0, DECISION: 1.0}  # p = 1 for both layer groups: plain averaging
 
 
-class GossipNode:
-    """A node rule for one partition; stateless itself (the state lives in ``NodeState``).
+class LearningNode:
+    """A node rule for one partition: its model, SGD optimizer and data.
 
-    Subclasses implement ``combine`` and may extend the state (``init_extra``, ``load_extra``,
-    ``save_extra``), the local training (``train_locally``) and the update under ``cta``
-    (``combine_with_step``).
+    Stateless itself (the state lives in ``NodeState``); subclasses define ``init_state`` and
+    ``round_trip``. ``step`` runs a round-trip single-threaded with the round's generator.
     """
 
     def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
@@ -60,10 +59,67 @@ class GossipNode:
                                          momentum=config.momentum)
 
     @classmethod
-    def for_partition(cls, config: RunConfig, partition_id: int) -> GossipNode:
+    def for_partition(cls, config: RunConfig, partition_id: int) -> LearningNode:
         return cls(config, partition_id, node_data(config, partition_id))
 
-    # --- hooks -------------------------------------------------------------------------------
+    def init_state(self) -> NodeState:
+        raise NotImplementedError
+
+    def round_trip(self, state: NodeState, task: NodeTask,
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator
+                   ) -> tuple[NodeState, dict[str, float]]:
+        raise NotImplementedError
+
+    def step(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
+             ) -> tuple[NodeState, dict[str, float]]:
+        """One round-trip; ``neighbours`` maps partition ids to their shared tensors."""
+        gen = torch.Generator().manual_seed(round_seed(self.config.seed, self.partition_id,
+                                                       task.round))
+        with _single_thread():
+            return self.round_trip(state, task, neighbours, gen)
+
+    def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
+               ) -> tuple[NodeTask, dict[str, float]]:
+        """Leave out unusable neighbours (logged); the task to use and the first metrics."""
+        task, dropped = screen_neighbours(state.shared, task, neighbours)
+        if dropped:
+            log.warning("round-trip %s: partition %s dropped unusable models of neighbours %s",
+                        task.round, self.partition_id, dropped)
+        return task, {"neighbours": float(len(task.neighbours)),
+                      "neighbours_dropped": float(len(dropped)),
+                      "num_examples": float(len(self.data.train))}
+
+    @property
+    def local_steps(self) -> int:
+        """Minibatch steps per round: ``local-steps``, else ``local-epochs`` passes."""
+        batches = -(-len(self.data.train) // self.config.batch_size)
+        return self.config.local_steps or self.config.local_epochs * batches
+
+    def train_locally(self, gen: torch.Generator) -> float:
+        """``local_steps`` SGD steps on shuffled minibatches; returns the mean loss."""
+        train, batch = self.data.train, self.config.batch_size
+        order = torch.empty(0, dtype=torch.int64)
+        losses = []
+        self.model.train()
+        for _ in range(self.local_steps):
+            if len(order) == 0:
+                order = torch.randperm(len(train), generator=gen)
+            idx, order = order[:batch], order[batch:]
+            self.optimizer.zero_grad()
+            loss = F.cross_entropy(self.model(train.x[idx]), train.y[idx])
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+
+class GossipNode(LearningNode):
+    """A node that mixes its model with its neighbours' and trains locally.
+
+    Subclasses implement ``combine`` and may extend the state (``init_extra``, ``load_extra``,
+    ``save_extra``), the local training (``train_locally``) and the update under ``cta``
+    (``combine_with_step``).
+    """
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
                 metrics: dict[str, float]) -> StateDict:
@@ -85,38 +141,18 @@ class GossipNode:
     def save_extra(self) -> dict[str, StateDict]:
         return {}
 
-    @property
-    def local_steps(self) -> int:
-        """Minibatch steps per round: ``local-steps``, else ``local-epochs`` passes."""
-        batches = -(-len(self.data.train) // self.config.batch_size)
-        return self.config.local_steps or self.config.local_epochs * batches
-
-    # --- the round-trip ----------------------------------------------------------------------
-
     def init_state(self) -> NodeState:
         return NodeState(0, {"shared": _clone(self.model.state_dict()), "optimizer": {},
                              **self.init_extra()})
 
-    def step(self, state: NodeState, task: NodeTask, neighbour_models: Mapping[int, StateDict]
-             ) -> tuple[NodeState, dict[str, float]]:
-        with _single_thread():
-            return self._step(state, task, neighbour_models)
-
-    def _step(self, state: NodeState, task: NodeTask, neighbour_models: Mapping[int, StateDict]
-              ) -> tuple[NodeState, dict[str, float]]:
-        gen = torch.Generator().manual_seed(round_seed(self.config.seed, self.partition_id,
-                                                       task.round))
+    def round_trip(self, state: NodeState, task: NodeTask,
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator
+                   ) -> tuple[NodeState, dict[str, float]]:
         self.model.load_state_dict(state.shared)
         load_optimizer_state(self.optimizer, state.tensors["optimizer"])
         self.load_extra(state)
-        task, dropped = screen_neighbours(state.shared, task, neighbour_models)
-        if dropped:
-            log.warning("round-trip %s: partition %s dropped unusable models of neighbours %s",
-                        task.round, self.partition_id, dropped)
-        metrics: dict[str, float] = {"neighbours": float(len(task.neighbours)),
-                                     "neighbours_dropped": float(len(dropped)),
-                                     "num_examples": float(len(self.data.train))}
-        models = [state.shared] + [neighbour_models[j] for j in task.neighbours]
+        task, metrics = self.screen(state, task, neighbours)
+        models = [state.shared] + [neighbours[j] for j in task.neighbours]
         weights = torch.tensor((task.self_weight,) + task.weights)
 
         if self.config.order == "atc":
@@ -135,23 +171,6 @@ class GossipNode:
         tensors = {"shared": _clone(self.model.state_dict()),
                    "optimizer": optimizer_state(self.optimizer), **self.save_extra()}
         return NodeState(task.round, tensors), metrics
-
-    def train_locally(self, gen: torch.Generator) -> float:
-        """``local_steps`` SGD steps on shuffled minibatches; returns the mean loss."""
-        train, batch = self.data.train, self.config.batch_size
-        order = torch.empty(0, dtype=torch.int64)
-        losses = []
-        self.model.train()
-        for _ in range(self.local_steps):
-            if len(order) == 0:
-                order = torch.randperm(len(train), generator=gen)
-            idx, order = order[:batch], order[batch:]
-            self.optimizer.zero_grad()
-            loss = F.cross_entropy(self.model(train.x[idx]), train.y[idx])
-            loss.backward()
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
-        return sum(losses) / len(losses)
 
 
 def merge_models(models: list[StateDict], weights: Tensor, degrees: Mapping[str, Tensor],
