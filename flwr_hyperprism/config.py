@@ -28,7 +28,7 @@ from .graphs import TOPOLOGIES
 from .hypernetwork import HN_INPUTS, P_SELECT_MODES, parse_candidates
 from .models import MODELS
 
-ALGORITHMS = ("hyperprism", "dpsgd", "swarmsgd")
+ALGORITHMS = ("hyperprism", "dpsgd", "swarmsgd", "adom")
 ORDERS = ("atc", "cta")
 UNMATCHED_STEPS = ("sgd", "idle")
 P_MODES = ("hypernetwork", "fixed")
@@ -76,6 +76,9 @@ class RunConfig:
     # SwarmSGD
     swarm_local_steps: int = 1  # H, local SGD steps before each pairwise average (paper: 1)
     swarm_unmatched: str = "sgd"  # what a node left out of the round's matching does: 'idle'
+    # accelerated baselines (ADOM+): L and mu of the local losses, kappa = L / mu = 10
+    smoothness: float = 100.0  # L = 1 / lr
+    strong_convexity: float = 10.0  # mu
     # orchestration and outputs
     round_timeout: float = 600.0
     node_wait_timeout: float = 300.0
@@ -116,7 +119,8 @@ class RunConfig:
             if not (value >= low and (high is None or value <= high)) or (
                     name == "momentum" and value == 1.0) or not math.isfinite(value):
                 raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
-        for name in ("alpha", "lr", "hn_lr", "round_timeout", "node_wait_timeout"):
+        for name in ("alpha", "lr", "hn_lr", "round_timeout", "node_wait_timeout", "smoothness",
+                     "strong_convexity"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")

@@ -47,10 +47,10 @@ def format_round(row: Mapping, num_rounds: int) -> str:
 class RunRecorder:
     """Writes ``config.json``, ``metrics.jsonl`` (a row per round) and ``summary.json``."""
 
-    def __init__(self, run_dir: str | Path, config: RunConfig) -> None:
+    def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "") -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
+        self.config, self.description = config, description or config.algorithm
         self.rows: list[dict] = []
         (self.run_dir / "config.json").write_text(json.dumps(config.to_run_config(), indent=2))
         (self.run_dir / "metrics.jsonl").write_text("")
@@ -62,7 +62,7 @@ class RunRecorder:
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
     def summary(self) -> dict:
-        return summarise_run(self.rows, self.config)
+        return {**summarise_run(self.rows, self.config), "algorithm_name": self.description}
 
 
 def summarise_run(rows: list[dict], config: RunConfig) -> dict:

@@ -12,6 +12,7 @@ from .decentralized import (
     run_in_process,
     wait_for_partitions,
 )
+from .adom import ADOM, ADOMNode
 from .dpsgd import DPSGD, DPSGDNode
 from .hyperprism import HyperPrism, HyperPrismNode
 from .swarmsgd import SwarmSGD, SwarmSGDNode
@@ -19,11 +20,12 @@ from .swarmsgd import SwarmSGD, SwarmSGDNode
 # algorithm name -> (orchestrator class, node rule factory)
 ALGORITHMS: dict[str, tuple[type[DecentralizedStrategy], Callable[[RunConfig, int], NodeRule]]] = {
     cls.algorithm: (cls, node.for_partition)
-    for cls, node in ((HyperPrism, HyperPrismNode), (DPSGD, DPSGDNode), (SwarmSGD, SwarmSGDNode))
+    for cls, node in ((HyperPrism, HyperPrismNode), (DPSGD, DPSGDNode), (SwarmSGD, SwarmSGDNode),
+                      (ADOM, ADOMNode))
 }
 
 __all__ = [
-    "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy", "HyperPrism", "HyperPrismNode",
+    "ADOM", "ADOMNode", "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy", "HyperPrism", "HyperPrismNode",
     "NodeRule", "NodeState", "NodeTask", "SwarmSGD", "SwarmSGDNode", "run_in_process",
     "wait_for_partitions",
 ]

@@ -173,6 +173,7 @@ class DecentralizedStrategy(Strategy):
     """
 
     algorithm: ClassVar[str]
+    description: ClassVar[str]  # the algorithm's name in outputs
     # Round 1 routes the common initial model as every node's latest model (what the gossip
     # algorithms share); algorithms that share other vectors start with nothing to route.
     routes_initial_model: ClassVar[bool] = True
@@ -181,7 +182,8 @@ class DecentralizedStrategy(Strategy):
         self.config = config
         self.graphs = TimeVaryingGraph(config.num_nodes, config.topology, config.density,
                                        config.seed, config.exact_edges, config.mobility_speed)
-        self.recorder = RunRecorder(run_dir, config) if run_dir is not None else None
+        self.recorder = (RunRecorder(run_dir, config, self.description)
+                         if run_dir is not None else None)
         self.node_ids: dict[int, int] = {}  # partition id -> Flower node id
         self.latest: dict[int, ArrayRecord] = {}  # partition id -> latest routed model
         self.round_summary: dict = {}  # of the last aggregated round
@@ -259,7 +261,7 @@ class DecentralizedStrategy(Strategy):
 
     def summary(self) -> None:
         log.info("%s: %s nodes, %s graph (density %s), %s rounds, dataset %s, model %s",
-                 type(self).__name__, self.config.num_nodes, self.config.topology,
+                 self.description, self.config.num_nodes, self.config.topology,
                  self.config.density, self.config.num_rounds, self.config.dataset,
                  self.config.model)
 

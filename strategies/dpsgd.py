@@ -19,6 +19,7 @@ class DPSGD(DecentralizedStrategy):
     """Routing-only D-PSGD orchestrator."""
 
     algorithm = "dpsgd"
+    description = "D-PSGD"
 
 
 class DPSGDNode(GossipNode):

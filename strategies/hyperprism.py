@@ -40,6 +40,7 @@ class HyperPrism(DecentralizedStrategy):
     """Routing-only HyperPrism orchestrator (MH weights on a time-varying graph)."""
 
     algorithm = "hyperprism"
+    description = "HyperPrism"
 
 
 class HyperPrismNode(GossipNode):

@@ -23,6 +23,7 @@ class SwarmSGD(DecentralizedStrategy):
     """Routing-only SwarmSGD orchestrator: a random matching per round."""
 
     algorithm = "swarmsgd"
+    description = "SwarmSGD"
 
     def plan_round(self, round_: int, available: Iterable[int]) -> dict[int, NodeTask]:
         """Matched pairs average with weight 1/2; nodes without a routable partner are left out.

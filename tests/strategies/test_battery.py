@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import networkx as nx
+import numpy as np
 import pytest
 import torch
 
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.mirror import sign_power
 from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS, run_in_process
+from strategies import ALGORITHMS, ADOMNode, run_in_process
+from strategies.adom import ADOM_VECTORS, gossip_matrix
 
 # (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
 VARIANTS = {
@@ -22,6 +25,7 @@ VARIANTS = {
     "dpsgd": ("dpsgd", {}, 1.0),
     "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),
     "swarmsgd": ("swarmsgd", {}, 1.0),
+    "adom": ("adom", {}, None),
 }
 
 
@@ -43,17 +47,22 @@ def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
     template = None
     for pid, rule in rules.items():
         state = rule.init_state()
+        group = "x" if isinstance(rule, ADOMNode) else "shared"  # what the node learns
         if template is None or not identical:
-            template = {k: torch.randn(v.shape, generator=gen) for k, v in state.shared.items()}
-        state.tensors["shared"] = {k: v.clone() for k, v in template.items()}
+            template = {k: torch.randn(v.shape, generator=gen)
+                        for k, v in state.tensors[group].items()}
+        state.tensors[group] = {k: v.clone() for k, v in template.items()}
+        if group == "x":
+            state.tensors["x_f"] = {k: v.clone() for k, v in template.items()}
         states[pid] = state
     return states
 
 
 def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
     """Round-trips 1..rounds; the stacked, flattened models after each (float64)."""
-    def stacked():
-        return torch.stack([torch.cat([v.reshape(-1) for v in states[p].shared.values()])
+    def stacked():  # the model each node is evaluated with
+        group = "x_f" if "x_f" in states[0].tensors else "shared"
+        return torch.stack([torch.cat([v.reshape(-1) for v in states[p].tensors[group].values()])
                             for p in sorted(states)]).double()
 
     history = [stacked()]
@@ -68,8 +77,13 @@ def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
 
 @pytest.fixture
 def zero_learning_rate(monkeypatch):
-    """eta = 0: gradients are computed as usual but no optimizer moves a parameter."""
+    """No learning: no optimizer moves a parameter, and ADOM+ sees zero gradients."""
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+
+    def zero_gradient(self, params, gen):
+        return 0.0, {k: torch.zeros_like(v) for k, v in params.items()}
+
+    monkeypatch.setattr(ADOMNode, "gradient", zero_gradient)
 
 
 @pytest.mark.parametrize("variant", [v for v, (_, _, p) in VARIANTS.items() if p is not None])
@@ -94,7 +108,11 @@ def test_identical_models_stay_identical_without_learning(tmp_path, variant,
     config = make_config(tmp_path, variant)
     strategy, rules = nodes_for(config)
     history = drive(strategy, rules, spread_states(rules, identical=True), rounds=2)
-    torch.testing.assert_close(history[-1], history[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(history[-1], history[-1][0].expand_as(history[-1]), rtol=1e-6,
+                               atol=1e-7)
+    if config.algorithm != "adom":  # gossip: consensus is a fixed point (ADOM+ still moves,
+        # its nu-terms act without gradients, but every node moves alike)
+        torch.testing.assert_close(history[-1], history[0], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -182,3 +200,34 @@ def test_swarmsgd_matching_is_maximal_and_idle_nodes_do_not_train(tmp_path):
     final = strategy.plan_round(config.num_rounds + 1, range(9))
     assert not any(t.train for t in final.values())
     assert dataclasses.replace(final[0], train=True).round == config.num_rounds + 1
+
+
+def test_gossip_matrix_is_a_scaled_laplacian():
+    # Invariant 11: symmetric PSD, W 1 = 0, largest eigenvalue 1; no edges: W = 0.
+    config = RunConfig(num_nodes=12)
+    strategy, _ = ALGORITHMS["adom"][0](config), None
+    for round_ in (1, 2, 3):
+        w = gossip_matrix(strategy.graphs.at(round_))
+        eigenvalues = np.linalg.eigvalsh(w)
+        assert np.allclose(w, w.T) and eigenvalues.min() > -1e-12
+        assert np.isclose(eigenvalues.max(), 1.0) and np.allclose(w.sum(axis=1), 0.0)
+    assert not gossip_matrix(nx.empty_graph(4)).any()
+    assert strategy.chi >= 1.0
+    task = strategy.plan_round(1, range(12))[0]
+    assert task.coefficients == {"chi": strategy.chi}
+    assert task.self_weight + sum(task.weights) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_adom_with_zero_gradients_and_zero_init_stays_at_zero(tmp_path, zero_learning_rate):
+    # Invariant 18 (ADOM+ part).
+    config = make_config(tmp_path, "adom")
+    strategy, rules = nodes_for(config)
+    states = {pid: rule.init_state() for pid, rule in rules.items()}
+    for state in states.values():
+        state.tensors["x"] = {k: torch.zeros_like(v) for k, v in state.tensors["x"].items()}
+        state.tensors["x_f"] = {k: v.clone() for k, v in state.tensors["x"].items()}
+    drive(strategy, rules, states, rounds=3)
+    for state in states.values():
+        assert state.round == 3
+        for name in ADOM_VECTORS + ("shared",):
+            assert all(not v.any() for v in state.tensors[name].values()), name
