@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from flwr_hyperprism.config import RunConfig
 
+from .adom import ADOM, ADOMNode
 from .decentralized import (
     DecentralizedStrategy,
     NodeRule,
@@ -12,7 +13,6 @@ from .decentralized import (
     run_in_process,
     wait_for_partitions,
 )
-from .adom import ADOM, ADOMNode
 from .dpsgd import DPSGD, DPSGDNode
 from .hyperprism import HyperPrism, HyperPrismNode
 from .swarmsgd import SwarmSGD, SwarmSGDNode
@@ -25,7 +25,7 @@ ALGORITHMS: dict[str, tuple[type[DecentralizedStrategy], Callable[[RunConfig, in
 }
 
 __all__ = [
-    "ADOM", "ADOMNode", "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy", "HyperPrism", "HyperPrismNode",
-    "NodeRule", "NodeState", "NodeTask", "SwarmSGD", "SwarmSGDNode", "run_in_process",
-    "wait_for_partitions",
+    "ADOM", "ADOMNode", "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy",
+    "HyperPrism", "HyperPrismNode", "NodeRule", "NodeState", "NodeTask", "SwarmSGD",
+    "SwarmSGDNode", "run_in_process", "wait_for_partitions",
 ]
