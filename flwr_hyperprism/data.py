@@ -144,11 +144,14 @@ def _to_split(images, labels, mean: tuple[float, ...], std: tuple[float, ...]) -
     return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
+_SYNTHETIC_NOISE = 3.0  # pixel noise std (the class templates have std about 1)
+
+
 def synthetic_dataset(seed: int, num_train: int = 30_000, num_test: int = 5_000) -> Dataset:
     """Ten-class 1x28x28 images: a smooth random template per class plus pixel noise.
 
-    Needs no files and no network; a pure function of ``seed``. Linear models reach roughly
-    85-90% test accuracy on it, so learning progress is visible within a few rounds.
+    Needs no files and no network; a pure function of ``seed``. In the base setting logistic
+    regression passes 85% mean accuracy in about 10 rounds and ends near 98% (measured).
     """
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(NUM_CLASSES, 1, 7, 7, generator=gen)
@@ -162,5 +165,3 @@ def synthetic_dataset(seed: int, num_train: int = 30_000, num_test: int = 5_000)
 
     return Dataset(draw(num_train), draw(num_test))
 
-
-_SYNTHETIC_NOISE = 3.0

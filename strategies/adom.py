@@ -123,10 +123,11 @@ class ADOMNode(LearningNode):
 
     def init_state(self) -> NodeState:
         x = {k: v.detach().clone() for k, v in self.model.named_parameters()}
-        zeros = {k: torch.zeros_like(v) for k, v in x.items()}
         tensors = {"x": x, "x_f": {k: v.clone() for k, v in x.items()}}
-        tensors.update({name: dict(zeros) for name in ("y", "y_f", "z", "z_f", "m")})
-        tensors["shared"] = {f"{prefix}.{k}": v for prefix in ("q", "yz") for k, v in zeros.items()}
+        tensors.update({name: {k: torch.zeros_like(v) for k, v in x.items()}  # no aliasing
+                        for name in ("y", "y_f", "z", "z_f", "m")})
+        tensors["shared"] = {f"{prefix}.{k}": torch.zeros_like(v)
+                             for prefix in ("q", "yz") for k, v in x.items()}
         return NodeState(0, tensors)
 
     def round_trip(self, state: NodeState, task: NodeTask,

@@ -29,7 +29,7 @@ from flwr_hyperprism.models import DECISION, REPRESENTATION
 from .decentralized import DecentralizedStrategy, NodeData, NodeState, StateDict
 from .node import (
     GossipNode,
-    _clone,
+    clone_tensors,
     load_optimizer_state,
     merge_models,
     optimizer_state,
@@ -63,7 +63,7 @@ class HyperPrismNode(GossipNode):
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
         if self.hypernet is not None:
-            extra.update(hypernet=_clone(self.hypernet.state_dict()), hn_optimizer={})
+            extra.update(hypernet=clone_tensors(self.hypernet.state_dict()), hn_optimizer={})
         return extra
 
     def load_extra(self, state: NodeState) -> None:
@@ -75,7 +75,7 @@ class HyperPrismNode(GossipNode):
     def save_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": self.summary}}
         if self.hypernet is not None:
-            extra.update(hypernet=_clone(self.hypernet.state_dict()),
+            extra.update(hypernet=clone_tensors(self.hypernet.state_dict()),
                          hn_optimizer=optimizer_state(self.hn_optimizer))
         return extra
 
@@ -88,9 +88,10 @@ class HyperPrismNode(GossipNode):
             degrees = dict.fromkeys(self.groups, torch.tensor(self.config.fixed_p))
         self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
         metrics.update(p_theta=self.degrees[REPRESENTATION], p_phi=self.degrees[DECISION])
-        with torch.set_grad_enabled(self.hypernet is not None and len(models) > 1):
+        train_hypernet = self.hypernet is not None and len(models) > 1  # else d loss/d p = 0
+        with torch.set_grad_enabled(train_hypernet):
             merged = merge_models(models, weights, degrees, self.groups)
-            if merged[next(iter(merged))].requires_grad:
+            if train_hypernet:
                 metrics["hn_loss"] = self._train_hypernet(merged, gen)
         return {k: v.detach() for k, v in merged.items()}
 

@@ -1,7 +1,8 @@
-"""The node machinery shared by the gossip algorithms: local SGD, evaluation, state, merges.
+"""The node machinery shared by the algorithms: local SGD, evaluation, state, merges.
 
-``GossipNode`` is a node that mixes its model with its neighbours' and trains locally. The
-algorithm modules subclass it and define how models are combined. Two orders (config ``order``):
+``LearningNode`` holds a node's model, optimizer and data (every algorithm's node rule builds on
+it). ``GossipNode`` is a node that mixes its model with its neighbours' and trains locally; the
+gossip algorithms subclass it and define how models are combined. Two orders (config ``order``):
 
 - ``atc`` (adapt then combine, the paper's Algorithm 1; default): in round-trip t the node
   combines its neighbours' freshly trained models with its own, evaluates the result (the model
@@ -142,7 +143,7 @@ class GossipNode(LearningNode):
         return {}
 
     def init_state(self) -> NodeState:
-        return NodeState(0, {"shared": _clone(self.model.state_dict()), "optimizer": {},
+        return NodeState(0, {"shared": clone_tensors(self.model.state_dict()), "optimizer": {},
                              **self.init_extra()})
 
     def round_trip(self, state: NodeState, task: NodeTask,
@@ -168,7 +169,7 @@ class GossipNode(LearningNode):
                 self.model.load_state_dict(
                     self.combine_with_step(models, weights, step, gen, metrics))
 
-        tensors = {"shared": _clone(self.model.state_dict()),
+        tensors = {"shared": clone_tensors(self.model.state_dict()),
                    "optimizer": optimizer_state(self.optimizer), **self.save_extra()}
         return NodeState(task.round, tensors), metrics
 
@@ -189,9 +190,12 @@ def merge_models(models: list[StateDict], weights: Tensor, degrees: Mapping[str,
     for group, names in groups.items():
         if not names:
             continue
-        stacked = torch.stack([torch.cat([m[n].reshape(-1) for n in names]) for m in models])
+        sizes = [models[0][n].numel() for n in names]
+        stacked = models[0][names[0]].new_empty(len(models), sum(sizes))
+        for row, model in zip(stacked, models):  # one copy of each model, no temporaries
+            torch.cat([model[n].reshape(-1) for n in names], out=row)
         flat = power_mean(stacked, weights, degrees[group])
-        for name, chunk in zip(names, flat.split([models[0][n].numel() for n in names])):
+        for name, chunk in zip(names, flat.split(sizes)):
             merged[name] = chunk.view_as(models[0][name])
     return merged
 
@@ -226,7 +230,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: StateDict) -
                                "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _clone(tensors: StateDict) -> StateDict:
+def clone_tensors(tensors: StateDict) -> StateDict:
     return {k: v.detach().clone() for k, v in tensors.items()}
 
 
