@@ -140,3 +140,34 @@ def metropolis_hastings_weights(graph: nx.Graph) -> np.ndarray:
         weights[i, j] = weights[j, i] = 1.0 / (1.0 + max(degree[i], degree[j]))
     weights[np.diag_indices(m)] = 1.0 - weights.sum(axis=1)
     return weights
+
+
+def gossip_matrix(graph: nx.Graph) -> np.ndarray:
+    """W = Lap / lambda_max(Lap): symmetric PSD, W 1 = 0, largest eigenvalue 1 (0 if no edges).
+
+    Returns a float64 (m, m) matrix; the gossip matrix of ADOM+ and, as I - W, Mudag's mixing
+    matrix.
+    """
+    adjacency = nx.to_numpy_array(graph, nodelist=range(graph.number_of_nodes()))
+    laplacian = np.diag(adjacency.sum(axis=1)) - adjacency
+    top = np.linalg.eigvalsh(laplacian)[-1]
+    return laplacian / top if top > 0 else np.zeros_like(laplacian)
+
+
+MAX_MIXING_LAMBDA2 = 1.0 - 1e-3  # a disconnected graph has lambda_2 = 1: no finite FastMix
+
+
+def fastmix_momentum(lambda2: float) -> float:
+    """FastMix's eta_w = (1 - sqrt(1 - l^2)) / (1 + sqrt(1 - l^2)), l = min(lambda2, 1 - 1e-3)."""
+    root = math.sqrt(1.0 - min(lambda2, MAX_MIXING_LAMBDA2) ** 2)
+    return (1.0 - root) / (1.0 + root)
+
+
+def fastmix_steps(lambda2: float, kappa: float, factor: float, cap: int) -> int:
+    """K = ceil(factor * ln(kappa) / sqrt(1 - lambda2)) gossip steps, at least 1, at most ``cap``.
+
+    ``lambda2`` (the second largest eigenvalue of the mixing matrix) is clamped to 1 - 1e-3,
+    as for ``fastmix_momentum``.
+    """
+    gap = 1.0 - min(lambda2, MAX_MIXING_LAMBDA2)
+    return min(cap, max(1, math.ceil(factor * math.log(kappa) / math.sqrt(gap))))

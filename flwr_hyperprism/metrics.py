@@ -41,7 +41,8 @@ def format_round(row: Mapping, num_rounds: int) -> str:
                       if f"{key}_mean" in row)  # algorithms with power degrees only
     return (f"round {row['round']:>3}/{num_rounds}  acc {row.get('accuracy_mean', math.nan):.4f}"
             f" ± {row.get('accuracy_std', math.nan):.4f}  loss {row.get('loss_mean', math.nan):.4f}"
-            f"{degrees}  nodes {row['nodes_replied']}  {row['seconds']:.2f}s")
+            f"{degrees}  nodes {row['nodes_replied']}  exchanges {row['exchanges']}"
+            f"  {row['seconds']:.2f}s")
 
 
 class RunRecorder:
@@ -66,16 +67,22 @@ class RunRecorder:
 
 
 def summarise_run(rows: list[dict], config: RunConfig) -> dict:
-    """Max accuracy (and its round) and the first round reaching the target accuracy."""
+    """Max accuracy (and its round) and the first round reaching the target accuracy.
+
+    Rounds and exchanges (neighbour round-trips, several per round for Mudag) are both given.
+    """
     accuracies = [(r["accuracy_mean"], r["round"]) for r in rows if "accuracy_mean" in r]
     best, best_round = max(accuracies, key=lambda a: (a[0], -a[1]), default=(None, None))
-    reached = next((r for a, r in accuracies if a >= config.target_accuracy), None)
+    reached = next((r for r in rows if "accuracy_mean" in r
+                    and r["accuracy_mean"] >= config.target_accuracy), {})
     return {
         "algorithm": config.algorithm, "dataset": config.dataset, "model": config.model,
         "seed": config.seed, "num_nodes": config.num_nodes,
         "rounds_completed": rows[-1]["round"] if rows else 0,
+        "exchanges_completed": rows[-1]["exchanges"] if rows else 0,
         "max_accuracy": best, "max_accuracy_round": best_round,
-        "target_accuracy": config.target_accuracy, "rounds_to_target": reached,
+        "target_accuracy": config.target_accuracy,
+        "rounds_to_target": reached.get("round"), "exchanges_to_target": reached.get("exchanges"),
         "seconds_total": math.fsum(r["seconds"] for r in rows),
     }
 

@@ -25,21 +25,13 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
+
+from flwr_hyperprism.graphs import gossip_matrix
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .node import LearningNode, evaluate
 
 ADOM_VECTORS = ("x", "x_f", "y", "y_f", "z", "z_f", "m")
-
-
-def gossip_matrix(graph: nx.Graph) -> np.ndarray:
-    """W = Lap / lambda_max(Lap): symmetric PSD, W 1 = 0, largest eigenvalue 1 (0 if no edges)."""
-    adjacency = nx.to_numpy_array(graph, nodelist=range(graph.number_of_nodes()))
-    laplacian = np.diag(adjacency.sum(axis=1)) - adjacency
-    top = np.linalg.eigvalsh(laplacian)[-1]
-    return laplacian / top if top > 0 else np.zeros_like(laplacian)
 
 
 class ADOM(DecentralizedStrategy):
@@ -178,13 +170,3 @@ class ADOMNode(LearningNode):
             shared[f"q.{k}"] = c.gamma / c.nu * yz + v["m"][k]
             shared[f"yz.{k}"] = yz
         return shared
-
-    def gradient(self, params: StateDict, gen: torch.Generator) -> tuple[float, StateDict]:
-        """Loss and gradient of one random minibatch at ``params``."""
-        train = self.data.train
-        idx = torch.randperm(len(train), generator=gen)[:self.config.batch_size]
-        params = {k: p.detach().requires_grad_() for k, p in params.items()}
-        loss = F.cross_entropy(functional_call(self.model, params, (train.x[idx],)),
-                               train.y[idx])
-        grads = torch.autograd.grad(loss, list(params.values()))
-        return float(loss.detach()), dict(zip(params, grads))

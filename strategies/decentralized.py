@@ -9,7 +9,9 @@ Round protocol (one Flower round-trip per round): in round-trip t a node merges 
 neighbours trained in round-trip t-1, evaluates the merged model, trains it locally and replies.
 The merge completes round t-1 of the paper's adapt-then-combine loop, so the metrics of
 round-trip t describe the model after round t-1 (round 0: the initial model). T rounds take
-T + 1 round-trips; the last one merges and evaluates without training.
+T + 1 round-trips; the last one merges and evaluates without training. An algorithm that needs
+several exchanges per round (Mudag) splits round t into stages 0..K-1, one round-trip each;
+stage 0 evaluates, and the metrics rows count the exchanges (``exchanges``) next to the rounds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +45,7 @@ from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 log = logging.getLogger("flwr")
 
 NEIGHBOUR_PREFIX = "nbr."  # message records "nbr.<partition id>" carry neighbours' models
+STAGE_KEY = "stage"  # train-config key of configure_train: the round-trip's stage in its round
 StateDict = dict[str, Tensor]
 
 
@@ -56,11 +59,12 @@ class NodeTask:
     self_weight: float = 1.0  # a_ii
     train: bool = True  # False in the final round-trip: merge and evaluate only
     coefficients: Mapping[str, float] = field(default_factory=dict)  # algorithm constants
+    stage: int = 0  # round-trip within the round (0: the evaluating one; see ``stages``)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({"round": self.round, "neighbours": list(self.neighbours),
                              "weights": list(self.weights), "self-weight": self.self_weight,
-                             "train": self.train,
+                             "train": self.train, "stage": self.stage,
                              **{f"coef.{k}": v for k, v in self.coefficients.items()}})
 
     @classmethod
@@ -69,7 +73,7 @@ class NodeTask:
                         if k.startswith("coef.")}
         return cls(int(record["round"]), tuple(int(n) for n in record["neighbours"]),
                    tuple(float(w) for w in record["weights"]), float(record["self-weight"]),
-                   bool(record["train"]), coefficients)
+                   bool(record["train"]), coefficients, int(record["stage"]))
 
     def without(self, dropped: Iterable[int]) -> NodeTask:
         """This task with some neighbours left out; their weight goes to the node itself, so
@@ -165,11 +169,12 @@ def node_data(config: RunConfig, partition_id: int) -> NodeData:
 
 
 class DecentralizedStrategy(Strategy):
-    """Routing-only orchestrator: one Flower round-trip per round, no global model.
+    """Routing-only orchestrator: Flower round-trips, no global model.
 
     Round t: sample G(t); send node i its ``NodeTask`` and the latest model of each neighbour
-    (as received, untouched); collect every node's new model and metrics. Metrics are logged
-    per round and, with ``run_dir``, written to metrics.jsonl / summary.json there.
+    (as received, untouched); collect every node's new model and metrics; repeat for each of
+    the round's ``stages``. Metrics are logged per round and, with ``run_dir``, written to
+    metrics.jsonl / summary.json there.
     """
 
     algorithm: ClassVar[str]
@@ -182,11 +187,11 @@ class DecentralizedStrategy(Strategy):
         self.config = config
         self.graphs = TimeVaryingGraph(config.num_nodes, config.topology, config.density,
                                        config.seed, config.exact_edges, config.mobility_speed)
-        self.recorder = (RunRecorder(run_dir, config, self.description)
-                         if run_dir is not None else None)
+        self.run_dir = run_dir
+        self.recorder: RunRecorder | None = None  # made when the run starts (``run_rounds``)
         self.node_ids: dict[int, int] = {}  # partition id -> Flower node id
         self.latest: dict[int, ArrayRecord] = {}  # partition id -> latest routed model
-        self.round_summary: dict = {}  # of the last aggregated round
+        self.node_metrics: dict[int, dict] = {}  # of the last aggregated round-trip
 
     # --- the plan: pure, shared with run_in_process -----------------------------------------
 
@@ -198,12 +203,23 @@ class DecentralizedStrategy(Strategy):
         """Algorithm constants sent with every task (none by default)."""
         return {}
 
-    def plan_round(self, round_: int, available: Iterable[int]) -> dict[int, NodeTask]:
+    def stages(self, round_: int) -> int:
+        """Round-trips (exchanges) in round ``round_``: one, unless an algorithm needs more."""
+        return 1
+
+    def schedule(self) -> Iterator[tuple[int, int]]:
+        """(round, stage) of every round-trip of the run, in order; rounds 1..num_rounds + 1."""
+        for round_ in range(1, self.config.num_rounds + 2):
+            for stage in range(self.stages(round_)):
+                yield round_, stage
+
+    def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
+                   ) -> dict[int, NodeTask]:
         """Each node's task for round-trip ``round_``: its row of ``mixing_matrix(G(t))``.
 
         Neighbours without a model to route (``available``) are left out and their weight
         goes to the node itself, so every row keeps its sum. The round-trip after the last
-        round (``num_rounds + 1``) does not train.
+        round (``num_rounds + 1``) does not train. ``stage`` is 0 here (one stage per round).
         """
         weights = self.mixing_matrix(self.graphs.at(round_))
         have = set(available)
@@ -213,7 +229,7 @@ class DecentralizedStrategy(Strategy):
         for i in range(self.config.num_nodes):
             nbrs = tuple(int(j) for j in weights[i].nonzero()[0] if j != i)
             task = NodeTask(round_, nbrs, tuple(float(weights[i, j]) for j in nbrs),
-                            float(weights[i, i]), train, coefficients)
+                            float(weights[i, i]), train, coefficients, stage)
             tasks[i] = task.without(j for j in nbrs if j not in have)
         return tasks
 
@@ -221,21 +237,28 @@ class DecentralizedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Per-node messages: task, run config, and the neighbours' latest models."""
+        """Per-node messages: task, run config, and the neighbours' latest models.
+
+        ``config[STAGE_KEY]`` (default 0) selects the stage of round ``server_round``.
+        """
         run = ConfigRecord(self.config.to_run_config())
+        stage = int(config.get(STAGE_KEY, 0))
         messages = []
-        for pid, task in self.plan_round(server_round, self.latest).items():
+        for pid, task in self.plan_round(server_round, self.latest, stage).items():
             content = RecordDict({"config": task.to_record(), "run": run})
             for j in task.neighbours:
                 content[f"{NEIGHBOUR_PREFIX}{j}"] = self.latest[j]
             messages.append(Message(content, dst_node_id=self.node_ids[pid],
                                     message_type=f"train.{self.algorithm}",
-                                    group_id=str(server_round)))
+                                    group_id=f"{server_round}.{stage}"))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Store each node's new model for routing; no global model (returns None arrays)."""
+        """Store each node's new model for routing and its metrics (``node_metrics``).
+
+        No global model: returns None arrays and the metrics summarised over nodes.
+        """
         partition_of = {nid: pid for pid, nid in self.node_ids.items()}
         node_metrics = {}
         for reply in replies:
@@ -246,8 +269,8 @@ class DecentralizedStrategy(Strategy):
                 continue
             self.latest[pid] = reply.content["arrays"]
             node_metrics[pid] = dict(reply.content["metrics"])
-        self.round_summary = summarise_round(server_round - 1, node_metrics)
-        return None, MetricRecord(self.round_summary)
+        self.node_metrics = node_metrics
+        return None, MetricRecord(summarise_round(server_round - 1, node_metrics))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -289,15 +312,38 @@ class DecentralizedStrategy(Strategy):
         if initial_arrays and self.routes_initial_model:
             self.latest = dict.fromkeys(range(self.config.num_nodes), initial_arrays)
         result = Result()
-        for server_round in range(1, num_rounds + 2):
-            started = time.perf_counter()
-            messages = self.configure_train(server_round, initial_arrays or ArrayRecord(),
-                                            train_config or ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=timeout)
-            _, metrics = self.aggregate_train(server_round, replies)
-            self.record_round({**self.round_summary, "seconds": time.perf_counter() - started})
-            result.train_metrics_clientapp[server_round - 1] = metrics
+
+        def round_trip(round_: int, stage: int) -> dict[int, dict]:
+            config = ConfigRecord({**(train_config or {}), STAGE_KEY: stage})
+            messages = self.configure_train(round_, initial_arrays or ArrayRecord(), config, grid)
+            self.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
+            return self.node_metrics
+
+        for row in self.run_rounds(round_trip):
+            result.train_metrics_clientapp[row["round"]] = MetricRecord(row)
         return result
+
+    def run_rounds(self, round_trip: Callable[[int, int], Mapping[int, Mapping[str, float]]]
+                   ) -> list[dict]:
+        """The round loop shared by Flower and in-process runs; returns the metrics rows.
+
+        ``round_trip(round, stage)`` does one exchange and returns each replying node's
+        metrics. Stage 0 of round t evaluates the model after round t - 1: its metrics make
+        that round's row, with ``exchanges`` (round-trips whose vectors reached that model)
+        and ``seconds`` (wall time since the previous row).
+        """
+        self.recorder = (RunRecorder(self.run_dir, self.config, self.description)
+                         if self.run_dir is not None else None)
+        rows = []
+        started = time.perf_counter()
+        for exchanges, (round_, stage) in enumerate(self.schedule()):
+            node_metrics = round_trip(round_, stage)
+            if stage == 0:
+                rows.append({**summarise_round(round_ - 1, node_metrics), "exchanges": exchanges,
+                             "seconds": time.perf_counter() - started})
+                self.record_round(rows[-1])
+                started = time.perf_counter()
+        return rows
 
     def record_round(self, row: dict) -> None:
         """Log one metrics row and append it, naming the algorithm, to the run's files."""
@@ -368,15 +414,13 @@ def run_in_process(strategy: DecentralizedStrategy,
     states = {pid: rule.init_state() for pid, rule in rules.items()}
     latest = dict.fromkeys(rules, initial_model) if strategy.routes_initial_model else {}
     strategy.summary()
-    rows = []
-    for round_ in range(1, config.num_rounds + 2):
-        started = time.perf_counter()
+
+    def round_trip(round_: int, stage: int) -> dict[int, dict]:
         metrics = {}
-        for pid, task in strategy.plan_round(round_, latest).items():
+        for pid, task in strategy.plan_round(round_, latest, stage).items():
             states[pid], metrics[pid] = rules[pid].step(
                 states[pid], task, {j: latest[j] for j in task.neighbours})
-        latest = {pid: state.shared for pid, state in states.items()}
-        rows.append({**summarise_round(round_ - 1, metrics),
-                     "seconds": time.perf_counter() - started})
-        strategy.record_round(rows[-1])
-    return rows
+        latest.update((pid, state.shared) for pid, state in states.items())
+        return metrics
+
+    return strategy.run_rounds(round_trip)

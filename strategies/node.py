@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import functional_call
 
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.data import NUM_CLASSES
@@ -112,6 +113,16 @@ class LearningNode:
             self.optimizer.step()
             losses.append(float(loss.detach()))
         return sum(losses) / len(losses)
+
+    def gradient(self, params: StateDict, gen: torch.Generator) -> tuple[float, StateDict]:
+        """Loss and gradient of one random minibatch at ``params`` (the model's parameters)."""
+        train = self.data.train
+        idx = torch.randperm(len(train), generator=gen)[:self.config.batch_size]
+        params = {k: p.detach().requires_grad_() for k, p in params.items()}
+        loss = F.cross_entropy(functional_call(self.model, params, (train.x[idx],)),
+                               train.y[idx])
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return float(loss.detach()), dict(zip(params, grads))
 
 
 class GossipNode(LearningNode):

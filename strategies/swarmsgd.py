@@ -25,10 +25,12 @@ class SwarmSGD(DecentralizedStrategy):
     algorithm = "swarmsgd"
     description = "SwarmSGD"
 
-    def plan_round(self, round_: int, available: Iterable[int]) -> dict[int, NodeTask]:
+    def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
+                   ) -> dict[int, NodeTask]:
         """Matched pairs average with weight 1/2; nodes without a routable partner are left out.
 
         Only edges whose both ends have a model to route (``available``) can be matched.
+        One stage per round (``stage`` is 0).
         """
         have = set(available)
         graph = self.graphs.at(round_).subgraph(have)

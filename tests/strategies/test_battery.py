@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.graphs import gossip_matrix
 from flwr_hyperprism.mirror import sign_power
 from flwr_hyperprism.server_app import initial_model
 from strategies import ALGORITHMS, ADOMNode, run_in_process
-from strategies.adom import ADOM_VECTORS, gossip_matrix
+from strategies.adom import ADOM_VECTORS
 
 # (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
 VARIANTS = {
