@@ -28,7 +28,7 @@ from .graphs import TOPOLOGIES
 from .hypernetwork import HN_INPUTS, P_SELECT_MODES, parse_candidates
 from .models import MODELS
 
-ALGORITHMS = ("hyperprism", "dpsgd", "swarmsgd", "adom")
+ALGORITHMS = ("hyperprism", "dpsgd", "swarmsgd", "mudag", "adom")
 ORDERS = ("atc", "cta")
 UNMATCHED_STEPS = ("sgd", "idle")
 P_MODES = ("hypernetwork", "fixed")
@@ -76,9 +76,12 @@ class RunConfig:
     # SwarmSGD
     swarm_local_steps: int = 1  # H, local SGD steps before each pairwise average (paper: 1)
     swarm_unmatched: str = "sgd"  # what a node left out of the round's matching does: 'idle'
-    # accelerated baselines (ADOM+): L and mu of the local losses, kappa = L / mu = 10
+    # accelerated baselines (Mudag, ADOM+): L and mu of the local losses, kappa = L / mu = 10
     smoothness: float = 100.0  # L = 1 / lr
     strong_convexity: float = 10.0  # mu
+    # Mudag's FastMix: K = ceil(factor * ln(kappa) / sqrt(1 - lambda2)) gossip steps, <= cap
+    mudag_gossip_factor: float = 1.0  # c_K
+    mudag_max_gossip: int = 20
     # orchestration and outputs
     round_timeout: float = 600.0
     node_wait_timeout: float = 300.0
@@ -112,6 +115,7 @@ class RunConfig:
             ("embedding_dim", 1, None, ">= 1"), ("hn_hidden", 1, None, ">= 1"),
             ("fixed_p", 1.0, None, ">= 1"), ("mobility_speed", 0.0, None, ">= 0"),
             ("swarm_local_steps", 1, None, "an integer >= 1"),
+            ("mudag_max_gossip", 1, None, "an integer >= 1"),
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
         ]
         for name, low, high, text in ranges:
@@ -120,10 +124,14 @@ class RunConfig:
                     name == "momentum" and value == 1.0) or not math.isfinite(value):
                 raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
         for name in ("alpha", "lr", "hn_lr", "round_timeout", "node_wait_timeout", "smoothness",
-                     "strong_convexity"):
+                     "strong_convexity", "mudag_gossip_factor"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")
+        if self.strong_convexity > self.smoothness:
+            raise ValueError(f"config key 'strong-convexity' (mu = {self.strong_convexity!r}) "
+                             f"must not exceed 'smoothness' (L = {self.smoothness!r}): the "
+                             f"condition number L / mu is >= 1")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"config key 'density' must be in (0, 1], got {self.density!r}")
         candidates = parse_candidates(self.p_candidates)

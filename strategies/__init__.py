@@ -15,17 +15,18 @@ from .decentralized import (
 )
 from .dpsgd import DPSGD, DPSGDNode
 from .hyperprism import HyperPrism, HyperPrismNode
+from .mudag import Mudag, MudagNode
 from .swarmsgd import SwarmSGD, SwarmSGDNode
 
 # algorithm name -> (orchestrator class, node rule factory)
 ALGORITHMS: dict[str, tuple[type[DecentralizedStrategy], Callable[[RunConfig, int], NodeRule]]] = {
     cls.algorithm: (cls, node.for_partition)
     for cls, node in ((HyperPrism, HyperPrismNode), (DPSGD, DPSGDNode), (SwarmSGD, SwarmSGDNode),
-                      (ADOM, ADOMNode))
+                      (Mudag, MudagNode), (ADOM, ADOMNode))
 }
 
 __all__ = [
     "ADOM", "ADOMNode", "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy",
-    "HyperPrism", "HyperPrismNode", "NodeRule", "NodeState", "NodeTask", "SwarmSGD",
-    "SwarmSGDNode", "run_in_process", "wait_for_partitions",
+    "HyperPrism", "HyperPrismNode", "Mudag", "MudagNode", "NodeRule", "NodeState", "NodeTask",
+    "SwarmSGD", "SwarmSGDNode", "run_in_process", "wait_for_partitions",
 ]

@@ -29,7 +29,7 @@ import torch
 from flwr_hyperprism.graphs import gossip_matrix
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
-from .node import LearningNode, evaluate
+from .node import LearningNode, evaluate, mix_row
 
 ADOM_VECTORS = ("x", "x_f", "y", "y_f", "z", "z_f", "m")
 
@@ -135,9 +135,7 @@ class ADOMNode(LearningNode):
             return NodeState(task.round, dict(v)), metrics
 
         # W applied to the shared vectors: own row entry plus the neighbours'
-        mixed = {key: task.self_weight * value + sum(
-                     w * neighbours[j][key] for j, w in zip(task.neighbours, task.weights))
-                 for key, value in state.shared.items()}
+        mixed = mix_row(task, state.shared, neighbours)
         new = {name: {} for name in ADOM_VECTORS}
         x_g = {k: c.tau1 * v["x"][k] + (1 - c.tau1) * v["x_f"][k] for k in v["x"]}
         metrics["train_loss"], grad = self.gradient(x_g, gen)

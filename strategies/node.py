@@ -185,6 +185,13 @@ class GossipNode(LearningNode):
         return NodeState(task.round, tensors), metrics
 
 
+def mix_row(task: NodeTask, own: StateDict, neighbours: Mapping[int, StateDict]) -> StateDict:
+    """Row i of W times the stacked vectors: a_ii own + sum_j a_ij neighbour_j (tensorwise)."""
+    return {key: task.self_weight * value + sum(w * neighbours[j][key]
+                                                for j, w in zip(task.neighbours, task.weights))
+            for key, value in own.items()}
+
+
 def merge_models(models: list[StateDict], weights: Tensor, degrees: Mapping[str, Tensor],
                  groups: Mapping[str, list[str]]) -> StateDict:
     """Weighted power mean of k models, per layer group with that group's degree.

@@ -60,8 +60,8 @@ def test_wait_for_partitions_times_out_with_the_fix_in_the_message():
         wait_for_partitions(grid, 3, timeout=0.3)
 
 
-# ADOM+ takes one stochastic gradient per round: it needs more rounds to get going.
-ROUNDS = {"adom": 15}
+# ADOM+ and Mudag take one stochastic gradient per round: they need more rounds to get going.
+ROUNDS = {"adom": 15, "mudag": 12}
 
 
 @pytest.mark.slow

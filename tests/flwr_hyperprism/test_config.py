@@ -102,7 +102,8 @@ BAD_VALUES = [
     ("fixed_p", 0.5), ("target_accuracy", 1.5), ("local_steps", -1),
     ("dataset", "imagenet"), ("model", "resnet"), ("topology", "star"), ("p_mode", "learned"),
     ("p_select", "argmax"), ("hn_input", "gradients"), ("algorithm", "fedavg"),
-    ("p_candidates", "0.5,3"), ("p_candidates", ""),
+    ("p_candidates", "0.5,3"), ("p_candidates", ""), ("mudag_max_gossip", 0),
+    ("mudag_gossip_factor", 0.0), ("strong_convexity", 200.0),
 ]
 
 

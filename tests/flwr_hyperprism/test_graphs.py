@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from flwr_hyperprism.graphs import (
+    MAX_MIXING_LAMBDA2,
     TimeVaryingGraph,
     _square_distance_cdf,
+    fastmix_momentum,
+    fastmix_steps,
+    gossip_matrix,
     metropolis_hastings_weights,
 )
 
@@ -228,3 +232,34 @@ def test_bad_schedule_message_names_value_and_choices():
         TimeVaryingGraph(5, topology="star")
     with pytest.raises(ValueError, match=r"density.*1\.5"):
         TimeVaryingGraph(5, density=1.5)
+
+
+def test_gossip_matrix_is_a_scaled_laplacian():  # invariant 11
+    for round_ in (1, 2, 3):
+        w = gossip_matrix(TimeVaryingGraph(12, seed=3).at(round_))
+        eigenvalues = np.linalg.eigvalsh(w)
+        assert np.allclose(w, w.T) and eigenvalues.min() > -1e-12
+        assert np.isclose(eigenvalues.max(), 1.0) and np.allclose(w.sum(axis=1), 0.0)
+        mixing = np.eye(12) - w  # Mudag's Wm: doubly stochastic
+        assert np.allclose(mixing.sum(axis=0), 1.0) and np.allclose(mixing.sum(axis=1), 1.0)
+    assert not gossip_matrix(nx.empty_graph(4)).any()
+
+
+def test_fastmix_momentum_follows_the_formula_and_clamps_lambda2():
+    assert fastmix_momentum(0.0) == 0.0
+    root = math.sqrt(1 - 0.6**2)
+    assert fastmix_momentum(0.6) == pytest.approx((1 - root) / (1 + root))
+    assert fastmix_momentum(1.0) == fastmix_momentum(MAX_MIXING_LAMBDA2) < 1.0
+    assert fastmix_momentum(0.3) < fastmix_momentum(0.6) < fastmix_momentum(0.9)
+
+
+@pytest.mark.parametrize(("lambda2", "kappa", "factor", "cap", "steps"), [
+    (0.0, 10.0, 1.0, 20, 3),  # ceil(ln 10) = 3
+    (0.75, 10.0, 1.0, 20, 5),  # ceil(ln 10 / 0.5) = 5
+    (0.75, 10.0, 2.0, 20, 10),
+    (0.75, 10.0, 1.0, 4, 4),  # capped
+    (1.0, 10.0, 1.0, 100, 73),  # disconnected: lambda2 clamped to 1 - 1e-3
+    (0.5, 1.0, 1.0, 20, 1),  # kappa = 1: ln 1 = 0, still one exchange
+])
+def test_fastmix_steps(lambda2, kappa, factor, cap, steps):
+    assert fastmix_steps(lambda2, kappa, factor, cap) == steps

@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import networkx as nx
 import numpy as np
 import pytest
 import torch
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.graphs import gossip_matrix
+from flwr_hyperprism.graphs import fastmix_momentum, gossip_matrix
 from flwr_hyperprism.mirror import sign_power
 from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS, ADOMNode, run_in_process
+from strategies import ALGORITHMS, ADOMNode, MudagNode, run_in_process
 from strategies.adom import ADOM_VECTORS
+from strategies.node import LearningNode
 
 # (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
 VARIANTS = {
@@ -26,6 +26,7 @@ VARIANTS = {
     "dpsgd": ("dpsgd", {}, 1.0),
     "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),
     "swarmsgd": ("swarmsgd", {}, 1.0),
+    "mudag": ("mudag", {}, 1.0),
     "adom": ("adom", {}, None),
 }
 
@@ -42,49 +43,59 @@ def nodes_for(config: RunConfig):
     return strategy_cls(config), {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
 
 
+# The state groups that hold a node's model (the first one is evaluated), by node rule.
+MODEL_GROUPS = {ADOMNode: ("x_f", "x"), MudagNode: ("x", "y", "y_prev", "shared", "previous")}
+
+
 def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
+    """Initial states whose models are random (one common random model if ``identical``)."""
     gen = torch.Generator().manual_seed(seed)
     states = {}
     template = None
     for pid, rule in rules.items():
         state = rule.init_state()
-        group = "x" if isinstance(rule, ADOMNode) else "shared"  # what the node learns
+        groups = MODEL_GROUPS.get(type(rule), ("shared",))
         if template is None or not identical:
             template = {k: torch.randn(v.shape, generator=gen)
-                        for k, v in state.tensors[group].items()}
-        state.tensors[group] = {k: v.clone() for k, v in template.items()}
-        if group == "x":
-            state.tensors["x_f"] = {k: v.clone() for k, v in template.items()}
+                        for k, v in state.tensors[groups[0]].items()}
+        for group in groups:
+            state.tensors[group] = {k: v.clone() for k, v in template.items()}
         states[pid] = state
     return states
 
 
 def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
-    """Round-trips 1..rounds; the stacked, flattened models after each (float64)."""
-    def stacked():  # the model each node is evaluated with
-        group = "x_f" if "x_f" in states[0].tensors else "shared"
+    """Round-trips of rounds 1..rounds; the stacked, flattened models (float64) at the start
+    and after the stage-0 round-trip of each round (for Mudag, round r's stage 0 completes
+    round r - 1)."""
+    group = MODEL_GROUPS.get(type(rules[0]), ("shared",))[0]
+
+    def stacked():
         return torch.stack([torch.cat([v.reshape(-1) for v in states[p].tensors[group].values()])
                             for p in sorted(states)]).double()
 
     history = [stacked()]
-    for round_ in range(1, rounds + 1):
+    for round_, stage in strategy.schedule():
+        if round_ > rounds:
+            break
         latest = {p: s.shared for p, s in states.items()}
-        for pid, task in strategy.plan_round(round_, latest).items():
+        for pid, task in strategy.plan_round(round_, latest, stage).items():
             states[pid], _ = rules[pid].step(states[pid], task,
                                              {j: latest[j] for j in task.neighbours})
-        history.append(stacked())
+        if stage == 0:
+            history.append(stacked())
     return history
 
 
 @pytest.fixture
 def zero_learning_rate(monkeypatch):
-    """No learning: no optimizer moves a parameter, and ADOM+ sees zero gradients."""
+    """No learning: no optimizer moves a parameter, and ADOM+ and Mudag see zero gradients."""
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
 
     def zero_gradient(self, params, gen):
         return 0.0, {k: torch.zeros_like(v) for k, v in params.items()}
 
-    monkeypatch.setattr(ADOMNode, "gradient", zero_gradient)
+    monkeypatch.setattr(LearningNode, "gradient", zero_gradient)
 
 
 @pytest.mark.parametrize("variant", [v for v, (_, _, p) in VARIANTS.items() if p is not None])
@@ -203,19 +214,14 @@ def test_swarmsgd_matching_is_maximal_and_idle_nodes_do_not_train(tmp_path):
     assert dataclasses.replace(final[0], train=True).round == config.num_rounds + 1
 
 
-def test_gossip_matrix_is_a_scaled_laplacian():
-    # Invariant 11: symmetric PSD, W 1 = 0, largest eigenvalue 1; no edges: W = 0.
-    config = RunConfig(num_nodes=12)
-    strategy, _ = ALGORITHMS["adom"][0](config), None
-    for round_ in (1, 2, 3):
-        w = gossip_matrix(strategy.graphs.at(round_))
-        eigenvalues = np.linalg.eigvalsh(w)
-        assert np.allclose(w, w.T) and eigenvalues.min() > -1e-12
-        assert np.isclose(eigenvalues.max(), 1.0) and np.allclose(w.sum(axis=1), 0.0)
-    assert not gossip_matrix(nx.empty_graph(4)).any()
+def test_adom_tasks_carry_gossip_matrix_rows_and_chi():
+    config = RunConfig(num_nodes=12, algorithm="adom")
+    strategy = ALGORITHMS["adom"][0](config)
     assert strategy.chi >= 1.0
     task = strategy.plan_round(1, range(12))[0]
     assert task.coefficients == {"chi": strategy.chi}
+    row = gossip_matrix(strategy.graphs.at(1))[0]
+    assert task.self_weight == row[0] and task.weights == tuple(row[list(task.neighbours)])
     assert task.self_weight + sum(task.weights) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -232,3 +238,89 @@ def test_adom_with_zero_gradients_and_zero_init_stays_at_zero(tmp_path, zero_lea
         assert state.round == 3
         for name in ADOM_VECTORS + ("shared",):
             assert all(not v.any() for v in state.tensors[name].values()), name
+
+
+def fastmix_reference(weights: np.ndarray, u: np.ndarray, eta: float, steps: int) -> np.ndarray:
+    """Dense float64 FastMix: X_0 = X_-1 = U; X_k+1 = (1 + eta) W X_k - eta X_k-1."""
+    current, previous = u, u
+    for _ in range(steps):
+        current, previous = (1 + eta) * weights @ current - eta * previous, current
+    return current
+
+
+@pytest.mark.parametrize("identical", [False, True], ids=["spread", "consensus"])
+def test_mudag_fastmix_stages_match_the_dense_reference(tmp_path, identical):
+    # Invariant 17: FastMix keeps the node average, returns a consensus input unchanged, and
+    # shrinks the disagreement as K grows (at the rate sqrt(14) (1 - sqrt(1 - lambda2))^K).
+    config = make_config(tmp_path, "mudag", num_nodes=8, density=0.5)
+    strategy, rules = nodes_for(config)
+    states = spread_states(rules, identical=identical)
+    u = torch.stack([torch.cat([v.reshape(-1) for v in states[p].shared.values()])
+                     for p in range(8)]).double().numpy()
+    weights = strategy.mixing_matrix(strategy.graphs.at(1))
+    eta, steps = strategy.coefficients(1)["eta_w"], strategy.gossip_steps(1)
+    lambda2 = np.linalg.eigvalsh(weights)[-2]
+    assert lambda2 == pytest.approx(strategy.lambda2(1)) and steps == strategy.stages(1) > 1
+
+    def disagreement(x: np.ndarray) -> float:
+        return float(np.linalg.norm(x - x.mean(axis=0)))
+
+    for k in range(1, 2 * steps + 1):
+        latest = {p: s.shared for p, s in states.items()}
+        for pid, task in strategy.plan_round(1, latest, stage=1).items():
+            states[pid], _ = rules[pid].step(states[pid], task,
+                                             {j: latest[j] for j in task.neighbours})
+        mixed = torch.stack([torch.cat([v.reshape(-1) for v in states[p].shared.values()])
+                             for p in range(8)]).double().numpy()
+        np.testing.assert_allclose(mixed, fastmix_reference(weights, u, eta, k), atol=1e-5)
+        np.testing.assert_allclose(mixed.mean(axis=0), u.mean(axis=0), atol=1e-5)
+        if identical:
+            np.testing.assert_allclose(mixed, u, atol=1e-6)
+        else:
+            bound = math.sqrt(14) * (1 - math.sqrt(1 - lambda2)) ** k * disagreement(u)
+            assert disagreement(mixed) <= bound
+    if not identical:
+        assert (disagreement(fastmix_reference(weights, u, eta, 2 * steps))
+                < disagreement(fastmix_reference(weights, u, eta, steps)) < disagreement(u))
+
+
+def test_mudag_without_gradients_stays_at_its_consensus_init(tmp_path, zero_learning_rate):
+    # Invariant 18 (Mudag part), through every stage of every round including the last.
+    config = make_config(tmp_path, "mudag", num_rounds=3)
+    strategy, rules = nodes_for(config)
+    states = {pid: rule.init_state() for pid, rule in rules.items()}
+    init = {k: v.clone() for k, v in states[0].tensors["x"].items()}
+    history = drive(strategy, rules, states, rounds=config.num_rounds + 1)
+    assert len(history) == config.num_rounds + 2
+    for state in states.values():
+        assert state.round == config.num_rounds + 1
+        for name in MODEL_GROUPS[MudagNode]:
+            for k, v in state.tensors[name].items():
+                torch.testing.assert_close(v, init[k], rtol=1e-6, atol=1e-7)
+
+
+def test_mudag_rounds_take_k_exchanges_and_rows_count_them(tmp_path):
+    config = make_config(tmp_path, "mudag", num_nodes=6, num_rounds=3, topology="ring")
+    strategy, make_rule = ALGORITHMS["mudag"]
+    strategy = strategy(config)
+    steps = [strategy.gossip_steps(t) for t in (1, 2, 3)]
+    assert steps == [5, 5, 5]  # ring of 6: lambda2(Wm) = 3/4, K = ceil(ln 10 / (1/2))
+    assert [strategy.stages(t) for t in (1, 2, 3, 4)] == steps + [1]
+    assert list(strategy.schedule()) == [(t, s) for t in (1, 2, 3) for s in range(5)] + [(4, 0)]
+    first = strategy.plan_round(1, range(6))
+    assert all(not t.neighbours and t.self_weight == 1.0 for t in first.values())
+    rows = run_in_process(strategy, make_rule, dict(initial_model(config).to_torch_state_dict()))
+    assert [row["exchanges"] for row in rows] == [0, 5, 10, 15]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("graph", "steps", "eta_w"), [
+    ({"num_nodes": 2}, 3, 0.0),  # Wm = all 1/2: lambda2 = 0, K = ceil(ln 10)
+    ({"density": 1e-9, "mudag_max_gossip": 7}, 7, fastmix_momentum(1.0)),  # lambda2 = 1
+], ids=["two-nodes", "no-edges"])
+def test_mudag_degenerate_graphs_use_the_clamped_spectral_gap(tmp_path, graph, steps, eta_w):
+    config = make_config(tmp_path, "mudag", **graph)
+    strategy, _ = nodes_for(config)
+    assert strategy.gossip_steps(1) == steps
+    assert strategy.plan_round(1, range(config.num_nodes), 1)[0].coefficients == {
+        "eta_w": pytest.approx(eta_w)}
