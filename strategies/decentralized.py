@@ -316,7 +316,7 @@ class DecentralizedStrategy(Strategy):
         def round_trip(round_: int, stage: int) -> dict[int, dict]:
             config = ConfigRecord({**(train_config or {}), STAGE_KEY: stage})
             messages = self.configure_train(round_, initial_arrays or ArrayRecord(), config, grid)
-            self.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
+            self.aggregate_train(round_, send_and_receive(grid, messages, timeout))
             return self.node_metrics
 
         for row in self.run_rounds(round_trip):
@@ -352,6 +352,28 @@ class DecentralizedStrategy(Strategy):
             self.recorder.record({"algorithm": self.algorithm, **row})
 
 
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
+                     max_poll: float = 0.1) -> list[Message]:
+    """Push ``messages`` and pull their replies until all are in or ``timeout`` seconds pass.
+
+    Like ``Grid.send_and_receive``, but polls every 5 ms growing to ``max_poll`` seconds: the
+    deployed Grid sleeps 3 s between pulls, longer than a whole round of a small model.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    poll = 0.005
+    while pending:
+        received = list(grid.pull_messages(pending))
+        replies.extend(received)
+        pending.difference_update(m.metadata.reply_to_message_id for m in received)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+        poll = min(2 * poll, max_poll)
+    return replies
+
+
 def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
                         poll: float = 0.2) -> dict[int, int]:
     """Wait until ``num_nodes`` nodes with partition ids 0..num_nodes-1 are connected.
@@ -368,7 +390,7 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
             queries = [Message(RecordDict(), dst_node_id=nid, message_type="query.info")
                        for nid in unknown]
             remaining = max(deadline - time.monotonic(), poll)
-            for reply in grid.send_and_receive(queries, timeout=remaining):
+            for reply in send_and_receive(grid, queries, remaining):
                 _register_partition(reply, partitions, num_nodes)
         if sorted(partitions) == list(range(num_nodes)):
             return partitions
