@@ -15,7 +15,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask
-from strategies.decentralized import NEIGHBOUR_PREFIX
+from strategies.decentralized import NEIGHBOUR_PREFIX, RUN_KEY, TASK_KEY
 
 from .config import RunConfig
 
@@ -35,13 +35,13 @@ def info(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, context: Context) -> Message:
     """One round of the algorithm named by the message type (``train.<algorithm>``)."""
-    config = RunConfig.from_run_config(msg.content["run"])
+    config = RunConfig.from_run_config(msg.content[RUN_KEY])
     rule = _node_rule(config, int(context.node_config["partition-id"]))
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in msg.content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
     state, metrics = rule.step(load_state(context) or rule.init_state(),
-                               NodeTask.from_record(msg.content["config"]), neighbours)
+                               NodeTask.from_record(msg.content[TASK_KEY]), neighbours)
     save_state(context, state)
     return Message(RecordDict({"arrays": ArrayRecord(state.shared),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -45,6 +45,9 @@ from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 log = logging.getLogger("flwr")
 
 NEIGHBOUR_PREFIX = "nbr."  # message records "nbr.<partition id>" carry neighbours' models
+TASK_KEY = "hyperprism.task"  # the NodeTask record of a train message
+RUN_KEY = "hyperprism.run"  # the run config record of a train message
+INFO_KEY = "hyperprism.info"  # marks a request for the node's partition id
 STAGE_KEY = "stage"  # train-config key of configure_train: the round-trip's stage in its round
 StateDict = dict[str, Tensor]
 
@@ -182,6 +185,12 @@ class DecentralizedStrategy(Strategy):
     # Round 1 routes the common initial model as every node's latest model (what the gossip
     # algorithms share); algorithms that share other vectors start with nothing to route.
     routes_initial_model: ClassVar[bool] = True
+    info_message_type: ClassVar[str] = "query.info"  # the partition-id request (query.info)
+
+    @property
+    def train_message_type(self) -> str:
+        """Train messages go to the ClientApp's ``train.<algorithm>`` handler."""
+        return f"train.{self.algorithm}"
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
         self.config = config
@@ -239,17 +248,19 @@ class DecentralizedStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """Per-node messages: task, run config, and the neighbours' latest models.
 
-        ``config[STAGE_KEY]`` (default 0) selects the stage of round ``server_round``.
+        ``config[STAGE_KEY]`` (default 0) selects the stage of round ``server_round``; the rest
+        of ``config`` is passed on as the message's "config" record.
         """
         run = ConfigRecord(self.config.to_run_config())
         stage = int(config.get(STAGE_KEY, 0))
+        passed_on = ConfigRecord({k: v for k, v in config.items() if k != STAGE_KEY})
         messages = []
         for pid, task in self.plan_round(server_round, self.latest, stage).items():
-            content = RecordDict({"config": task.to_record(), "run": run})
+            content = RecordDict({TASK_KEY: task.to_record(), RUN_KEY: run, "config": passed_on})
             for j in task.neighbours:
                 content[f"{NEIGHBOUR_PREFIX}{j}"] = self.latest[j]
             messages.append(Message(content, dst_node_id=self.node_ids[pid],
-                                    message_type=f"train.{self.algorithm}",
+                                    message_type=self.train_message_type,
                                     group_id=f"{server_round}.{stage}"))
         return messages
 
@@ -274,7 +285,11 @@ class DecentralizedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """No evaluation round-trip: nodes evaluate inside the training reply."""
+        """No evaluation round-trip: nodes evaluate inside the training reply.
+
+        (``start`` sends what this returns after each round's stage-0 train round-trip and
+        hands the replies to ``aggregate_evaluate``.)
+        """
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -308,15 +323,22 @@ class DecentralizedStrategy(Strategy):
         timeout = timeout or self.config.round_timeout
         self.summary()
         self.node_ids = wait_for_partitions(grid, self.config.num_nodes,
-                                            self.config.node_wait_timeout)
+                                            self.config.node_wait_timeout, self.info_message_type)
         if initial_arrays and self.routes_initial_model:
             self.latest = dict.fromkeys(range(self.config.num_nodes), initial_arrays)
         result = Result()
 
+        arrays = initial_arrays or ArrayRecord()
+
         def round_trip(round_: int, stage: int) -> dict[int, dict]:
             config = ConfigRecord({**(train_config or {}), STAGE_KEY: stage})
-            messages = self.configure_train(round_, initial_arrays or ArrayRecord(), config, grid)
+            messages = self.configure_train(round_, arrays, config, grid)
             self.aggregate_train(round_, send_and_receive(grid, messages, timeout))
+            if stage == 0:
+                evaluation = list(self.configure_evaluate(round_, arrays,
+                                                          evaluate_config or ConfigRecord(), grid))
+                if evaluation:
+                    self.aggregate_evaluate(round_, send_and_receive(grid, evaluation, timeout))
             return self.node_metrics
 
         for row in self.run_rounds(round_trip):
@@ -375,10 +397,11 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
 
 
 def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
-                        poll: float = 0.2) -> dict[int, int]:
+                        message_type: str = "query.info", poll: float = 0.2) -> dict[int, int]:
     """Wait until ``num_nodes`` nodes with partition ids 0..num_nodes-1 are connected.
 
-    Asks every node (``query.info``) for its partition id and num-partitions until it answers.
+    Asks every node (a ``message_type`` message marked ``INFO_KEY``) for its partition id and
+    num-partitions until it answers.
     Returns {partition id: node id}. Raises RuntimeError on a mismatch with the federation or
     when the nodes are not all there within ``timeout`` seconds.
     """
@@ -387,8 +410,8 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
     while True:
         unknown = [nid for nid in grid.get_node_ids() if nid not in partitions.values()]
         if unknown:
-            queries = [Message(RecordDict(), dst_node_id=nid, message_type="query.info")
-                       for nid in unknown]
+            queries = [Message(RecordDict({INFO_KEY: ConfigRecord()}), dst_node_id=nid,
+                               message_type=message_type) for nid in unknown]
             remaining = max(deadline - time.monotonic(), poll)
             for reply in send_and_receive(grid, queries, remaining):
                 _register_partition(reply, partitions, num_nodes)
@@ -405,7 +428,7 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
 
 def _register_partition(reply: Message, partitions: dict[int, int], num_nodes: int) -> None:
     if reply.has_error():
-        raise RuntimeError(f"node {reply.metadata.src_node_id} did not answer query.info: "
+        raise RuntimeError(f"node {reply.metadata.src_node_id} did not say its partition: "
                            f"{reply.error.reason}")
     info = reply.content["info"]
     pid, total = int(info["partition-id"]), int(info["num-partitions"])

@@ -19,20 +19,23 @@ class LocalGrid(Grid):
     A ClientApp exception becomes an error reply (code 2), as in a real run.
     """
 
-    def __init__(self, client_app: ClientApp, partitions: dict[int, tuple[int, int]]) -> None:
+    def __init__(self, client_app: ClientApp, partitions: dict[int, tuple[int, int]],
+                 run_config: dict | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.client_app = client_app
         self.contexts = {
-            nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config={},
+            nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=run_config or {},
                          node_config={"partition-id": pid, "num-partitions": total})
             for nid, (pid, total) in partitions.items()
         }
         self.replies: dict[str, Message] = {}
 
     @classmethod
-    def with_nodes(cls, client_app: ClientApp, num_nodes: int) -> LocalGrid:
+    def with_nodes(cls, client_app: ClientApp, num_nodes: int, run_config: dict | None = None
+                   ) -> LocalGrid:
         # Node ids deliberately unrelated to partition ids.
-        return cls(client_app, {1000 + 7 * pid: (pid, num_nodes) for pid in range(num_nodes)})
+        return cls(client_app, {1000 + 7 * pid: (pid, num_nodes) for pid in range(num_nodes)},
+                   run_config)
 
     def set_run(self, run) -> None:
         raise NotImplementedError

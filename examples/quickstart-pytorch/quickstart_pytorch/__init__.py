@@ -1,0 +1,1 @@
+"""A small FedAvg-style PyTorch Flower app, switched to decentralized HyperPrism."""

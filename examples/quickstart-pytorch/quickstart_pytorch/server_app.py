@@ -1,0 +1,23 @@
+"""ServerApp: FedAvg replaced by the decentralized HyperPrism orchestrator."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from quickstart_pytorch.task import Net
+from strategies.plugin import decentralized_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    num_rounds = int(context.run_config["num-server-rounds"])
+    lr = float(context.run_config["lr"])
+
+    arrays = ArrayRecord(Net().state_dict())
+    strategy = decentralized_strategy("hyperprism", num_nodes=int(context.run_config["num-nodes"]),
+                                      lr=lr, accuracy_metric="eval_acc", loss_metric="eval_loss")
+    strategy.start(grid=grid, initial_arrays=arrays, train_config=ConfigRecord({"lr": lr}),
+                   num_rounds=num_rounds)

@@ -1,0 +1,96 @@
+"""``hyperprism_mod``: the client side of plug-in mode (see ``strategies.plugin``).
+
+Add it to an existing ClientApp, ``ClientApp(mods=[hyperprism_mod])``. It answers only messages
+marked by a plug-in orchestrator and passes every other message (e.g. FedAvg's) untouched:
+
+- partition-id requests: replies with ``node_config``'s partition-id and num-partitions;
+- train messages with a task: merges the routed neighbour models with the node's own model
+  (``context.state``), calls the user's train handler on the merged model, keeps the model it
+  returns, trains the hypernetwork from the pseudo-gradient, and replies with the new model and
+  the user's metrics plus its own (degrees, neighbours, dropped neighbours);
+- evaluate messages marked by the orchestrator: call the user's evaluate handler on the node's
+  merged model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from strategies.decentralized import (
+    INFO_KEY,
+    NEIGHBOUR_PREFIX,
+    RUN_KEY,
+    TASK_KEY,
+    NodeTask,
+    screen_neighbours,
+)
+from strategies.plugin import EVALUATE_KEY, PluginNode, scalar_metrics
+
+from .client_app import info, load_state, save_state
+from .config import RunConfig
+
+
+def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: decentralized merges around the user's own train/evaluate handlers."""
+    if not msg.has_content():
+        return call_next(msg, context)
+    if INFO_KEY in msg.content:
+        return info(msg, context)
+    if TASK_KEY in msg.content:
+        return _round_trip(msg, context, call_next)
+    if EVALUATE_KEY in msg.content:
+        state = load_state(context)
+        msg.content = RecordDict({"arrays": ArrayRecord(state.tensors["merged"]),
+                                  "config": msg.content["config"]})
+    return call_next(msg, context)
+
+
+def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    content = msg.content
+    config = RunConfig.from_run_config(content[RUN_KEY])
+    task = NodeTask.from_record(content[TASK_KEY])
+    partition_id = int(context.node_config["partition-id"])
+    state = load_state(context)
+    if state is None:  # round 1: start from the initial model the orchestrator sent
+        own = content["arrays"].to_torch_state_dict()
+        state = _node(config, partition_id, floating_names(own)).init_state(own)
+    node = _node(config, partition_id, floating_names(state.shared))
+    neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
+                  for key, record in content.array_records.items()
+                  if key.startswith(NEIGHBOUR_PREFIX)}
+    task, dropped = screen_neighbours(state.shared, task, neighbours)
+    metrics = {"neighbours": float(len(task.neighbours)), "neighbours_dropped": float(len(dropped))}
+    merged = node.merge(state, task, neighbours, metrics)
+    if not task.train:  # the round-trip after the last round: merge only
+        state.tensors.update(shared={k: v.detach() for k, v in merged.items()},
+                             merged={k: v.detach() for k, v in merged.items()})
+        save_state(context, state)
+        return Message(RecordDict({"arrays": ArrayRecord(state.shared),
+                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    msg.content = RecordDict({"arrays": ArrayRecord({k: v.detach() for k, v in merged.items()}),
+                              "config": content["config"]})
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    trained = reply.content["arrays"].to_torch_state_dict()
+    if "metrics" in reply.content:
+        metrics.update(scalar_metrics(reply.content["metrics"]))
+    state = node.learn(state, merged, trained, task.round, metrics)
+    save_state(context, state)
+    reply.content = RecordDict({"arrays": ArrayRecord(state.shared),
+                                "metrics": MetricRecord(metrics)})
+    return reply
+
+
+def floating_names(model: dict) -> tuple[str, ...]:
+    return tuple(k for k, v in model.items() if v.is_floating_point())
+
+
+@lru_cache(maxsize=64)
+def _node(config: RunConfig, partition_id: int, names: tuple[str, ...]) -> PluginNode:
+    # Built once per process and model layout; its hypernetwork weights come from the state.
+    return PluginNode(config, partition_id, names)

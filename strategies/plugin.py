@@ -1,0 +1,228 @@
+"""Plug-in mode: the gossip algorithms inside an existing Flower app.
+
+The user keeps their ClientApp's own ``@app.train()`` / ``@app.evaluate()`` handlers and adds
+``flwr_hyperprism.mod.hyperprism_mod``; the ServerApp replaces ``FedAvg(...)`` by
+``decentralized_strategy(...)``. Per round the orchestrator (still routing only) sends each node a
+``train`` message with its task and its neighbours' latest models; the mod merges them with the
+node's own model (``PluginNode``), hands the merged model to the user's handler as
+``content["arrays"]``, keeps what the handler returns as the node's new model, and trains the
+hypernetwork. Then an ``evaluate`` message per node lets the user's evaluate handler score the
+merged model (the model after the round, as in the native app).
+
+The hypernetwork needs the gradient of the local loss at the merged model; the user's loss is
+unknown to the mod, so it uses the pseudo-gradient g = (merged - trained) / lr, with ``lr`` the
+run config's learning rate (set it to the step size of the user's optimizer). For one plain SGD
+step this is the minibatch gradient at the merged model; for several steps it is the mean
+gradient along the local trajectory times their number (a rescaling that ``hn-lr`` absorbs), and
+for momentum or adaptive optimizers it is their average update direction. The hypernetwork then
+takes one SGD step on <g, merged(p)>, whose gradient in p is the chain rule with g in place of
+the true gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.graphs import round_seed
+from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
+from flwr_hyperprism.metrics import summarise_round
+from flwr_hyperprism.models import DECISION, REPRESENTATION
+
+from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
+from .dpsgd import DPSGD
+from .hyperprism import HyperPrism
+from .node import LINEAR, clone_tensors, load_optimizer_state, merge_models, optimizer_state
+from .swarmsgd import SwarmSGD
+
+log = logging.getLogger("flwr")
+
+EVALUATE_KEY = "hyperprism.evaluate"  # marks the evaluate messages the mod answers
+
+
+class PluginRouting:
+    """Mixin for a ``DecentralizedStrategy``: drive the user's handlers through the mod.
+
+    Train and partition-id requests go as ``train`` messages (round 1 also carries the initial
+    model as "arrays", the node's own model to start from); after each round an ``evaluate``
+    message per node returns the user's evaluation of the merged model. The user's metrics
+    named ``accuracy_metric`` and ``loss_metric`` become the rows' ``accuracy`` and ``loss``.
+    """
+
+    info_message_type = "train"
+    train_message_type = "train"
+    accuracy_metric: str = "accuracy"
+    loss_metric: str = "loss"
+
+    def summary(self) -> None:
+        log.info("%s (plug-in mode: the app's own model, data and training): %s nodes, %s "
+                 "graph (density %s), %s rounds", self.description, self.config.num_nodes,
+                 self.config.topology, self.config.density, self.config.num_rounds)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if server_round == 1:
+            for message in messages:
+                message.content["arrays"] = arrays
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        marker = ConfigRecord({"round": server_round})
+        return [Message(RecordDict({EVALUATE_KEY: marker, "config": config}), dst_node_id=nid,
+                        message_type="evaluate", group_id=f"{server_round}.evaluate")
+                for nid in self.node_ids.values()]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Add each node's evaluation metrics to its metrics of this round."""
+        partition_of = {nid: pid for pid, nid in self.node_ids.items()}
+        for reply in replies:
+            if reply.has_error() or partition_of[reply.metadata.src_node_id] not in \
+                    self.node_metrics:
+                continue  # a node whose round failed is already logged by aggregate_train
+            metrics = scalar_metrics(reply.content["metrics"])
+            for ours, theirs in (("accuracy", self.accuracy_metric), ("loss", self.loss_metric)):
+                if theirs in metrics:
+                    metrics[ours] = metrics[theirs]
+            self.node_metrics[partition_of[reply.metadata.src_node_id]].update(metrics)
+        return MetricRecord(summarise_round(server_round - 1, self.node_metrics))
+
+
+class PluginHyperPrism(PluginRouting, HyperPrism):
+    """HyperPrism's orchestrator for plug-in mode."""
+
+
+class PluginDPSGD(PluginRouting, DPSGD):
+    """D-PSGD's orchestrator for plug-in mode."""
+
+
+class PluginSwarmSGD(PluginRouting, SwarmSGD):
+    """SwarmSGD's orchestrator for plug-in mode (H = the user's local training)."""
+
+
+PLUGIN_STRATEGIES = {cls.algorithm: cls for cls in (PluginHyperPrism, PluginDPSGD,
+                                                    PluginSwarmSGD)}
+
+
+def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: str = "accuracy",
+                           loss_metric: str = "loss", run_dir: str | None = None, **settings
+                           ) -> DecentralizedStrategy:
+    """The plug-in orchestrator for ``algorithm``, configured by ``RunConfig`` keywords.
+
+    ``settings`` are RunConfig fields (e.g. ``num_nodes=10, lr=0.1, density=0.5``); ``lr`` must
+    be the step size of the user's local optimizer (see the module docstring). Metrics rows go
+    to the log and, with ``run_dir``, to metrics.jsonl / summary.json there.
+    """
+    if algorithm not in PLUGIN_STRATEGIES:
+        raise ValueError(f"algorithm {algorithm!r} has no plug-in mode; use one of "
+                         f"{', '.join(PLUGIN_STRATEGIES)} (Mudag and ADOM+ need their own "
+                         f"gradient steps: run them with this project's apps)")
+    config = RunConfig(algorithm=algorithm, **settings)
+    if config.order != "atc":
+        raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
+                         f"handler trains the merged model): use order='atc'")
+    strategy = PLUGIN_STRATEGIES[algorithm](config, run_dir)
+    strategy.accuracy_metric, strategy.loss_metric = accuracy_metric, loss_metric
+    return strategy
+
+
+def scalar_metrics(record: Mapping) -> dict[str, float]:
+    """The int/float entries of a MetricRecord (lists are left out of the round summary)."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def parameter_groups(names: list[str]) -> dict[str, list[str]]:
+    """Layer groups of an unknown model: the last module's tensors are the decision layers.
+
+    ``names`` are the floating-point tensors in state-dict order; the tensors that share the
+    last one's module prefix (e.g. ``fc3.weight``, ``fc3.bias``) form the phi group.
+    """
+    last = names[-1].rpartition(".")[0]
+    decision = [n for n in names if n.rpartition(".")[0] == last]
+    return {REPRESENTATION: [n for n in names if n not in decision], DECISION: decision}
+
+
+class PluginNode:
+    """A node's merge and hypernetwork in plug-in mode (pure torch; the mod does the I/O).
+
+    State groups: ``shared`` (the node's latest trained model, what it sends), ``merged``
+    (what its evaluate handler scores), ``grad_summary`` and, for HyperPrism's hypernetwork,
+    ``hypernet`` / ``hn_optimizer``.
+    """
+
+    def __init__(self, config: RunConfig, partition_id: int, names: tuple[str, ...]) -> None:
+        """``names``: the model's floating-point tensors in state-dict order (merged ones)."""
+        self.config = config
+        self.groups = parameter_groups(list(names))
+        self.hypernet: HyperNetwork | None = None
+        if config.algorithm == "hyperprism" and config.p_mode == "hypernetwork":
+            summary_dim = SUMMARY_STATS * len(names) if config.hn_input == "gradient" else 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
+                self.hypernet = HyperNetwork(summary_dim, config.candidates,
+                                             config.embedding_dim, config.hn_hidden,
+                                             config.p_select, config.hn_p_init or None)
+            self.hn_optimizer = torch.optim.SGD(self.hypernet.parameters(), lr=config.hn_lr)
+
+    def init_state(self, model: StateDict) -> NodeState:
+        tensors = {"shared": clone_tensors(model), "merged": clone_tensors(model),
+                   "grad_summary": {"summary": gradient_summary(
+                       torch.zeros_like(model[n]) for names in self.groups.values()
+                       for n in names)}}
+        if self.hypernet is not None:
+            tensors.update(hypernet=clone_tensors(self.hypernet.state_dict()), hn_optimizer={})
+        return NodeState(0, tensors)
+
+    def merge(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+              metrics: dict[str, float]) -> StateDict:
+        """The merged model (differentiable in the degrees when the hypernetwork learns).
+
+        Tensors that are not floating point (e.g. BatchNorm's counters) stay the node's own.
+        """
+        own = state.shared
+        models = [own] + [neighbours[j] for j in task.neighbours]
+        weights = torch.tensor((task.self_weight,) + task.weights)
+        if self.hypernet is not None:
+            self.hypernet.load_state_dict(state.tensors["hypernet"])
+            load_optimizer_state(self.hn_optimizer, state.tensors["hn_optimizer"])
+            degrees = self.hypernet(state.tensors["grad_summary"]["summary"])
+        elif self.config.algorithm == "hyperprism":
+            degrees = dict.fromkeys(self.groups, torch.tensor(self.config.fixed_p))
+        else:
+            degrees = LINEAR
+        if self.config.algorithm == "hyperprism":
+            metrics.update(p_theta=float(degrees[REPRESENTATION].detach()),
+                           p_phi=float(degrees[DECISION].detach()))
+        with torch.set_grad_enabled(self.hypernet is not None and len(models) > 1):
+            merged = merge_models(models, weights, degrees, self.groups)
+        return {**{k: v for k, v in own.items() if k not in merged}, **merged}
+
+    def learn(self, state: NodeState, merged: StateDict, trained: StateDict, round_: int,
+              metrics: dict[str, float]) -> NodeState:
+        """The state after the user's handler turned ``merged`` into ``trained``.
+
+        The pseudo-gradient (merged - trained) / lr feeds the hypernetwork's step and its next
+        input summary.
+        """
+        names = [n for group in self.groups.values() for n in group]
+        pseudo = {n: (merged[n].detach() - trained[n]) / self.config.lr for n in names}
+        tensors = {**state.tensors, "shared": clone_tensors(trained),
+                   "merged": {k: v.detach().clone() for k, v in merged.items()},
+                   "grad_summary": {"summary": gradient_summary(pseudo[n] for n in names)}}
+        if self.hypernet is not None:
+            surrogate = [(pseudo[n] * merged[n]).sum() for n in names if merged[n].requires_grad]
+            if surrogate:
+                self.hn_optimizer.zero_grad()
+                torch.stack(surrogate).sum().backward()
+                self.hn_optimizer.step()
+                metrics["hn_steps"] = 1.0
+            tensors.update(hypernet=clone_tensors(self.hypernet.state_dict()),
+                           hn_optimizer=optimizer_state(self.hn_optimizer))
+        return NodeState(round_, tensors)

@@ -1,0 +1,69 @@
+"""hyperprism_mod: passes foreign messages through, drives the user's handlers (Ray-free)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from flwr_hyperprism.mod import hyperprism_mod
+from strategies.plugin import decentralized_strategy
+from tests.harness import LocalGrid
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart-pytorch"
+
+
+def test_messages_without_its_records_reach_the_handler_untouched():
+    seen = []
+    app = ClientApp(mods=[hyperprism_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        seen.append(msg.content)
+        return Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=msg)
+
+    grid = LocalGrid.with_nodes(app, 1)
+    content = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"lr": 0.1})})
+    [reply] = grid.send_and_receive([Message(content, dst_node_id=1000, message_type="train")])
+    assert seen == [content] and seen[0] is content
+    assert reply.content["metrics"]["x"] == 1.0
+
+
+@pytest.fixture
+def example_app(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from quickstart_pytorch import client_app, task
+
+    yield client_app.app, task.Net
+    for name in [m for m in sys.modules if m.startswith("quickstart_pytorch")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("algorithm", ["hyperprism", "dpsgd", "swarmsgd"])
+def test_example_app_learns_in_plug_in_mode(example_app, tmp_path, algorithm):
+    app, net = example_app
+    grid = LocalGrid.with_nodes(app, 4, {"local-epochs": 1})
+    strategy = decentralized_strategy(algorithm, num_nodes=4, lr=0.05, run_dir=tmp_path,
+                                      accuracy_metric="eval_acc", loss_metric="eval_loss")
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
+                            train_config=ConfigRecord({"lr": 0.05}), num_rounds=3)
+    rows = [result.train_metrics_clientapp[r] for r in range(4)]
+    assert [row["nodes_replied"] for row in rows] == [4] * 4
+    assert rows[-1]["accuracy_mean"] > rows[0]["accuracy_mean"] + 0.2
+    assert all("train_loss_mean" in row for row in rows[:-1])  # the user's own metric
+    assert ("p_theta_mean" in rows[1]) == (algorithm == "hyperprism")
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_fedavg_still_works_with_the_mod(example_app):
+    app, net = example_app
+    grid = LocalGrid.with_nodes(app, 3, {"local-epochs": 1})
+    result = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=3).start(
+        grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
+        train_config=ConfigRecord({"lr": 0.05}), num_rounds=2)
+    assert result.arrays.to_torch_state_dict().keys() == net().state_dict().keys()
+    assert result.evaluate_metrics_clientapp[2]["eval_acc"] > 0.3
