@@ -43,6 +43,22 @@ class HyperPrism(DecentralizedStrategy):
     description = "HyperPrism"
 
 
+def node_hypernetwork(config: RunConfig, partition_id: int, num_tensors: int
+                      ) -> tuple[HyperNetwork | None, torch.optim.SGD | None]:
+    """The node's hypernetwork (seeded per node) and its SGD optimizer; None with fixed p.
+
+    ``num_tensors``: how many parameter tensors the gradient summary describes.
+    """
+    if config.p_mode != "hypernetwork":
+        return None, None
+    summary_dim = SUMMARY_STATS * num_tensors if config.hn_input == "gradient" else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
+        hypernet = HyperNetwork(summary_dim, config.candidates, config.embedding_dim,
+                                config.hn_hidden, config.p_select, config.hn_p_init or None)
+    return hypernet, torch.optim.SGD(hypernet.parameters(), lr=config.hn_lr)
+
+
 class HyperPrismNode(GossipNode):
     """Mirror-space power-mean merges with degrees from a per-node hypernetwork."""
 
@@ -50,15 +66,7 @@ class HyperPrismNode(GossipNode):
         super().__init__(config, partition_id, data)
         num_tensors = sum(len(names) for names in self.groups.values())
         self.summary = torch.zeros(SUMMARY_STATS * num_tensors)
-        self.hypernet: HyperNetwork | None = None
-        if config.p_mode == "hypernetwork":
-            summary_dim = SUMMARY_STATS * num_tensors if config.hn_input == "gradient" else 0
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
-                self.hypernet = HyperNetwork(summary_dim, config.candidates,
-                                             config.embedding_dim, config.hn_hidden,
-                                             config.p_select, config.hn_p_init or None)
-            self.hn_optimizer = torch.optim.SGD(self.hypernet.parameters(), lr=config.hn_lr)
+        self.hypernet, self.hn_optimizer = node_hypernetwork(config, partition_id, num_tensors)
 
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}

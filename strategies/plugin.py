@@ -29,14 +29,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.graphs import round_seed
-from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
+from flwr_hyperprism.hypernetwork import gradient_summary
 from flwr_hyperprism.metrics import summarise_round
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .dpsgd import DPSGD
-from .hyperprism import HyperPrism
+from .hyperprism import HyperPrism, node_hypernetwork
 from .node import LINEAR, clone_tensors, load_optimizer_state, merge_models, optimizer_state
 from .swarmsgd import SwarmSGD
 
@@ -161,15 +160,9 @@ class PluginNode:
         """``names``: the model's floating-point tensors in state-dict order (merged ones)."""
         self.config = config
         self.groups = parameter_groups(list(names))
-        self.hypernet: HyperNetwork | None = None
-        if config.algorithm == "hyperprism" and config.p_mode == "hypernetwork":
-            summary_dim = SUMMARY_STATS * len(names) if config.hn_input == "gradient" else 0
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
-                self.hypernet = HyperNetwork(summary_dim, config.candidates,
-                                             config.embedding_dim, config.hn_hidden,
-                                             config.p_select, config.hn_p_init or None)
-            self.hn_optimizer = torch.optim.SGD(self.hypernet.parameters(), lr=config.hn_lr)
+        self.hypernet, self.hn_optimizer = (
+            node_hypernetwork(config, partition_id, len(names))
+            if config.algorithm == "hyperprism" else (None, None))
 
     def init_state(self, model: StateDict) -> NodeState:
         tensors = {"shared": clone_tensors(model), "merged": clone_tensors(model),
