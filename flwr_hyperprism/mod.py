@@ -54,25 +54,24 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     task = NodeTask.from_record(content[TASK_KEY])
     partition_id = int(context.node_config["partition-id"])
     state = load_state(context)
-    if state is None:  # round 1: start from the initial model the orchestrator sent
-        own = content["arrays"].to_torch_state_dict()
-        state = _node(config, partition_id, floating_names(own)).init_state(own)
-    node = _node(config, partition_id, floating_names(state.shared))
+    # round 1: start from the initial model the orchestrator sent
+    own = state.shared if state is not None else content["arrays"].to_torch_state_dict()
+    node = _node(config, partition_id, floating_names(own))
+    state = state or node.init_state(own)
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
     task, dropped = screen_neighbours(state.shared, task, neighbours)
     metrics = {"neighbours": float(len(task.neighbours)), "neighbours_dropped": float(len(dropped))}
     merged = node.merge(state, task, neighbours, metrics)
+    detached = {k: v.detach() for k, v in merged.items()}
     if not task.train:  # the round-trip after the last round: merge only
-        state.tensors.update(shared={k: v.detach() for k, v in merged.items()},
-                             merged={k: v.detach() for k, v in merged.items()})
+        state.tensors.update(shared=detached, merged=detached)
         save_state(context, state)
-        return Message(RecordDict({"arrays": ArrayRecord(state.shared),
+        return Message(RecordDict({"arrays": ArrayRecord(detached),
                                    "metrics": MetricRecord(metrics)}), reply_to=msg)
 
-    msg.content = RecordDict({"arrays": ArrayRecord({k: v.detach() for k, v in merged.items()}),
-                              "config": content["config"]})
+    msg.content = RecordDict({"arrays": ArrayRecord(detached), "config": content["config"]})
     reply = call_next(msg, context)
     if reply.has_error():
         return reply

@@ -30,11 +30,13 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
 import torch
 
+from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import fastmix_momentum, fastmix_steps, gossip_matrix
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
@@ -47,9 +49,9 @@ class Mudag(DecentralizedStrategy):
     algorithm = "mudag"
     description = "Mudag"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._lambda2: dict[int, float] = {}
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
+        super().__init__(config, run_dir)
+        self._lambda2: dict[int, float] = {}  # round -> lambda2(Wm(t)), computed once
 
     def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:
         return np.eye(graph.number_of_nodes()) - gossip_matrix(graph)

@@ -207,7 +207,7 @@ class PluginNode:
         names = [n for group in self.groups.values() for n in group]
         pseudo = {n: (merged[n].detach() - trained[n]) / self.config.lr for n in names}
         tensors = {**state.tensors, "shared": clone_tensors(trained),
-                   "merged": {k: v.detach().clone() for k, v in merged.items()},
+                   "merged": clone_tensors(merged),
                    "grad_summary": {"summary": gradient_summary(pseudo[n] for n in names)}}
         if self.hypernet is not None:
             surrogate = [(pseudo[n] * merged[n]).sum() for n in names if merged[n].requires_grad]
