@@ -7,9 +7,10 @@ marked by a plug-in orchestrator and passes every other message (e.g. FedAvg's) 
 - train messages with a task: merges the routed neighbour models with the node's own model
   (``context.state``), calls the user's train handler on the merged model, keeps the model it
   returns, trains the hypernetwork from the pseudo-gradient, and replies with the new model and
-  the user's metrics plus its own (degrees, neighbours, dropped neighbours);
+  the user's metrics plus its own (degrees, neighbours, dropped neighbours); for Mudag and
+  ADOM+ the handler is the gradient oracle instead (``strategies.plugin.PluginGradientNode``);
 - evaluate messages marked by the orchestrator: call the user's evaluate handler on the node's
-  merged model.
+  model of the round (the merged model for the gossip algorithms).
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ from strategies.decentralized import (
     RUN_KEY,
     TASK_KEY,
     NodeTask,
+    StateDict,
     screen_neighbours,
 )
-from strategies.plugin import EVALUATE_KEY, PluginNode, scalar_metrics
+from strategies.plugin import (
+    EVALUATE_KEY,
+    EVALUATED,
+    PluginGradientNode,
+    PluginNode,
+    plugin_node,
+    scalar_metrics,
+)
 
 from .client_app import info, load_state, save_state
 from .config import RunConfig
@@ -43,7 +52,7 @@ def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return _round_trip(msg, context, call_next)
     if EVALUATE_KEY in msg.content:
         state = load_state(context)
-        msg.content = RecordDict({"arrays": ArrayRecord(state.tensors["merged"]),
+        msg.content = RecordDict({"arrays": ArrayRecord(state.tensors[EVALUATED]),
                                   "config": msg.content["config"]})
     return call_next(msg, context)
 
@@ -52,44 +61,50 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     content = msg.content
     config = RunConfig.from_run_config(content[RUN_KEY])
     task = NodeTask.from_record(content[TASK_KEY])
-    partition_id = int(context.node_config["partition-id"])
     state = load_state(context)
     # round 1: start from the initial model the orchestrator sent
-    own = state.shared if state is not None else content["arrays"].to_torch_state_dict()
-    node = _node(config, partition_id, floating_names(own))
-    state = state or node.init_state(own)
+    model = (state.tensors[EVALUATED] if state is not None
+             else content["arrays"].to_torch_state_dict())
+    node = _node(config, int(context.node_config["partition-id"]), floating_names(model))
+    state = state or node.init_state(model)
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
     task, dropped = screen_neighbours(state.shared, task, neighbours)
     metrics = {"neighbours": float(len(task.neighbours)), "neighbours_dropped": float(len(dropped))}
-    merged = node.merge(state, task, neighbours, metrics)
-    detached = {k: v.detach() for k, v in merged.items()}
-    if not task.train:  # the round-trip after the last round: merge only
-        state.tensors.update(shared=detached, merged=detached)
-        save_state(context, state)
-        return Message(RecordDict({"arrays": ArrayRecord(detached),
-                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
 
-    msg.content = RecordDict({"arrays": ArrayRecord(detached), "config": content["config"]})
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply
-    trained = reply.content["arrays"].to_torch_state_dict()
-    if "metrics" in reply.content:
-        metrics.update(scalar_metrics(reply.content["metrics"]))
-    state = node.learn(state, merged, trained, task.round, metrics)
+    def train(model: StateDict) -> StateDict:
+        msg.content = RecordDict({"arrays": ArrayRecord(model), "config": content["config"]})
+        reply = call_next(msg, context)
+        if reply.has_error():
+            raise _HandlerFailed(reply)
+        if "metrics" in reply.content:
+            metrics.update(scalar_metrics(reply.content["metrics"]))
+        return reply.content["arrays"].to_torch_state_dict()
+
+    try:
+        state = node.round_trip(state, task, neighbours, train, metrics)
+    except _HandlerFailed as failure:
+        return failure.reply
     save_state(context, state)
-    reply.content = RecordDict({"arrays": ArrayRecord(state.shared),
-                                "metrics": MetricRecord(metrics)})
-    return reply
+    return Message(RecordDict({"arrays": ArrayRecord(state.shared),
+                               "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def floating_names(model: dict) -> tuple[str, ...]:
+class _HandlerFailed(Exception):
+    """The user's train handler replied with an error; the mod passes that reply on."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__(reply.error.reason)
+        self.reply = reply
+
+
+def floating_names(model: StateDict) -> tuple[str, ...]:
     return tuple(k for k, v in model.items() if v.is_floating_point())
 
 
 @lru_cache(maxsize=64)
-def _node(config: RunConfig, partition_id: int, names: tuple[str, ...]) -> PluginNode:
-    # Built once per process and model layout; its hypernetwork weights come from the state.
-    return PluginNode(config, partition_id, names)
+def _node(config: RunConfig, partition_id: int, names: tuple[str, ...]
+          ) -> PluginNode | PluginGradientNode:
+    # Built once per process and model layout; learned weights (hypernetwork) live in the state.
+    return plugin_node(config, partition_id, names)

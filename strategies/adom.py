@@ -26,10 +26,11 @@ import networkx as nx
 import numpy as np
 import torch
 
+from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import gossip_matrix
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
-from .node import LearningNode, evaluate, mix_row
+from .node import Gradient, GradientNode, clone_tensors, mix_row
 
 ADOM_VECTORS = ("x", "x_f", "y", "y_f", "z", "z_f", "m")
 
@@ -110,35 +111,34 @@ class ADOMConstants:
     zeta = 0.5
 
 
-class ADOMNode(LearningNode):
-    """ADOM+'s node update (one stochastic gradient and one exchange per round)."""
+class ADOMUpdate:
+    """ADOM+'s node update on parameter dicts (a ``GradientMethod``): one gradient at x_g."""
 
-    def init_state(self) -> NodeState:
-        x = {k: v.detach().clone() for k, v in self.model.named_parameters()}
-        tensors = {"x": x, "x_f": {k: v.clone() for k, v in x.items()}}
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def init_state(self, x: StateDict) -> NodeState:
+        tensors = {"x": clone_tensors(x), "x_f": clone_tensors(x)}
         tensors.update({name: {k: torch.zeros_like(v) for k, v in x.items()}  # no aliasing
                         for name in ("y", "y_f", "z", "z_f", "m")})
         tensors["shared"] = {f"{prefix}.{k}": torch.zeros_like(v)
                              for prefix in ("q", "yz") for k, v in x.items()}
         return NodeState(0, tensors)
 
-    def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator
-                   ) -> tuple[NodeState, dict[str, float]]:
-        task, metrics = self.screen(state, task, neighbours)
+    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   gradient: Gradient) -> tuple[NodeState, StateDict | None]:
+        """Evaluates x_f (the model after round t - 1), then updates unless told not to train."""
         c = ADOMConstants(self.config.smoothness, self.config.strong_convexity,
                           task.coefficients["chi"])
         v = state.tensors
-        self.model.load_state_dict(v["x_f"])
-        metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
         if not task.train:
-            return NodeState(task.round, dict(v)), metrics
+            return NodeState(task.round, dict(v)), v["x_f"]
 
         # W applied to the shared vectors: own row entry plus the neighbours'
         mixed = mix_row(task, state.shared, neighbours)
         new = {name: {} for name in ADOM_VECTORS}
         x_g = {k: c.tau1 * v["x"][k] + (1 - c.tau1) * v["x_f"][k] for k in v["x"]}
-        metrics["train_loss"], grad = self.gradient(x_g, gen)
+        grad = gradient(x_g)
         for k in v["x"]:
             y_g = c.sigma1 * v["y"][k] + (1 - c.sigma1) * v["y_f"][k]
             z_g = c.sigma1 * v["z"][k] + (1 - c.sigma1) * v["z_f"][k]
@@ -156,7 +156,7 @@ class ADOMNode(LearningNode):
             new["z_f"][k] = z_g - c.zeta * mixed[f"yz.{k}"]
             new["x"][k], new["y"][k] = x_next, y_next
         new["shared"] = self.messages(new, c)
-        return NodeState(task.round, new), metrics
+        return NodeState(task.round, new), v["x_f"]
 
     @staticmethod
     def messages(v: Mapping[str, StateDict], c: ADOMConstants) -> StateDict:
@@ -168,3 +168,9 @@ class ADOMNode(LearningNode):
             shared[f"q.{k}"] = c.gamma / c.nu * yz + v["m"][k]
             shared[f"yz.{k}"] = yz
         return shared
+
+
+class ADOMNode(GradientNode):
+    """ADOM+ on the node's own model and data."""
+
+    method = ADOMUpdate

@@ -40,7 +40,7 @@ from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import fastmix_momentum, fastmix_steps, gossip_matrix
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
-from .node import LearningNode, clone_tensors, evaluate, mix_row
+from .node import Gradient, GradientNode, clone_tensors, mix_row
 
 
 class Mudag(DecentralizedStrategy):
@@ -106,35 +106,40 @@ class MudagConstants:
         return (1.0 - a) / (1.0 + a)
 
 
-class MudagNode(LearningNode):
-    """Mudag's node update: a FastMix step every round-trip, the gradient step at stage 0."""
+class MudagUpdate:
+    """Mudag's node update on parameter dicts (a ``GradientMethod``)."""
 
-    def init_state(self) -> NodeState:
-        x = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+    def __init__(self, config: RunConfig) -> None:
+        self.constants = MudagConstants(config.smoothness, config.strong_convexity)
+
+    def init_state(self, x: StateDict) -> NodeState:
         tensors = {name: clone_tensors(x) for name in ("x", "y", "y_prev", "shared", "previous")}
         tensors["g_prev"] = {k: torch.zeros_like(v) for k, v in x.items()}
         return NodeState(0, tensors)
 
-    def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator
-                   ) -> tuple[NodeState, dict[str, float]]:
-        task, metrics = self.screen(state, task, neighbours)
+    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   gradient: Gradient) -> tuple[NodeState, StateDict | None]:
+        """A FastMix step; at stage 0 also the gradient step. Evaluates x at stage 0."""
         v, eta_w = state.tensors, task.coefficients["eta_w"]
         mixed = {k: (1 + eta_w) * value - eta_w * v["previous"][k]
                  for k, value in mix_row(task, state.shared, neighbours).items()}
         if task.stage > 0:
-            return NodeState(task.round, {**v, "shared": mixed, "previous": state.shared}), metrics
+            return NodeState(task.round, {**v, "shared": mixed, "previous": state.shared}), None
 
-        c = MudagConstants(self.config.smoothness, self.config.strong_convexity)
+        c = self.constants
         new = {"x": mixed, "y_prev": v["y"], "g_prev": v["g_prev"],
                "y": {k: x + c.beta * (x - v["x"][k]) for k, x in mixed.items()}}
-        self.model.load_state_dict(new["x"])
-        metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
         u = new["x"]
         if task.train:
-            metrics["train_loss"], g = self.gradient(new["y"], gen)
+            g = gradient(new["y"])
             u = {k: y + new["x"][k] - new["y_prev"][k] - c.eta * (g[k] - new["g_prev"][k])
                  for k, y in new["y"].items()}
             new["g_prev"] = g
         new["shared"], new["previous"] = u, clone_tensors(u)
-        return NodeState(task.round, new), metrics
+        return NodeState(task.round, new), new["x"]
+
+
+class MudagNode(GradientNode):
+    """Mudag on the node's own model and data."""
+
+    method = MudagUpdate

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,52 @@ class LearningNode:
                                train.y[idx])
         grads = torch.autograd.grad(loss, list(params.values()))
         return float(loss.detach()), dict(zip(params, grads))
+
+
+Gradient = Callable[[StateDict], StateDict]
+"""A stochastic gradient oracle: parameters in, the gradient of the local loss there out."""
+
+
+class GradientMethod(Protocol):
+    """A node update that needs only gradients at points it chooses (Mudag, ADOM+).
+
+    Pure tensor arithmetic on parameter dicts: where the gradients come from (the node's own
+    model and data, or the user's train handler in plug-in mode) is the caller's business.
+    """
+
+    def init_state(self, x: StateDict) -> NodeState:
+        """The state at the initial parameters ``x``."""
+        ...
+
+    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   gradient: Gradient) -> tuple[NodeState, StateDict | None]:
+        """The new state and the parameters to evaluate in this round-trip (None: none)."""
+        ...
+
+
+class GradientNode(LearningNode):
+    """A ``GradientMethod`` driven by the node's own model, minibatches and test set."""
+
+    method: ClassVar[Callable[[RunConfig], GradientMethod]]
+
+    def init_state(self) -> NodeState:
+        return self.method(self.config).init_state(
+            {k: v.detach().clone() for k, v in self.model.named_parameters()})
+
+    def round_trip(self, state: NodeState, task: NodeTask,
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator
+                   ) -> tuple[NodeState, dict[str, float]]:
+        task, metrics = self.screen(state, task, neighbours)
+
+        def gradient(params: StateDict) -> StateDict:
+            metrics["train_loss"], grad = self.gradient(params, gen)
+            return grad
+
+        state, evaluated = self.method(self.config).round_trip(state, task, neighbours, gradient)
+        if evaluated is not None:
+            self.model.load_state_dict(evaluated)
+            metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
+        return state, metrics
 
 
 class GossipNode(LearningNode):

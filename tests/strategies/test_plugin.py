@@ -8,7 +8,15 @@ import torch
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 from strategies.decentralized import NodeTask
-from strategies.plugin import PluginNode, decentralized_strategy, parameter_groups
+from strategies.plugin import (
+    EVALUATED,
+    GRADIENT_METHODS,
+    PluginGradientNode,
+    PluginNode,
+    decentralized_strategy,
+    parameter_groups,
+    plugin_node,
+)
 
 NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -51,7 +59,7 @@ def test_hypernetwork_learns_from_the_pseudo_gradient():
     assert any(not torch.equal(after.tensors["hypernet"][k], state.tensors["hypernet"][k])
                for k in state.tensors["hypernet"])
     assert all(torch.equal(after.shared[k], trained[k]) for k in trained)
-    assert all(torch.equal(after.tensors["merged"][k], merged[k].detach()) for k in merged)
+    assert all(torch.equal(after.tensors[EVALUATED][k], merged[k].detach()) for k in merged)
     assert after.tensors["grad_summary"]["summary"].abs().sum() > 0  # pseudo-gradient = 1
 
 
@@ -64,9 +72,64 @@ def test_without_neighbours_the_hypernetwork_does_not_step():
     assert "hn_steps" not in metrics
 
 
+# Mudag: rows of Wm (sum 1) and FastMix momentum, two stages per round; ADOM+: rows of the
+# Laplacian-based W (sum 0) and chi. The last round-trip does not train.
+SCHEDULES = {
+    "mudag": ((0.5, 0.5), {"eta_w": 0.3}, [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]),
+    "adom": ((0.5, -0.5), {"chi": 2.0}, [(1, 0), (2, 0), (3, 0)]),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(GRADIENT_METHODS))
+def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(algorithm):
+    # f(x) = 0.5 |x - target|^2; the user's handler takes one SGD step with the run's lr, so
+    # the pseudo-gradient (x - trained) / lr is grad f(x) and plug-in equals the method itself.
+    lr = 0.1
+    config = RunConfig(algorithm=algorithm, lr=lr)
+    target = model(9)
+    calls = []
+
+    def train(full):
+        calls.append(full)
+        assert full.keys() == target.keys()  # the whole model, integer tensors included
+        return {k: v - lr * (v - target[k]) if v.is_floating_point() else v
+                for k, v in full.items()}
+
+    def gradient(params):
+        return {k: v - target[k] for k, v in params.items()}
+
+    (self_weight, weight), coefficients, schedule = SCHEDULES[algorithm]
+    node, method = plugin_node(config, 0, NAMES), GRADIENT_METHODS[algorithm](config)
+    assert isinstance(node, PluginGradientNode)
+    plugged = {i: node.init_state(model(i + 1)) for i in (0, 1)}
+    reference = {i: method.init_state({n: model(i + 1)[n] for n in NAMES}) for i in (0, 1)}
+    for round_, stage in schedule:
+        calls.clear()
+        train_round = round_ < schedule[-1][0]
+        tasks = {i: NodeTask(round_, (1 - i,), (weight,), self_weight, train_round,
+                             coefficients, stage) for i in (0, 1)}
+        shared = {i: plugged[i].shared for i in (0, 1)}
+        plugged = {i: node.round_trip(plugged[i], tasks[i], {1 - i: shared[1 - i]}, train, {})
+                   for i in (0, 1)}
+        shared = {i: reference[i].shared for i in (0, 1)}
+        outcome = {i: method.round_trip(reference[i], tasks[i], {1 - i: shared[1 - i]},
+                                        gradient) for i in (0, 1)}
+        reference = {i: state for i, (state, _) in outcome.items()}
+        assert len(calls) == (2 if train_round and stage == 0 else 0)
+        for i in (0, 1):
+            for group, tensors in reference[i].tensors.items():
+                for k, v in tensors.items():
+                    torch.testing.assert_close(plugged[i].tensors[group][k], v,
+                                               rtol=1e-5, atol=1e-6)
+            evaluated = outcome[i][1]
+            if evaluated is not None:  # the evaluate message scores the method's model
+                for k, v in evaluated.items():
+                    torch.testing.assert_close(plugged[i].tensors[EVALUATED][k], v)
+            assert plugged[i].tensors[EVALUATED]["bn.num_batches_tracked"] == i + 1
+
+
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"algorithm": "mudag"}, "has no plug-in mode; use one of hyperprism, dpsgd, swarmsgd"),
-    ({"algorithm": "adom"}, "has no plug-in mode"),
+    ({"algorithm": "fedavg"}, "'algorithm' = 'fedavg' is not one of"),
     ({"order": "cta"}, "use order='atc'"),
     ({"num_nodes": 1}, "num-nodes"),
 ])
