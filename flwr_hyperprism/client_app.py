@@ -15,7 +15,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask
-from strategies.decentralized import NEIGHBOUR_PREFIX, RUN_KEY, TASK_KEY
+from strategies.decentralized import NEIGHBOUR_PREFIX, RUN_KEY, TASK_KEY, node_data
 
 from .config import RunConfig
 
@@ -27,10 +27,26 @@ app = ClientApp()
 
 @app.query("info")
 def info(msg: Message, context: Context) -> Message:
-    """Tell the orchestrator which partition this node holds."""
-    record = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
-                           "num-partitions": int(context.node_config["num-partitions"])})
+    """Tell the orchestrator which partition this node holds and whether it can load it.
+
+    With the run config in the request, the node loads its data partition (cached for the
+    rounds); an error (missing dataset, impossible partition) goes back as "error", so the
+    run stops with the node's own message before round 1.
+    """
+    record = partition_info(context)
+    if RUN_KEY in msg.content:
+        config = RunConfig.from_run_config(msg.content[RUN_KEY])
+        try:
+            node_data(config, int(record["partition-id"]))
+        except (OSError, ValueError) as err:
+            record["error"] = f"{type(err).__name__}: {err}"
     return Message(RecordDict({"info": record}), reply_to=msg)
+
+
+def partition_info(context: Context) -> ConfigRecord:
+    """The node's partition-id and num-partitions from its node config."""
+    return ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
+                         "num-partitions": int(context.node_config["num-partitions"])})
 
 
 def _train(msg: Message, context: Context) -> Message:

@@ -82,6 +82,9 @@ class RunConfig:
     # Mudag's FastMix: K = ceil(factor * ln(kappa) / sqrt(1 - lambda2)) gossip steps, <= cap
     mudag_gossip_factor: float = 1.0  # c_K
     mudag_max_gossip: int = 20
+    # faults: a neighbour whose largest |value| exceeds this ratio times max(own largest, 1) is
+    # dropped for the round (large p makes the power mean follow the largest magnitude)
+    max_neighbour_ratio: float = 1000.0
     # orchestration and outputs
     round_timeout: float = 600.0
     node_wait_timeout: float = 300.0
@@ -117,6 +120,7 @@ class RunConfig:
             ("swarm_local_steps", 1, None, "an integer >= 1"),
             ("mudag_max_gossip", 1, None, "an integer >= 1"),
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
+            ("max_neighbour_ratio", 1.0, None, ">= 1 (and finite)"),
         ]
         for name, low, high, text in ranges:
             value = getattr(self, name)

@@ -27,8 +27,8 @@ from strategies.decentralized import (
     TASK_KEY,
     NodeTask,
     StateDict,
-    screen_neighbours,
 )
+from strategies.node import screen_and_log
 from strategies.plugin import (
     EVALUATE_KEY,
     EVALUATED,
@@ -38,7 +38,7 @@ from strategies.plugin import (
     scalar_metrics,
 )
 
-from .client_app import info, load_state, save_state
+from .client_app import load_state, partition_info, save_state
 from .config import RunConfig
 
 
@@ -46,8 +46,8 @@ def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     """Flower mod: decentralized merges around the user's own train/evaluate handlers."""
     if not msg.has_content():
         return call_next(msg, context)
-    if INFO_KEY in msg.content:
-        return info(msg, context)
+    if INFO_KEY in msg.content:  # the user's app loads its own data: nothing to check here
+        return Message(RecordDict({"info": partition_info(context)}), reply_to=msg)
     if TASK_KEY in msg.content:
         return _round_trip(msg, context, call_next)
     if EVALUATE_KEY in msg.content:
@@ -70,8 +70,8 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
-    task, dropped = screen_neighbours(state.shared, task, neighbours)
-    metrics = {"neighbours": float(len(task.neighbours)), "neighbours_dropped": float(len(dropped))}
+    task, metrics = screen_and_log(state.shared, task, neighbours, config,
+                                   int(context.node_config["partition-id"]))
 
     def train(model: StateDict) -> StateDict:
         msg.content = RecordDict({"arrays": ArrayRecord(model), "config": content["config"]})

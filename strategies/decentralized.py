@@ -116,21 +116,45 @@ class NodeRule(Protocol):
         ...
 
 
-def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[int, StateDict]
-                      ) -> tuple[NodeTask, list[int]]:
-    """Drop neighbours whose model cannot be merged with ``own``.
+def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[int, StateDict],
+                      max_ratio: float) -> tuple[NodeTask, dict[int, str]]:
+    """Drop neighbours whose model cannot be merged with ``own``, with the reason for each.
 
-    A neighbour is dropped when its model lacks a tensor of ``own`` or has extra ones, or a
-    tensor with another shape or dtype, or any NaN/Inf; its weight goes to the node itself
-    (``NodeTask.without``). Returns the task to use and the dropped partition ids.
+    A neighbour is dropped when its model is missing, lacks a tensor of ``own`` or has extra
+    ones, has a tensor with another shape or dtype, any NaN/Inf, or a floating-point value
+    larger in magnitude than ``max_ratio`` times max(own largest magnitude, 1) (see
+    ``model_fault``). Its weight goes to the node itself (``NodeTask.without``). Returns the
+    task to use and {partition id: reason}.
     """
-    def usable(model: StateDict | None) -> bool:
-        return (model is not None and model.keys() == own.keys()
-                and all(model[k].shape == v.shape and model[k].dtype == v.dtype
-                        and bool(torch.isfinite(model[k]).all()) for k, v in own.items()))
-
-    dropped = [j for j in task.neighbours if not usable(neighbour_models.get(j))]
+    limit = max_ratio * max(largest_magnitude(own), 1.0)
+    dropped = {j: reason for j in task.neighbours
+               if (reason := model_fault(own, neighbour_models.get(j), limit))}
     return (task.without(dropped) if dropped else task), dropped
+
+
+def model_fault(own: StateDict, model: StateDict | None, limit: float) -> str | None:
+    """Why ``model`` cannot be merged with ``own`` (None if it can); ``limit``: max |value|."""
+    if model is None:
+        return "no model"
+    if model.keys() != own.keys():
+        missing, extra = sorted(own.keys() - model.keys()), sorted(model.keys() - own.keys())
+        return f"tensors differ (missing {missing}, extra {extra})"
+    for key, mine in own.items():
+        theirs = model[key]
+        if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            return (f"{key!r} is {theirs.dtype} {tuple(theirs.shape)}, expected {mine.dtype} "
+                    f"{tuple(mine.shape)}")
+        if not bool(torch.isfinite(theirs).all()):
+            return f"{key!r} has NaN or Inf"
+        if theirs.is_floating_point() and theirs.numel() and float(theirs.abs().max()) > limit:
+            return f"{key!r} has |value| {float(theirs.abs().max()):.4g} > {limit:.4g}"
+    return None
+
+
+def largest_magnitude(model: StateDict) -> float:
+    """max |value| over the floating-point tensors of ``model`` (0 if it has none)."""
+    return max((float(v.abs().max()) for v in model.values()
+                if v.is_floating_point() and v.numel()), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -268,18 +292,29 @@ class DecentralizedStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Store each node's new model for routing and its metrics (``node_metrics``).
 
-        No global model: returns None arrays and the metrics summarised over nodes.
+        A node that failed (error reply) or did not reply in time is logged; its last model
+        stays routed and it gets its next task as usual. No global model: returns None arrays
+        and the metrics summarised over the nodes that replied.
         """
         partition_of = {nid: pid for pid, nid in self.node_ids.items()}
         node_metrics = {}
+        failed = []
         for reply in replies:
             pid = partition_of[reply.metadata.src_node_id]
             if reply.has_error():
                 log.error("round %s: node %s (partition %s) failed: %s", server_round,
                           reply.metadata.src_node_id, pid, reply.error.reason)
+                failed.append(pid)
                 continue
             self.latest[pid] = reply.content["arrays"]
             node_metrics[pid] = dict(reply.content["metrics"])
+        silent = sorted(set(self.node_ids) - set(node_metrics) - set(failed))
+        if silent:
+            log.error("round %s: no reply within round-timeout=%ss from partitions %s",
+                      server_round, self.config.round_timeout, silent)
+        if failed or silent:
+            log.warning("round %s: %s of %s nodes replied; the others keep their last routed "
+                        "model", server_round, len(node_metrics), len(self.node_ids))
         self.node_metrics = node_metrics
         return None, MetricRecord(summarise_round(server_round - 1, node_metrics))
 
@@ -319,11 +354,13 @@ class DecentralizedStrategy(Strategy):
         """
         if num_rounds is not None and num_rounds != self.config.num_rounds:
             self.config = self.config.replace(num_rounds=num_rounds)
-        num_rounds = self.config.num_rounds
-        timeout = timeout or self.config.round_timeout
+        if timeout is not None and timeout != self.config.round_timeout:
+            self.config = self.config.replace(round_timeout=timeout)
+        num_rounds, timeout = self.config.num_rounds, self.config.round_timeout
         self.summary()
         self.node_ids = wait_for_partitions(grid, self.config.num_nodes,
-                                            self.config.node_wait_timeout, self.info_message_type)
+                                            self.config.node_wait_timeout, self.info_message_type,
+                                            self.config)
         if initial_arrays and self.routes_initial_model:
             self.latest = dict.fromkeys(range(self.config.num_nodes), initial_arrays)
         result = Result()
@@ -397,21 +434,28 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
 
 
 def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
-                        message_type: str = "query.info", poll: float = 0.2) -> dict[int, int]:
+                        message_type: str = "query.info", run_config: RunConfig | None = None,
+                        poll: float = 0.2, report_every: float = 10.0) -> dict[int, int]:
     """Wait until ``num_nodes`` nodes with partition ids 0..num_nodes-1 are connected.
 
-    Asks every node (a ``message_type`` message marked ``INFO_KEY``) for its partition id and
-    num-partitions until it answers.
-    Returns {partition id: node id}. Raises RuntimeError on a mismatch with the federation or
-    when the nodes are not all there within ``timeout`` seconds.
+    Asks every node (a ``message_type`` message marked ``INFO_KEY``, with ``run_config`` as
+    ``RUN_KEY`` so a node can check that it can load its data) for its partition id and
+    num-partitions until it answers; logs how many are there every ``report_every`` seconds.
+    Returns {partition id: node id}. Raises RuntimeError on a mismatch with the federation, on
+    a node that cannot start (e.g. its data are missing), or when the nodes are not all there
+    within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
+    next_report = time.monotonic() + report_every
     partitions: dict[int, int] = {}
+    content = {INFO_KEY: ConfigRecord()}
+    if run_config is not None:
+        content[RUN_KEY] = ConfigRecord(run_config.to_run_config())
     while True:
         unknown = [nid for nid in grid.get_node_ids() if nid not in partitions.values()]
         if unknown:
-            queries = [Message(RecordDict({INFO_KEY: ConfigRecord()}), dst_node_id=nid,
-                               message_type=message_type) for nid in unknown]
+            queries = [Message(RecordDict(content), dst_node_id=nid, message_type=message_type)
+                       for nid in unknown]
             remaining = max(deadline - time.monotonic(), poll)
             for reply in send_and_receive(grid, queries, remaining):
                 _register_partition(reply, partitions, num_nodes)
@@ -423,6 +467,10 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
                 f"{sorted(partitions)}) connected within node-wait-timeout={timeout}s; start "
                 f"more SuperNodes (simulation: --federation-config 'num-supernodes={num_nodes}')"
             )
+        if time.monotonic() >= next_report:
+            log.info("waiting for nodes: %s of num-nodes=%s connected (up to %.0fs more)",
+                     len(partitions), num_nodes, deadline - time.monotonic())
+            next_report += report_every
         time.sleep(poll)
 
 
@@ -439,6 +487,9 @@ def _register_partition(reply: Message, partitions: dict[int, int], num_nodes: i
             f"{num_nodes} SuperNodes (simulation: --federation-config "
             f"'num-supernodes={num_nodes}')"
         )
+    if "error" in info:
+        raise RuntimeError(f"partition {pid} (node {reply.metadata.src_node_id}) cannot start: "
+                           f"{info['error']}")
     if pid in partitions:
         raise RuntimeError(f"partition id {pid} is claimed by nodes {partitions[pid]} and "
                            f"{reply.metadata.src_node_id}; give every SuperNode its own "

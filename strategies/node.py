@@ -84,13 +84,9 @@ class LearningNode:
     def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
                ) -> tuple[NodeTask, dict[str, float]]:
         """Leave out unusable neighbours (logged); the task to use and the first metrics."""
-        task, dropped = screen_neighbours(state.shared, task, neighbours)
-        if dropped:
-            log.warning("round-trip %s: partition %s dropped unusable models of neighbours %s",
-                        task.round, self.partition_id, dropped)
-        return task, {"neighbours": float(len(task.neighbours)),
-                      "neighbours_dropped": float(len(dropped)),
-                      "num_examples": float(len(self.data.train))}
+        task, metrics = screen_and_log(state.shared, task, neighbours, self.config,
+                                       self.partition_id)
+        return task, {**metrics, "num_examples": float(len(self.data.train))}
 
     @property
     def local_steps(self) -> int:
@@ -230,6 +226,19 @@ class GossipNode(LearningNode):
         tensors = {"shared": clone_tensors(self.model.state_dict()),
                    "optimizer": optimizer_state(self.optimizer), **self.save_extra()}
         return NodeState(task.round, tensors), metrics
+
+
+def screen_and_log(own: StateDict, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   config: RunConfig, partition_id: int) -> tuple[NodeTask, dict[str, float]]:
+    """``screen_neighbours`` with one warning per round-trip naming each dropped neighbour and
+    why; the task to use and the metrics ``neighbours`` / ``neighbours_dropped``."""
+    task, dropped = screen_neighbours(own, task, neighbours, config.max_neighbour_ratio)
+    if dropped:
+        log.warning("round-trip %s.%s: partition %s dropped neighbours %s", task.round,
+                    task.stage, partition_id,
+                    "; ".join(f"{j}: {reason}" for j, reason in dropped.items()))
+    return task, {"neighbours": float(len(task.neighbours)),
+                  "neighbours_dropped": float(len(dropped))}
 
 
 def mix_row(task: NodeTask, own: StateDict, neighbours: Mapping[int, StateDict]) -> StateDict:
