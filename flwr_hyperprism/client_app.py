@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 from flwr.app import (
@@ -13,6 +14,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask
 from strategies.decentralized import NEIGHBOUR_PREFIX, RUN_KEY, TASK_KEY, node_data
@@ -22,10 +24,6 @@ from .config import RunConfig
 STATE_PREFIX = "node."  # context.state records "node.<group>" hold the node's tensors
 ROUND_KEY = "node-round"
 
-app = ClientApp()
-
-
-@app.query("info")
 def info(msg: Message, context: Context) -> Message:
     """Tell the orchestrator which partition this node holds and whether it can load it.
 
@@ -63,8 +61,16 @@ def _train(msg: Message, context: Context) -> Message:
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-for _algorithm in ALGORITHMS:
-    app.train(_algorithm)(_train)
+def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp: ``query.info`` and a ``train.<algorithm>`` handler per algorithm."""
+    client_app = ClientApp(mods=list(mods))
+    client_app.query("info")(info)
+    for algorithm in ALGORITHMS:
+        client_app.train(algorithm)(_train)
+    return client_app
+
+
+app = make_client_app()
 
 
 @lru_cache(maxsize=256)

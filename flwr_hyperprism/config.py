@@ -82,7 +82,7 @@ class RunConfig:
     # Mudag's FastMix: K = ceil(factor * ln(kappa) / sqrt(1 - lambda2)) gossip steps, <= cap
     mudag_gossip_factor: float = 1.0  # c_K
     mudag_max_gossip: int = 20
-    # faults: a neighbour whose largest |value| exceeds this ratio times max(own largest, 1) is
+    # faults: a neighbour with a |value| above this ratio times the node's own largest |value| is
     # dropped for the round (large p makes the power mean follow the largest magnitude)
     max_neighbour_ratio: float = 1000.0
     # orchestration and outputs
@@ -175,13 +175,21 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     config also works for apps that run elsewhere (``flwr run`` installs them under FLWR_HOME).
     """
     base = OmegaConf.structured(RunConfig)
-    layers = [OmegaConf.load(path) for path in paths]
-    dotlist = OmegaConf.from_dotlist([_normalise_override(o) for o in overrides])
+    layers = [(str(path), _snake_keys(OmegaConf.load(path))) for path in paths]
+    layers.append(("the overrides",
+                   OmegaConf.from_dotlist([_normalise_override(o) for o in overrides])))
+    valid = [f.name for f in fields(RunConfig)]
+    for source, layer in layers:
+        unknown = sorted(set(layer) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown} in {source}; valid keys: "
+                             f"{', '.join(valid)}")
     try:
-        merged = OmegaConf.merge(base, *[_snake_keys(layer) for layer in layers], dotlist)
-        values = OmegaConf.to_container(merged)
+        values = OmegaConf.to_container(OmegaConf.merge(base, *(layer for _, layer in layers)))
     except OmegaConfBaseException as err:
-        raise ValueError(f"invalid configuration: {err}") from err
+        key = getattr(err, "full_key", None)
+        raise ValueError(f"invalid configuration: config key {key!r}: "
+                         f"{str(err).splitlines()[0]}") from err
     for key in ("data_dir", "output_dir"):
         if values[key]:
             values[key] = str(Path(values[key]).expanduser().resolve())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -122,11 +123,11 @@ def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[
 
     A neighbour is dropped when its model is missing, lacks a tensor of ``own`` or has extra
     ones, has a tensor with another shape or dtype, any NaN/Inf, or a floating-point value
-    larger in magnitude than ``max_ratio`` times max(own largest magnitude, 1) (see
-    ``model_fault``). Its weight goes to the node itself (``NodeTask.without``). Returns the
-    task to use and {partition id: reason}.
+    larger in magnitude than ``max_ratio`` times the largest magnitude in ``own`` (no magnitude
+    check while ``own`` is all zeros; see ``model_fault``). Its weight goes to the node itself
+    (``NodeTask.without``). Returns the task to use and {partition id: reason}.
     """
-    limit = max_ratio * max(largest_magnitude(own), 1.0)
+    limit = max_ratio * largest_magnitude(own) or math.inf
     dropped = {j: reason for j in task.neighbours
                if (reason := model_fault(own, neighbour_models.get(j), limit))}
     return (task.without(dropped) if dropped else task), dropped

@@ -59,6 +59,12 @@ def node_hypernetwork(config: RunConfig, partition_id: int, num_tensors: int
     return hypernet, torch.optim.SGD(hypernet.parameters(), lr=config.hn_lr)
 
 
+def initial_weights(hypernet: HyperNetwork | None) -> StateDict:
+    """A copy of a freshly built hypernetwork's weights (what every new node state starts
+    from; the module itself is reused and overwritten by each round-trip's state)."""
+    return clone_tensors(hypernet.state_dict()) if hypernet is not None else {}
+
+
 class HyperPrismNode(GossipNode):
     """Mirror-space power-mean merges with degrees from a per-node hypernetwork."""
 
@@ -67,11 +73,12 @@ class HyperPrismNode(GossipNode):
         num_tensors = sum(len(names) for names in self.groups.values())
         self.summary = torch.zeros(SUMMARY_STATS * num_tensors)
         self.hypernet, self.hn_optimizer = node_hypernetwork(config, partition_id, num_tensors)
+        self.initial_hypernet = initial_weights(self.hypernet)
 
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
         if self.hypernet is not None:
-            extra.update(hypernet=clone_tensors(self.hypernet.state_dict()), hn_optimizer={})
+            extra.update(hypernet=clone_tensors(self.initial_hypernet), hn_optimizer={})
         return extra
 
     def load_extra(self, state: NodeState) -> None:

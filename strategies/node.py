@@ -55,6 +55,9 @@ class LearningNode:
     def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
         self.config, self.partition_id, self.data = config, partition_id, data
         self.model = build_model(config.model, data.input_shape, NUM_CLASSES, config.seed)
+        # The model object is reused across round-trips (and runs, when the rule is cached):
+        # a new state must start from the seeded initial weights, not from its current ones.
+        self.initial_model = clone_tensors(self.model.state_dict())
         names = [name for name, _ in self.model.named_parameters()]
         self.groups = {g: [n for n in names if layer_group(n) == g]
                        for g in (REPRESENTATION, DECISION)}
@@ -150,7 +153,7 @@ class GradientNode(LearningNode):
 
     def init_state(self) -> NodeState:
         return self.method(self.config).init_state(
-            {k: v.detach().clone() for k, v in self.model.named_parameters()})
+            {k: self.initial_model[k].clone() for k, _ in self.model.named_parameters()})
 
     def round_trip(self, state: NodeState, task: NodeTask,
                    neighbours: Mapping[int, StateDict], gen: torch.Generator
@@ -197,7 +200,7 @@ class GossipNode(LearningNode):
         return {}
 
     def init_state(self) -> NodeState:
-        return NodeState(0, {"shared": clone_tensors(self.model.state_dict()), "optimizer": {},
+        return NodeState(0, {"shared": clone_tensors(self.initial_model), "optimizer": {},
                              **self.init_extra()})
 
     def round_trip(self, state: NodeState, task: NodeTask,

@@ -43,7 +43,7 @@ from flwr_hyperprism.models import DECISION, REPRESENTATION
 from .adom import ADOM, ADOMUpdate
 from .decentralized import STAGE_KEY, DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .dpsgd import DPSGD
-from .hyperprism import HyperPrism, node_hypernetwork
+from .hyperprism import HyperPrism, initial_weights, node_hypernetwork
 from .mudag import Mudag, MudagUpdate
 from .node import LINEAR, clone_tensors, load_optimizer_state, merge_models, optimizer_state
 from .swarmsgd import SwarmSGD
@@ -181,6 +181,7 @@ class PluginNode:
         self.hypernet, self.hn_optimizer = (
             node_hypernetwork(config, partition_id, len(names))
             if config.algorithm == "hyperprism" else (None, None))
+        self.initial_hypernet = initial_weights(self.hypernet)
 
     def init_state(self, model: StateDict) -> NodeState:
         tensors = {"shared": clone_tensors(model), EVALUATED: clone_tensors(model),
@@ -188,7 +189,7 @@ class PluginNode:
                        torch.zeros_like(model[n]) for names in self.groups.values()
                        for n in names)}}
         if self.hypernet is not None:
-            tensors.update(hypernet=clone_tensors(self.hypernet.state_dict()), hn_optimizer={})
+            tensors.update(hypernet=clone_tensors(self.initial_hypernet), hn_optimizer={})
         return NodeState(0, tensors)
 
     def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],

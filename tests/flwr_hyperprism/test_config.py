@@ -187,6 +187,17 @@ def test_load_config_errors_name_the_key(tmp_path, yaml_text, overrides, key):
     assert key in str(info.value) or key.replace("_", "-") in str(info.value)
 
 
+@pytest.mark.parametrize(("yaml_text", "overrides", "source"), [
+    ("num-rounds: 3\nbogus-key: 1\n", [], "run.yaml"),
+    ("", ["num-rounds=3", "nope=1"], "the overrides"),
+])
+def test_unknown_keys_name_their_source_and_list_the_valid_keys(tmp_path, yaml_text, overrides,
+                                                                 source):
+    with pytest.raises(ValueError, match=rf"unknown config keys \['\w+'\] in .*{source}; "
+                                         rf"valid keys: algorithm, seed, .*target_accuracy"):
+        load_config([write_yaml(tmp_path, yaml_text)], overrides)
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ValueError, match="key=value"):
         load_config(overrides=["num-rounds"])

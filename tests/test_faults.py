@@ -1,0 +1,337 @@
+"""The fault matrix (README "Faults and bad input"): bad peers, failing nodes, restarts.
+
+Configuration errors are in tests/flwr_hyperprism/test_config.py and test_data.py; the cases
+that need a federation (missing data, an impossible partition, too few SuperNodes) are here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message
+from flwr.simulation import run_simulation
+
+from flwr_hyperprism.client_app import make_client_app
+from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.server_app import initial_model, make_server_app, run
+from strategies import ALGORITHMS, run_in_process, wait_for_partitions
+from strategies.decentralized import NEIGHBOUR_PREFIX, TASK_KEY, NodeTask
+from tests.harness import LocalGrid
+from tests.strategies.test_battery import MODEL_GROUPS, VARIANTS, make_config, nodes_for
+
+
+def poisoned(model: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:
+    """``model`` with one fault a broken or malicious neighbour could send."""
+    first = next(iter(model))
+    value = model[first]
+    changed = {
+        "nan": {first: torch.full_like(value, float("nan"))},
+        "inf": {first: torch.full_like(value, -float("inf"))},
+        "shape": {first: torch.cat([value.reshape(-1), value.reshape(-1)])},
+        "dtype": {first: value.double()},
+        "huge": {first: torch.full_like(value, 1e30)},
+        "extra": {"extra.weight": torch.zeros(3)},
+    }
+    if fault == "missing":
+        return {k: v for k, v in model.items() if k != first}
+    return {**model, **changed[fault]}
+
+
+FAULTS = ("nan", "inf", "shape", "dtype", "huge", "extra", "missing")
+
+
+def records(caplog, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+# --- a bad neighbour is dropped, counted and logged once; the node stays finite ------------
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("variant", ["hyperprism", "hyperprism-fixed-p3", "dpsgd", "swarmsgd",
+                                     "mudag", "adom"])
+def test_a_bad_neighbour_is_dropped_and_the_rest_renormalised(tmp_path, caplog, variant, fault):
+    config = make_config(tmp_path, variant, num_nodes=3, fixed_p=9.0)
+    strategy, rules = nodes_for(config)
+    states = {pid: rule.init_state() for pid, rule in rules.items()}
+    gen = torch.Generator().manual_seed(3)
+    for state in states.values():  # distinct, honest neighbours
+        for name in MODEL_GROUPS.get(type(rules[0]), ()) + ("shared",):
+            state.tensors[name] = {k: v + 0.1 * torch.randn(v.shape, generator=gen)
+                                   for k, v in state.tensors[name].items()}
+    laplacian = variant == "adom"  # ADOM+ mixes with a Laplacian row (sum 0)
+    task = NodeTask(1, (1, 2), (-0.25, -0.25) if laplacian else (0.25, 0.25), 0.5,
+                    coefficients=strategy.coefficients(1))
+    good, bad = states[1].shared, poisoned(states[2].shared, fault)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        state, metrics = rules[0].step(states[0], task, {1: good, 2: bad})
+    expected, expected_metrics = rules[0].step(states[0], task.without([2]), {1: good})
+
+    warnings = records(caplog)
+    assert len(warnings) == 1 and "partition 0 dropped neighbours 2:" in warnings[0]
+    assert metrics == {**expected_metrics, "neighbours_dropped": 1.0}
+    for group, tensors in expected.tensors.items():
+        for key, value in tensors.items():
+            assert torch.equal(state.tensors[group][key], value), (group, key)
+            assert bool(torch.isfinite(state.tensors[group][key]).all())
+
+
+def test_the_magnitude_guard_keeps_a_large_p_merge_from_following_one_neighbour(tmp_path):
+    # p = 15 (the largest candidate) and a neighbour 10^4 times larger than the node: without
+    # the guard the power mean would sit near that neighbour's values.
+    config = make_config(tmp_path, "hyperprism-fixed-p3", num_nodes=3, fixed_p=15.0,
+                         lr=1e-9, max_neighbour_ratio=1000.0)
+    _, rules = nodes_for(config)
+    state = rules[0].init_state()
+    huge = {k: 1e4 * v for k, v in state.shared.items()}
+    task = NodeTask(1, (1,), (0.5,), 0.5)
+    after, metrics = rules[0].step(state, task, {1: huge})
+    assert metrics["neighbours_dropped"] == 1.0
+    scale = max(float(v.abs().max()) for v in state.shared.values())
+    assert max(float(v.abs().max()) for v in after.shared.values()) < 2 * scale
+    lenient = ALGORITHMS["hyperprism"][1](config.replace(max_neighbour_ratio=1e5), 0)
+    followed, _ = lenient.step(state, task, {1: huge})
+    assert max(float(v.abs().max()) for v in followed.shared.values()) > 1000 * scale
+
+
+class CorruptingGrid(LocalGrid):
+    """Replaces the model routed from ``source`` to ``target`` by a poisoned one."""
+
+    def __init__(self, *args, source: int, target: int, fault: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.source, self.target, self.fault = source, target, fault
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        key = f"{NEIGHBOUR_PREFIX}{self.source}"
+        for msg in messages:
+            pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+            if pid == self.target and key in msg.content.array_records:
+                model = msg.content[key].to_torch_state_dict()
+                msg.content[key] = ArrayRecord(poisoned(model, self.fault))
+        return super().push_messages(messages)
+
+
+@pytest.mark.parametrize("fault", ["nan", "huge", "missing"])
+def test_poisoned_messages_through_the_client_app_never_reach_the_model(tmp_path, caplog,
+                                                                          fault):
+    config = RunConfig(num_nodes=4, num_rounds=3, density=1.0, eval_size=500,
+                       output_dir=str(tmp_path), run_name="run", node_wait_timeout=5.0)
+    grid = CorruptingGrid(make_client_app(), {1000 + pid: (pid, 4) for pid in range(4)},
+                          source=1, target=0, fault=fault)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run(grid, config)
+    rows = metrics_rows(tmp_path / "run")
+    assert [r["nodes_replied"] for r in rows] == [4] * 4
+    # every round-trip routes partition 1's model to partition 0 (complete graph)
+    assert [r["neighbours_dropped_mean"] for r in rows] == [0.25] * 4
+    assert all(math.isfinite(r["accuracy_mean"]) and math.isfinite(r["loss_mean"]) for r in rows)
+    assert rows[-1]["accuracy_mean"] > 0.3
+    assert len([m for m in records(caplog) if "dropped neighbours 1:" in m]) == 4
+
+
+# --- failing nodes: logged, their last model stays routed, the run goes on -----------------
+
+
+class FaultyGrid(LocalGrid):
+    """Nodes that fail (error reply) or stay silent (no reply) in given round-trips."""
+
+    def __init__(self, *args, failing: dict[int, set[int]], silent: dict[int, set[int]],
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.failing, self.silent = failing, silent
+        self.routed: list[tuple[int, int, dict]] = []  # (round, receiver, {sender: record})
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+            if TASK_KEY not in msg.content:
+                ids.extend(super().push_messages([msg]))
+                continue
+            round_ = int(msg.content[TASK_KEY]["round"])
+            self.routed.append((round_, pid, {
+                int(k[len(NEIGHBOUR_PREFIX):]): v for k, v in msg.content.array_records.items()
+                if k.startswith(NEIGHBOUR_PREFIX)}))
+            if round_ in self.silent.get(pid, ()):
+                msg.metadata.__dict__["_message_id"] = f"silent-{round_}-{pid}"
+                ids.append(msg.metadata.message_id)  # never answered
+            elif round_ in self.failing.get(pid, ()):
+                [mid] = super().push_messages([msg])
+                self.replies[mid] = Message(Error(2, "injected failure"), reply_to=msg)
+                self.replies[mid].metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+                ids.append(mid)
+            else:
+                ids.extend(super().push_messages([msg]))
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_failing_and_silent_nodes_do_not_stop_the_run(tmp_path, caplog, algorithm):
+    config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=5, density=1.0,
+                       eval_size=500, output_dir=str(tmp_path), run_name="run",
+                       round_timeout=0.3, node_wait_timeout=5.0, mudag_max_gossip=2)
+    grid = FaultyGrid(make_client_app(), {1000 + pid: (pid, 4) for pid in range(4)},
+                      failing={2: {2, 3, 4}}, silent={3: {3}})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run(grid, config)
+    rows = metrics_rows(tmp_path / "run")
+    # row r is round-trip r + 1: partition 2 fails in round-trips 2-4, partition 3 is silent in 3
+    assert [r["nodes_replied"] for r in rows] == [4, 3, 2, 3, 4, 4]
+    assert all(math.isfinite(r["accuracy_mean"]) for r in rows)
+    errors = records(caplog, logging.ERROR)
+    assert sum("(partition 2) failed: injected failure" in m for m in errors) >= 3
+    assert any("no reply within round-timeout=0.3s from partitions [3]" in m for m in errors)
+    # while partition 2 fails, its neighbours get the last model it sent (round-trip 1)
+    routed_from_2 = [(r, sent[2].to_torch_state_dict()) for r, _, sent in grid.routed
+                     if 2 in sent]
+    first = next(model for r, model in routed_from_2 if r == 2)
+    assert all(same(model, first) for r, model in routed_from_2 if 2 <= r <= 4)
+    assert not any(same(model, first) for r, model in routed_from_2 if r == 6)
+
+
+@pytest.mark.slow
+def test_a_raising_and_a_hanging_client_app_in_a_real_simulation(tmp_path, caplog):
+    config = RunConfig(num_nodes=4, num_rounds=5, density=1.0, eval_size=500, momentum=0.5,
+                       output_dir=str(tmp_path), run_name="ray", round_timeout=4.0,
+                       node_wait_timeout=120.0)
+
+    def faults(msg: Message, context: Context, call_next):
+        if TASK_KEY in msg.content:
+            pid, round_ = context.node_config["partition-id"], msg.content[TASK_KEY]["round"]
+            if pid == 2 and round_ in (2, 3, 4):
+                raise RuntimeError("injected failure")
+            if pid == 3 and round_ == 3:
+                time.sleep(8.0)  # past round-timeout
+        return call_next(msg, context)
+
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_simulation(
+            server_app=make_server_app(config), client_app=make_client_app([faults]),
+            num_supernodes=config.num_nodes,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    rows = metrics_rows(tmp_path / "ray")
+    assert len(rows) == config.num_rounds + 1
+    assert [r["nodes_replied"] for r in rows] == [4, 3, 2, 3, 4, 4]
+    assert rows[-1]["accuracy_mean"] > 0.5
+
+
+# --- a node without neighbours keeps training alone --------------------------------------
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_node_without_neighbours_keeps_training_alone(tmp_path, variant):
+    config = make_config(tmp_path, variant, num_nodes=2)
+    strategy, rules = nodes_for(config)
+    state = rules[0].init_state()
+    task = NodeTask(1, coefficients=strategy.coefficients(1))
+    after, metrics = rules[0].step(state, task, {})
+    assert metrics["neighbours"] == 0.0 and "train_loss" in metrics
+    moved = [not torch.equal(after.shared[k], v) for k, v in state.shared.items()]
+    assert any(moved)
+    assert all(bool(torch.isfinite(v).all()) for g in after.tensors.values() for v in g.values())
+
+
+# --- interrupt, start again: same metrics -----------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_restarted_run_reproduces_the_uninterrupted_metrics(tmp_path):
+    config = RunConfig(algorithm="hyperprism", num_nodes=4, num_rounds=4, eval_size=500,
+                       output_dir=str(tmp_path), node_wait_timeout=5.0)
+    strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+    model = dict(initial_model(config).to_torch_state_dict())
+    run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule, model)
+
+    def interrupting_rule(cfg, pid):
+        rule = make_rule(cfg, pid)
+        step = rule.step
+
+        def stop_in_round_3(state, task, neighbours):
+            if task.round == 3:
+                raise Interrupted
+            return step(state, task, neighbours)
+
+        rule.step = stop_in_round_3
+        return rule
+
+    with pytest.raises(Interrupted):
+        run_in_process(strategy_cls(config, tmp_path / "again"), interrupting_rule, model)
+    assert len(metrics_rows(tmp_path / "again")) == 2
+    run_in_process(strategy_cls(config, tmp_path / "again"), make_rule, model)
+    assert metrics_rows(tmp_path / "again") == metrics_rows(tmp_path / "clean")
+
+    # the Flower path: a run stopped by a failing grid, then a fresh federation (new contexts)
+    class StoppingGrid(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(TASK_KEY in m.content and m.content[TASK_KEY]["round"] == 3
+                   for m in messages):
+                raise Interrupted
+            return super().push_messages(messages)
+
+    partitions = {1000 + pid: (pid, 4) for pid in range(4)}
+    flower = config.replace(run_name="flower")
+    with pytest.raises(Interrupted):
+        run(StoppingGrid(make_client_app(), partitions), flower)
+    run(LocalGrid(make_client_app(), partitions), flower)
+    assert metrics_rows(tmp_path / "flower") == metrics_rows(tmp_path / "clean")
+
+
+# --- configuration errors that need the federation: before round 1, with the fix --------
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"dataset": "mnist", "data_dir": "{tmp}"},
+     r"partition \d \(node 100\d\) cannot start: FileNotFoundError: dataset 'mnist' not found "
+     r"under data-dir=.*set download=true"),
+    ({"min_partition_size": 10_000},
+     r"cannot start: ValueError: cannot give 4 partitions at least min-partition-size=10000 "
+     r"samples each from 30000 samples; lower num-nodes or min-partition-size"),
+    ({"alpha": 0.001, "min_partition_size": 7000},
+     r"cannot start: ValueError: Dirichlet partition .* lower min-partition-size, raise alpha"),
+])
+def test_nodes_that_cannot_load_their_data_stop_the_run_before_round_1(tmp_path, changes,
+                                                                        message):
+    changes = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+               for k, v in changes.items()}
+    config = RunConfig(num_nodes=4, output_dir=str(tmp_path), run_name="run",
+                       node_wait_timeout=5.0, **changes)
+    grid = FaultyGrid(make_client_app(), {1000 + pid: (pid, 4) for pid in range(4)},
+                      failing={}, silent={})
+    with pytest.raises(RuntimeError, match=message):
+        run(grid, config)
+    assert grid.routed == []  # no train message was sent
+
+
+def test_too_few_supernodes_are_reported_while_waiting_then_time_out(caplog):
+    grid = LocalGrid(make_client_app(), {5: (0, 3), 6: (1, 3)})
+    with caplog.at_level(logging.INFO, logger="flwr"), \
+            pytest.raises(RuntimeError, match=r"only 2 of num-nodes=3 .*num-supernodes=3"):
+        wait_for_partitions(grid, 3, timeout=0.5, report_every=0.1)
+    assert any("waiting for nodes: 2 of num-nodes=3 connected" in m
+               for m in records(caplog, logging.INFO))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
