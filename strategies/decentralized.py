@@ -389,20 +389,27 @@ class DecentralizedStrategy(Strategy):
 
         ``round_trip(round, stage)`` does one exchange and returns each replying node's
         metrics. Stage 0 of round t evaluates the model after round t - 1: its metrics make
-        that round's row, with ``exchanges`` (round-trips whose vectors reached that model)
-        and ``seconds`` (wall time since the previous row).
+        that round's row, with ``exchanges`` (round-trips whose vectors reached that model),
+        ``seconds`` (wall time since the previous row) and ``neighbours_dropped`` counted over
+        every exchange since the previous row.
         """
         self.recorder = (RunRecorder(self.run_dir, self.config, self.description)
                          if self.run_dir is not None else None)
         rows = []
         started = time.perf_counter()
+        dropped: dict[int, float] = {}  # neighbours dropped in stages > 0, per node
         for exchanges, (round_, stage) in enumerate(self.schedule()):
             node_metrics = round_trip(round_, stage)
+            for pid, metrics in node_metrics.items():
+                dropped[pid] = dropped.get(pid, 0.0) + metrics.get("neighbours_dropped", 0.0)
             if stage == 0:
+                node_metrics = {pid: {**metrics, "neighbours_dropped": dropped.pop(pid)}
+                                for pid, metrics in node_metrics.items()}
                 rows.append({**summarise_round(round_ - 1, node_metrics), "exchanges": exchanges,
                              "seconds": time.perf_counter() - started})
                 self.record_round(rows[-1])
                 started = time.perf_counter()
+                dropped.clear()
         return rows
 
     def record_round(self, row: dict) -> None:

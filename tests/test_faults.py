@@ -120,22 +120,32 @@ class CorruptingGrid(LocalGrid):
         return super().push_messages(messages)
 
 
-@pytest.mark.parametrize("fault", ["nan", "huge", "missing"])
+# Per row, partition 0's drops of partition 1's model on a complete graph of 4 nodes, over 4
+# nodes: every exchange routes it, except where nothing is routed yet (ADOM+ and Mudag start
+# with nothing to mix); Mudag's rows count its K = 3 FastMix exchanges per round.
+DROPS_PER_ROW = {"hyperprism": [0.25] * 4, "mudag": [0.0] + [0.75] * 3, "adom": [0.0] + [0.25] * 3}
+
+
+@pytest.mark.parametrize(("algorithm", "fault"), [("hyperprism", "nan"), ("hyperprism", "huge"),
+                                                  ("hyperprism", "missing"), ("mudag", "nan"),
+                                                  ("adom", "huge")])
 def test_poisoned_messages_through_the_client_app_never_reach_the_model(tmp_path, caplog,
-                                                                          fault):
-    config = RunConfig(num_nodes=4, num_rounds=3, density=1.0, eval_size=500,
-                       output_dir=str(tmp_path), run_name="run", node_wait_timeout=5.0)
+                                                                          algorithm, fault):
+    config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=3, density=1.0,
+                       eval_size=500, output_dir=str(tmp_path), run_name="run",
+                       node_wait_timeout=5.0)
     grid = CorruptingGrid(make_client_app(), {1000 + pid: (pid, 4) for pid in range(4)},
                           source=1, target=0, fault=fault)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         run(grid, config)
     rows = metrics_rows(tmp_path / "run")
     assert [r["nodes_replied"] for r in rows] == [4] * 4
-    # every round-trip routes partition 1's model to partition 0 (complete graph)
-    assert [r["neighbours_dropped_mean"] for r in rows] == [0.25] * 4
+    assert [r["neighbours_dropped_mean"] for r in rows] == DROPS_PER_ROW[algorithm]
     assert all(math.isfinite(r["accuracy_mean"]) and math.isfinite(r["loss_mean"]) for r in rows)
-    assert rows[-1]["accuracy_mean"] > 0.3
-    assert len([m for m in records(caplog) if "dropped neighbours 1:" in m]) == 4
+    if algorithm == "hyperprism":
+        assert rows[-1]["accuracy_mean"] > 0.3
+    warnings = [m for m in records(caplog) if "dropped neighbours 1:" in m]
+    assert len(warnings) == 4 * sum(DROPS_PER_ROW[algorithm])  # one per dropping round-trip
 
 
 # --- failing nodes: logged, their last model stays routed, the run goes on -----------------
