@@ -17,8 +17,9 @@ PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
 def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> dict:
     """One metrics row (without ``seconds``) from each replying node's metrics.
 
-    Every numeric key K becomes ``K_mean`` over nodes; accuracy also gets ``accuracy_std``
-    (population std); ``PER_NODE_KEYS`` are kept per node, ordered by partition id.
+    Every numeric key K becomes ``K_mean`` over nodes; ``PER_NODE_KEYS`` (accuracy and the
+    degrees) also get ``K_std`` (population std over nodes) and are kept per node, ordered by
+    partition id.
     """
     nodes = sorted(node_metrics)
     row: dict = {"round": round_, "nodes_replied": len(nodes)}
@@ -27,10 +28,9 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
         values = [float(node_metrics[n][key]) for n in nodes if key in node_metrics[n]]
         mean = math.fsum(values) / len(values)
         row[f"{key}_mean"] = mean
-        if key == "accuracy":
-            row["accuracy_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values)
-                                            / len(values))
         if key in PER_NODE_KEYS:
+            row[f"{key}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values)
+                                          / len(values))
             row[key] = values
     return row
 

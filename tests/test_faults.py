@@ -6,11 +6,9 @@ that need a federation (missing data, an impossible partition, too few SuperNode
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.server_app import initial_model, make_server_app, run
 from strategies import ALGORITHMS, run_in_process, wait_for_partitions
 from strategies.decentralized import NEIGHBOUR_PREFIX, TASK_KEY, NodeTask
+from tests.flwr_hyperprism.test_apps import metrics_rows
 from tests.harness import LocalGrid
 from tests.strategies.test_battery import MODEL_GROUPS, VARIANTS, make_config, nodes_for
 
@@ -340,8 +339,3 @@ def test_too_few_supernodes_are_reported_while_waiting_then_time_out(caplog):
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]

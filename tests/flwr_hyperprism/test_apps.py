@@ -74,6 +74,7 @@ def test_simulation_runtime_run_learns_and_equals_in_process_run(tmp_path, algor
     rows = metrics_rows(tmp_path / "ray")
     assert [r["nodes_replied"] for r in rows] == [4] * (config.num_rounds + 1)
     assert rows[-1]["accuracy_mean"] > 0.5  # chance is 0.1
+    assert all(r["neighbours_dropped_mean"] == 0 for r in rows)  # the guard spares honest peers
     assert rows == metrics_rows(tmp_path / "inprocess")
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["algorithm_name"] == ALGORITHMS[algorithm][0].description

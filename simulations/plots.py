@@ -1,0 +1,99 @@
+"""PNG plots of a finished sweep (needs matplotlib: ``pip install -e '.[plots]'``).
+
+- ``curves.png``: mean node accuracy per round, mean ± std over seeds (shaded), one panel per
+  swept value and a line per method (the paper's Fig. 3);
+- ``p_degrees.png``: HyperPrism's p_theta and p_phi per round, mean ± std over nodes (seed of
+  the first cell), one panel per swept value (the per-node diagnostics reviewers asked for);
+- ``accuracy_vs_p.png`` for a sweep over ``fixed_p``: Max Acc against p, mean ± std over seeds
+  (Fig. 2a/b).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .sweep import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
+
+
+def plot_sweep(sweep: Sweep, out: Path) -> list[Path]:
+    """Write the sweep's plots into ``out``; returns their paths."""
+    written = [plot_curves(sweep, out)]
+    if REFERENCE_METHOD in sweep.methods and sweep.methods[REFERENCE_METHOD].get(
+            "p_mode", sweep.base.p_mode) == "hypernetwork":
+        written.append(plot_degrees(sweep, out))
+    if sweep.key == "fixed_p":
+        written.append(plot_accuracy_vs_p(sweep, out))
+    return written
+
+
+def _panels(count: int):
+    fig, axes = plt.subplots(1, count, figsize=(4.5 * count, 3.6), squeeze=False, sharey=True)
+    return fig, axes[0]
+
+
+def plot_curves(sweep: Sweep, out: Path) -> Path:
+    fig, axes = _panels(len(sweep.values))
+    cells = sweep.cells()
+    for ax, value in zip(axes, sweep.values):
+        for method in sweep.methods:
+            runs = [[r["accuracy_mean"] for r in cell_rows(out, sweep, c)]
+                    for c in cells if c.method == method and c.value == value]
+            length = min(len(r) for r in runs)
+            acc = 100 * np.array([r[:length] for r in runs])
+            mean, std = acc.mean(axis=0), acc.std(axis=0)
+            rounds = np.arange(length)
+            ax.plot(rounds, mean, label=method)
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        ax.set(title=f"{sweep.key} = {value}", xlabel="round", ylabel="mean node accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize="small")
+    return _save(fig, out / "curves.png")
+
+
+def plot_degrees(sweep: Sweep, out: Path) -> Path:
+    fig, axes = _panels(len(sweep.values))
+    for ax, value in zip(axes, sweep.values):
+        cell = next(c for c in sweep.cells() if c.method == REFERENCE_METHOD and c.value == value)
+        rows = [r for r in cell_rows(out, sweep, cell) if "p_theta" in r]
+        for key, label in (("p_theta", "p_θ (representation)"), ("p_phi", "p_φ (decision)")):
+            degrees = np.array([r[key] for r in rows])  # (rounds, nodes)
+            mean, std = degrees.mean(axis=1), degrees.std(axis=1)
+            rounds = np.array([r["round"] for r in rows])
+            ax.plot(rounds, mean, label=label)
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        ax.set(title=f"{sweep.key} = {value}, seed {cell.seed}", xlabel="round",
+               ylabel="degree p (mean ± std over nodes)")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize="small")
+    return _save(fig, out / "p_degrees.png")
+
+
+def plot_accuracy_vs_p(sweep: Sweep, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method in sweep.methods:
+        means, stds = [], []
+        for value in sweep.values:
+            best = [100 * json.loads((out / "cells" / c.id(sweep.key) / "summary.json")
+                                     .read_text())["max_accuracy"]
+                    for c in sweep.cells() if c.method == method and c.value == value]
+            means.append(np.mean(best))
+            stds.append(np.std(best))
+        ax.errorbar(sweep.values, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set(xlabel="fixed p", ylabel="Max Acc (%)", title=sweep.title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, out / "accuracy_vs_p.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

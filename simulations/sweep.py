@@ -1,0 +1,261 @@
+"""Experiment sweeps: one command per table or figure of the paper.
+
+    python -m simulations.sweep simulations/table2_alpha.yaml data_dir=/abs/data [key=value ...]
+        [--engine flower|inprocess] [--seeds 0,1,2] [--out DIR]
+
+A sweep file names the run configs to compose (``configs``, relative to the sweep file), the
+methods (rows of the table: a name and the RunConfig settings that make it), one swept key and
+its values (columns), and the seeds. ``key=value`` overrides apply to every cell. Every cell
+(method x value x seed) is one run; its metrics.jsonl / summary.json go to
+``<out>/cells/<cell id>/``. A cell whose summary says it completed all its rounds is not run
+again, so an interrupted sweep resumes where it stopped. Then the sweep writes ``metrics.csv``
+(every round of every cell), ``table.md`` (Max Acc and Conv. Rds, mean ± std over seeds, in the
+paper's layout) and, with matplotlib installed, the plots (``simulations.plots``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from flwr_hyperprism.config import RunConfig, load_config
+
+from .run import ENGINES, run_experiment
+
+log = logging.getLogger("flwr")
+
+CSV_KEYS = ("round", "exchanges", "nodes_replied", "accuracy_mean", "accuracy_std", "loss_mean",
+            "p_theta_mean", "p_theta_std", "p_phi_mean", "p_phi_std", "neighbours_dropped_mean",
+            "seconds")
+REFERENCE_METHOD = "HyperPrism"  # the improvement row compares it with the best other method
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A table or figure: methods (rows) x values of ``key`` (columns) x seeds."""
+
+    name: str
+    title: str
+    key: str  # a RunConfig field
+    values: tuple
+    methods: Mapping[str, Mapping]  # method name -> RunConfig settings
+    seeds: tuple[int, ...]
+    base: RunConfig  # composed configs + overrides
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Sequence[str] = (),
+             seeds: Sequence[int] | None = None) -> Sweep:
+        path = Path(path)
+        spec = OmegaConf.to_container(OmegaConf.load(path))
+        unknown = sorted(set(spec) - {"name", "title", "configs", "methods", "sweep", "seeds"})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in sweep file {path}; valid: name, title, "
+                             f"configs, methods, sweep, seeds")
+        if len(spec.get("sweep", {})) != 1:
+            raise ValueError(f"sweep file {path}: 'sweep' must name exactly one config key and "
+                             f"its values, e.g. sweep: {{alpha: [0.1, 1.0, 10.0]}}")
+        [(key, values)] = spec["sweep"].items()
+        key = key.replace("-", "_")
+        methods = {name: {k.replace("-", "_"): v for k, v in (settings or {}).items()}
+                   for name, settings in spec["methods"].items()}
+        base = load_config([path.parent / c for c in spec.get("configs", [])], overrides)
+        for settings in methods.values():  # every cell's config must be valid up front
+            for value in values:
+                base.replace(**{**settings, key: value})
+        return cls(spec.get("name", path.stem), spec.get("title", path.stem), key,
+                   tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base)
+
+    def cells(self) -> list[Cell]:
+        return [Cell(method, value, seed,
+                     self.base.replace(**{**settings, self.key: value, "seed": seed}))
+                for method, settings in self.methods.items() for value in self.values
+                for seed in self.seeds]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: a method at one value of the swept key, with one seed."""
+
+    method: str
+    value: object
+    seed: int
+    config: RunConfig
+
+    def id(self, key: str) -> str:
+        name = "".join(c if c.isalnum() or c in "-." else "_" for c in self.method)
+        return f"{name}__{key}={self.value}__seed{self.seed}"
+
+
+def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
+    """Run every unfinished cell, then write metrics.csv, table.md and the plots; returns the
+    per-cell summaries (with method, value and seed)."""
+    cells = sweep.cells()
+    started, ran = time.perf_counter(), 0
+    summaries = []
+    for index, cell in enumerate(cells, 1):
+        run_dir = out / "cells" / cell.id(sweep.key)
+        if not finished(run_dir, cell.config):
+            cell_started = time.perf_counter()
+            run_experiment(cell.config.replace(output_dir=str(run_dir.parent),
+                                               run_name=run_dir.name), engine, run_dir)
+            ran += 1
+            per_cell = (time.perf_counter() - started) / ran
+            log.info("[sweep %s] cell %s of %s (%s) done in %.0fs; ETA %.0fs", sweep.name,
+                     index, len(cells), run_dir.name, time.perf_counter() - cell_started,
+                     per_cell * sum(not finished(out / "cells" / c.id(sweep.key), c.config)
+                                    for c in cells[index:]))
+        else:
+            log.info("[sweep %s] cell %s of %s (%s) already done", sweep.name, index,
+                     len(cells), run_dir.name)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summaries.append({**summary, "method": cell.method, "value": cell.value})
+    write_csv(sweep, out, cells)
+    (out / "table.md").write_text(markdown_table(sweep, summaries))
+    try:
+        from .plots import plot_sweep
+    except ImportError:  # matplotlib is the optional extra "plots"
+        log.warning("matplotlib is not installed: no plots (pip install -e '.[plots]')")
+    else:
+        plot_sweep(sweep, out)
+    return summaries
+
+
+def finished(run_dir: Path, config: RunConfig) -> bool:
+    """Whether ``run_dir`` holds a run of ``config`` that completed all its rounds."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    comparable = {k: v for k, v in config.to_run_config().items()
+                  if k not in ("output-dir", "run-name")}
+    return (summary.get("rounds_completed") == config.num_rounds
+            and all(saved.get(k) == v for k, v in comparable.items()))
+
+
+def cell_rows(out: Path, sweep: Sweep, cell: Cell) -> list[dict]:
+    path = out / "cells" / cell.id(sweep.key) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_csv(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> None:
+    """metrics.csv: one line per round of every cell (empty where a metric does not apply)."""
+    with open(out / "metrics.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(("sweep", "method", sweep.key, "seed") + CSV_KEYS)
+        for cell in cells:
+            for row in cell_rows(out, sweep, cell):
+                writer.writerow((sweep.name, cell.method, cell.value, cell.seed)
+                                + tuple(row.get(k, "") for k in CSV_KEYS))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
+    """Max Acc (%) and Conv. Rds per method (rows) and swept value (columns), mean ± std over
+    seeds, and HyperPrism's improvement over the best other method per column.
+
+    Conv. Rds is the first round whose mean node accuracy reaches the target; seeds that never
+    reach it are counted as shown ("k/n reached"), and the mean is over the seeds that did.
+    """
+    by_cell: dict[tuple[str, object], list[Mapping]] = {}
+    for summary in summaries:
+        by_cell.setdefault((summary["method"], summary["value"]), []).append(summary)
+    target = summaries[0]["target_accuracy"] if summaries else sweep.base.target_accuracy
+    header = "| Method | " + " | ".join(f"{sweep.key} = {v}" for v in sweep.values) + " |"
+    rule = "|---|" + "---|" * len(sweep.values)
+    lines = [f"# {sweep.title}", "",
+             f"Mean ± std over seeds {list(sweep.seeds)}. Max Acc: max over rounds of the mean "
+             f"node accuracy (%). Conv. Rds: first round with mean node accuracy >= "
+             f"{100 * target:g}%.", ""]
+    for metric, cell_text in (("Max Acc (%)", max_acc_text), ("Conv. Rds", rounds_text)):
+        lines += [f"## {metric}", "", header, rule]
+        for method in sweep.methods:
+            cells = [cell_text(by_cell.get((method, v), [])) for v in sweep.values]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if REFERENCE_METHOD in sweep.methods and len(sweep.methods) > 1:
+        lines += ["## HyperPrism against the best other method", "", header, rule]
+        gains = [improvement(by_cell, REFERENCE_METHOD, v,
+                             [m for m in sweep.methods if m != REFERENCE_METHOD])
+                 for v in sweep.values]
+        lines.append("| Max Acc (points) | " + " | ".join(g[0] for g in gains) + " |")
+        lines.append("| Conv. Rds (fewer rounds) | " + " | ".join(g[1] for g in gains) + " |")
+        lines.append("")
+    seconds = {m: [s["seconds_total"] / max(s["rounds_completed"], 1)
+                   for (method, _), group in by_cell.items() if method == m for s in group]
+               for m in sweep.methods}
+    lines += ["## Time per round (s, this machine)", "", "| Method | s / round |", "|---|---|"]
+    lines += [f"| {m} | {statistics.fmean(v):.2f} |" for m, v in seconds.items() if v]
+    return "\n".join(lines) + "\n"
+
+
+def max_acc_text(group: Sequence[Mapping]) -> str:
+    if not group:
+        return "—"
+    mean, std = mean_std([100 * s["max_accuracy"] for s in group])
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def rounds_text(group: Sequence[Mapping]) -> str:
+    if not group:
+        return "—"
+    reached = [s["rounds_to_target"] for s in group if s["rounds_to_target"] is not None]
+    if not reached:
+        return f"not reached (0/{len(group)})"
+    mean, std = mean_std(reached)
+    text = f"{mean:.1f} ± {std:.1f}"
+    return text if len(reached) == len(group) else f"{text} ({len(reached)}/{len(group)} reached)"
+
+
+def improvement(by_cell: Mapping, reference: str, value: object, others: Sequence[str]
+                ) -> tuple[str, str]:
+    """(accuracy gain in points, % fewer rounds to target) of ``reference`` over the best
+    other method at ``value`` (best: highest mean Max Acc; fewest mean Conv. Rds)."""
+    def mean_of(method: str, key: str) -> float | None:
+        values = [s[key] for s in by_cell.get((method, value), []) if s[key] is not None]
+        return statistics.fmean(values) if values else None
+
+    ours_acc, ours_rounds = mean_of(reference, "max_accuracy"), mean_of(reference,
+                                                                        "rounds_to_target")
+    accs = [a for m in others if (a := mean_of(m, "max_accuracy")) is not None]
+    rounds = [r for m in others if (r := mean_of(m, "rounds_to_target")) is not None]
+    acc_text = f"{100 * (ours_acc - max(accs)):+.2f}" if ours_acc is not None and accs else "—"
+    if ours_rounds is None or not rounds:
+        rounds_text_ = "—"
+    else:
+        rounds_text_ = f"{100 * (min(rounds) - ours_rounds) / min(rounds):+.1f}%"
+    return acc_text, rounds_text_
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="a sweep YAML file under simulations/")
+    parser.add_argument("overrides", nargs="*", help="key=value settings for every cell")
+    parser.add_argument("--engine", choices=ENGINES, default="flower")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
+    parser.add_argument("--out", type=Path, help="default: simulations/results/<sweep name>")
+    args = parser.parse_args(argv)
+    logging.getLogger("flwr").setLevel(logging.INFO)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    sweep = Sweep.load(args.sweep, args.overrides, seeds)
+    out = (args.out or Path(__file__).parent / "results" / sweep.name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run_sweep(sweep, out, args.engine)
+    print(out / "table.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The sweep runner: a tiny sweep end to end, resume, the table's metric definitions."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pytest
+
+from simulations.sweep import Sweep, finished, main, markdown_table, run_sweep
+
+SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
+
+TINY = """
+name: tiny
+title: Tiny sweep
+configs: [base.yaml]
+methods:
+  HyperPrism: {algorithm: hyperprism}
+  D-PSGD: {algorithm: dpsgd}
+sweep:
+  alpha: [0.1, 10.0]
+seeds: [0, 1]
+"""
+TINY_SETTINGS = ["num_nodes=4", "num_rounds=2", "local_steps=3", "eval_size=300",
+                 "target_accuracy=0.3"]
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path) -> Sweep:
+    (tmp_path / "base.yaml").write_text((SIMULATIONS / "base.yaml").read_text())
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    return Sweep.load(tmp_path / "tiny.yaml", TINY_SETTINGS)
+
+
+def test_a_tiny_sweep_runs_every_cell_and_writes_csv_table_and_plots(tmp_path, tiny_sweep,
+                                                                      caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        summaries = run_sweep(tiny_sweep, out)
+    assert len(summaries) == 8 and {s["num_nodes"] for s in summaries} == {4}
+    assert {(s["method"], s["value"], s["seed"]) for s in summaries} == {
+        (m, v, s) for m in ("HyperPrism", "D-PSGD") for v in (0.1, 10.0) for s in (0, 1)}
+    assert any("cell 8 of 8" in r.getMessage() and "ETA" in r.getMessage()
+               for r in caplog.records)
+    with open(out / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8 * 3  # rounds 0..2 of every cell
+    assert rows[0].keys() >= {"method", "alpha", "seed", "round", "accuracy_mean", "p_theta_std"}
+    assert {r["p_theta_mean"] for r in rows if r["method"] == "D-PSGD"} == {""}
+    table = (out / "table.md").read_text()
+    assert "| Method | alpha = 0.1 | alpha = 10.0 |" in table
+    assert "## HyperPrism against the best other method" in table
+    for name in ("curves.png", "p_degrees.png"):
+        assert (out / name).stat().st_size > 10_000
+
+
+def test_an_interrupted_sweep_resumes_with_the_unfinished_cells_only(tmp_path, tiny_sweep,
+                                                                      caplog):
+    out = tmp_path / "out"
+    run_sweep(tiny_sweep, out)
+    table = (out / "table.md").read_text().split("## Time per round")[0]
+    cells = sorted((out / "cells").iterdir())
+    (cells[3] / "summary.json").unlink()  # as if stopped during that cell
+    stamps = {c.name: (c / "metrics.jsonl").stat().st_mtime_ns for c in cells}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_sweep(tiny_sweep, out)
+    messages = [r.getMessage() for r in caplog.records if "[sweep tiny]" in r.getMessage()]
+    assert sum("already done" in m for m in messages) == 7
+    assert [c.name for c in cells if (c / "metrics.jsonl").stat().st_mtime_ns != stamps[c.name]
+            ] == [cells[3].name]
+    assert (out / "table.md").read_text().split("## Time per round")[0] == table
+    # a changed setting is a different run: not "finished"
+    cell = tiny_sweep.cells()[0]
+    assert finished(out / "cells" / cell.id("alpha"), cell.config)
+    assert not finished(out / "cells" / cell.id("alpha"), cell.config.replace(lr=0.5))
+
+
+def summary(method: str, value: float, max_accuracy: float, rounds: int | None) -> dict:
+    return {"method": method, "value": value, "max_accuracy": max_accuracy,
+            "rounds_to_target": rounds, "target_accuracy": 0.85, "seconds_total": 10.0,
+            "rounds_completed": 100}
+
+
+def test_table_metrics_mean_std_reached_counts_and_improvements(tiny_sweep):
+    summaries = [
+        summary("HyperPrism", 0.1, 0.90, 10), summary("HyperPrism", 0.1, 0.92, 14),
+        summary("D-PSGD", 0.1, 0.88, 20), summary("D-PSGD", 0.1, 0.86, None),
+        summary("HyperPrism", 10.0, 0.80, None), summary("HyperPrism", 10.0, 0.81, None),
+        summary("D-PSGD", 10.0, 0.84, None), summary("D-PSGD", 10.0, 0.85, 90),
+    ]
+    table = markdown_table(tiny_sweep, summaries)
+    assert "| HyperPrism | 91.00 ± 1.41 | 80.50 ± 0.71 |" in table  # sample std
+    assert "| HyperPrism | 12.0 ± 2.8 | not reached (0/2) |" in table
+    assert "| D-PSGD | 20.0 ± 0.0 (1/2 reached) | 90.0 ± 0.0 (1/2 reached) |" in table
+    # +4 points over D-PSGD's 87%; 12 rounds against 20: 40% fewer
+    assert "| Max Acc (points) | +4.00 | -4.00 |" in table
+    assert "| Conv. Rds (fewer rounds) | +40.0% | — |" in table
+    assert "first round with mean node accuracy >= 85%" in table
+    assert "| HyperPrism | 0.10 |" in table  # 10 s over 100 rounds
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("methods: {A: {}}\nsweep: {alpha: [1.0]}\nbogus: 1\n", "unknown keys \\['bogus'\\]"),
+    ("methods: {A: {}}\nsweep: {alpha: [1.0], density: [0.5]}\n", "exactly one config key"),
+    ("methods: {A: {}}\nsweep: {alpha: [0.0]}\n", "'alpha' must be > 0, got 0.0"),
+    ("methods: {A: {algorithm: fedavg}}\nsweep: {alpha: [1.0]}\n", "'fedavg' is not one of"),
+])
+def test_bad_sweep_files_fail_before_any_run(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Sweep.load(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(("name", "key", "values"), [
+    ("table2_alpha", "alpha", (0.1, 1.0, 10.0)),
+    ("table3_density", "density", (0.2, 0.5, 0.8)),
+    ("table4_nodes", "num_nodes", (20, 50, 100)),
+    ("fig2_p_sweep", "fixed_p", (1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0)),
+])
+def test_the_shipped_sweeps_are_the_papers(name, key, values):
+    sweep = Sweep.load(SIMULATIONS / f"{name}.yaml")
+    assert (sweep.key, sweep.values, sweep.seeds) == (key, values, (0, 1, 2))
+    base = sweep.base
+    assert (base.dataset, base.model, base.num_rounds, base.lr, base.batch_size) == (
+        "mnist", "logreg", 100, 0.01, 128)
+    if name != "table4_nodes":
+        assert base.num_nodes == 50
+    cells = sweep.cells()
+    assert len(cells) == len(sweep.methods) * len(values) * 3
+    if name != "fig2_p_sweep":
+        assert {c.config.algorithm for c in cells} == {"hyperprism", "dpsgd", "swarmsgd",
+                                                      "mudag", "adom"}
+
+
+def test_the_command_line_takes_overrides_and_seeds(tmp_path, tiny_sweep, capsys):
+    main([str(tmp_path / "tiny.yaml"), *TINY_SETTINGS, "--engine", "inprocess",
+          "--seeds", "5", "--out", str(tmp_path / "cli")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "table.md")
+    assert "seeds [5]" in (tmp_path / "cli" / "table.md").read_text()
+    assert len(list((tmp_path / "cli" / "cells").iterdir())) == 4
+
+
+@pytest.mark.slow
+def test_the_flower_engine_gives_the_in_process_metrics(tmp_path, tiny_sweep):
+    sweep = Sweep.load(tmp_path / "tiny.yaml", TINY_SETTINGS + ["node_wait_timeout=120"],
+                       seeds=[0])
+    run_sweep(sweep, tmp_path / "flower", "flower")
+    run_sweep(sweep, tmp_path / "inprocess", "inprocess")
+
+    def rows(out: Path) -> list[dict]:
+        with open(out / "metrics.csv") as file:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(file)]
+
+    assert rows(tmp_path / "flower") == rows(tmp_path / "inprocess")
