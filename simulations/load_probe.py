@@ -95,7 +95,8 @@ class MemorySampler(threading.Thread):
     """Samples the summed RSS and PSS of ``pids()`` every ``interval`` s until ``stop()``.
 
     ``peak_pss`` / ``peak_rss`` are the largest sums seen (bytes), ``at_peak`` the PSS per
-    process name at the PSS peak, ``max_processes`` the most processes seen at once.
+    process name (with the number of such processes) at the PSS peak, ``max_processes`` the
+    most processes seen at once.
     """
 
     def __init__(self, pids: Callable[[], Sequence[int]], interval: float = 0.5) -> None:
@@ -116,11 +117,12 @@ class MemorySampler(threading.Thread):
         self.peak_rss = max(self.peak_rss, rss)
         if pss > self.peak_pss:
             self.peak_pss = pss
-            by_name: dict[str, int] = {}
+            by_name: dict[str, list[int]] = {}
             for pid, (_, p) in memory.items():
-                name = process_name(pid)
-                by_name[name] = by_name.get(name, 0) + p
-            self.at_peak = by_name
+                count_pss = by_name.setdefault(process_name(pid), [0, 0])
+                count_pss[0] += 1
+                count_pss[1] += p
+            self.at_peak = {f"{name} x{count}": pss for name, (count, pss) in by_name.items()}
 
     def run(self) -> None:
         while not self._done.is_set():
@@ -158,9 +160,10 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
                  ) -> dict[str, float]:
     """Bytes the orchestrator routes per round (mean over rounds 1..rounds), without Flower.
 
-    Builds the strategy's real train messages (``configure_train``, all nodes holding the
-    initial model, as in round 1) and sums their content serialized as protobuf: the routed
-    neighbour models dominate. Also the size of one node model and one node's state.
+    Builds the strategy's real train messages (``configure_train`` on the graphs of rounds
+    1..rounds, every routed model the size of the initial model) and sums their content
+    serialized as protobuf: the routed neighbour models dominate. Also the size of one model
+    and of one node's state (what its ``context.state`` holds).
     """
     from flwr.app import ConfigRecord
     from flwr.common.serde import recorddict_to_proto
@@ -182,8 +185,8 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
     for round_ in range(1, rounds + 1):
         messages = strategy.configure_train(round_, model, ConfigRecord(), grid=None)
         per_round.append(sum(recorddict_to_proto(m.content).ByteSize() for m in messages))
-        links.append(sum(len(strategy.plan_round(round_, range(num_nodes))[i].neighbours)
-                         for i in range(num_nodes)))
+        links.append(sum(len(task.neighbours)
+                         for task in strategy.plan_round(round_, range(num_nodes)).values()))
     state = make_rule(config, 0).init_state()
     state_bytes = sum(t.numel() * t.element_size() for group in state.tensors.values()
                       for t in group.values())
@@ -201,16 +204,10 @@ def _record(arrays):
 
 
 def _typed(overrides: dict[str, str]) -> dict:
-    """key=value strings typed like Flower's run config (TOML values; bare words are str)."""
-    import tomllib
+    """key=value strings typed as Flower types the run config (TOML values)."""
+    from flwr.common.config import parse_config_args
 
-    out = {}
-    for key, value in overrides.items():
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
+    return parse_config_args([" ".join(f"{k}={v}" for k, v in overrides.items())])
 
 
 # --- one run --------------------------------------------------------------------------------
@@ -229,7 +226,7 @@ def run_once(num_nodes: int, algorithm: str, rounds: int, overrides: dict[str, s
                 "num-rounds": str(rounds), "output-dir": f"'{work / 'runs'}'",
                 "run-name": "'probe'"}
     command = ["flwr", "run", str(REPO), "--stream", "--federation-config",
-               f"num-supernodes={num_nodes} client-resources-num-cpus={num_cpus}",
+               f"num-supernodes={num_nodes} client-resources-num-cpus={num_cpus:g}",
                "--run-config", " ".join(f"{k}={v}" for k, v in settings.items())]
     pids = lambda: processes_with_env("FLWR_HOME", str(home))  # noqa: E731
     sampler = MemorySampler(pids, interval)
@@ -250,7 +247,9 @@ def run_once(num_nodes: int, algorithm: str, rounds: int, overrides: dict[str, s
     if len(rows) != rounds + 1:
         tail = (done.stdout + done.stderr)[-3000:]
         raise RuntimeError(f"{num_nodes} nodes, {algorithm}: {len(rows)} rows\n{tail}")
-    training = [r["seconds"] for r in rows[1:rounds]]  # full rounds (merge + eval + train)
+    # Full rounds (merge, evaluate, train): rows 1..R-1. Row 0 adds the first messages' set-up;
+    # row R merges and evaluates only.
+    training = [r["seconds"] for r in rows[1:rounds]] or [r["seconds"] for r in rows]
     return {"nodes": num_nodes, "algorithm": algorithm, "wall_s": wall,
             "s_per_round": sum(training) / len(training),
             "s_round0": rows[0]["seconds"], "s_last": rows[-1]["seconds"],
@@ -274,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="memory sampling period")
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.overrides)
-    for key, value in list(overrides.items()):  # bare words are strings in TOML only quoted
+    for key, value in list(overrides.items()):  # quote bare words: mnist, /abs/dir
         if not value[:1].isdigit() and value not in ("true", "false") and value[:1] not in "'\"":
             overrides[key] = f"'{value}'"
     results = []
@@ -286,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      args.num_cpus, args.interval))
                 print(json.dumps(runs[-1]), flush=True)
             best = min(runs, key=lambda r: r["wall_s"])
+            best["s_per_round"] = min(r["s_per_round"] for r in runs)
             best["peak_pss_mib"] = max(r["peak_pss_mib"] for r in runs)
             best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
             best.update(routed_bytes(overrides, num_nodes, algorithm, args.rounds))
@@ -294,11 +294,13 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{'peak RSS':>9} {'procs':>5} {'routed':>7} {'train msgs':>10} {'replies':>8}")
     for r in results:
         print(f"{r['nodes']:>5} {r['algorithm']:<11} {r['wall_s']:>7.1f} "
-              f"{r['s_per_round']:>8.2f} {r['peak_pss_mib']:>5.0f} MiB {r['peak_rss_mib']:>5.0f} MiB"
-              f" {r['max_processes']:>5} {r['routed_models_per_round']:>7.0f} "
+              f"{r['s_per_round']:>8.2f} {r['peak_pss_mib']:>5.0f} MiB "
+              f"{r['peak_rss_mib']:>5.0f} MiB {r['max_processes']:>5} "
+              f"{r['routed_models_per_round']:>7.0f} "
               f"{r['train_msg_mib_per_round']:>6.1f} MiB {r['reply_mib_per_round']:>4.1f} MiB")
-    print("(wall: best of --repeat runs; peak memory: the largest of them; routed: neighbour "
-          "models per round; train msgs / replies: serialized bytes per round)")
+    print("(wall, s/round: best of --repeat runs, s/round = mean of the full rounds 1..R-1; "
+          "peak memory: the largest of the runs; routed: neighbour models per round; "
+          "train msgs / replies: their serialized bytes per round)")
 
 
 if __name__ == "__main__":
