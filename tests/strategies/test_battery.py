@@ -162,7 +162,8 @@ def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
         strategy, make_rule = ALGORITHMS[algorithm]
         result = run_in_process(strategy(config), make_rule,
                                 dict(initial_model(config).to_torch_state_dict()))
-        drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean"}
+        drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean", "p_theta_std",
+                "p_phi_std"}
         return [{k: v for k, v in row.items() if k not in drop} for row in result]
 
     assert rows("hyperprism", p_mode="fixed", fixed_p=1.0) == rows("dpsgd")
