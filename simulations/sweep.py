@@ -7,8 +7,9 @@ A sweep file names the run configs to compose (``configs``, relative to the swee
 methods (rows of the table: a name and the RunConfig settings that make it), one swept key and
 its values (columns), and the seeds. ``key=value`` overrides apply to every cell. Every cell
 (method x value x seed) is one run; its metrics.jsonl / summary.json go to
-``<out>/cells/<cell id>/``. A cell whose summary says it completed all its rounds is not run
-again, so an interrupted sweep resumes where it stopped. Then the sweep writes ``metrics.csv``
+``<out>/cells/<cell id>/`` (its config.json with directories relative to ``<out>``). A cell
+whose summary says it completed all its rounds of the same config is not run again, so an
+interrupted sweep resumes where it stopped. Then the sweep writes ``metrics.csv``
 (every round of every cell), ``table.md`` (Max Acc and Conv. Rds, mean ± std over seeds, in the
 paper's layout) and, with matplotlib installed, the plots (``simulations.plots``).
 """
@@ -19,6 +20,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -107,6 +109,7 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
             cell_started = time.perf_counter()
             run_experiment(cell.config.replace(output_dir=str(run_dir.parent),
                                                run_name=run_dir.name), engine, run_dir)
+            relative_paths(run_dir, out)
             ran += 1
             per_cell = (time.perf_counter() - started) / ran
             log.info("[sweep %s] cell %s of %s (%s) done in %.0fs; ETA %.0fs", sweep.name,
@@ -129,6 +132,20 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
     return summaries
 
 
+PATH_KEYS = ("data-dir", "output-dir")  # where things are, not what the experiment is
+
+
+def relative_paths(run_dir: Path, out: Path) -> None:
+    """Rewrite the cell's config.json with its directories relative to ``out``, so committed
+    results name no machine's absolute paths."""
+    path = run_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key in PATH_KEYS:
+        if config.get(key) and Path(config[key]).is_absolute():
+            config[key] = os.path.relpath(config[key], out)
+    path.write_text(json.dumps(config, indent=2))
+
+
 def finished(run_dir: Path, config: RunConfig) -> bool:
     """Whether ``run_dir`` holds a run of ``config`` that completed all its rounds."""
     try:
@@ -137,7 +154,7 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
     except (OSError, ValueError):
         return False
     comparable = {k: v for k, v in config.to_run_config().items()
-                  if k not in ("output-dir", "run-name")}
+                  if k not in (*PATH_KEYS, "run-name")}
     return (summary.get("rounds_completed") == config.num_rounds
             and all(saved.get(k) == v for k, v in comparable.items()))
 
