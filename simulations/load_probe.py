@@ -8,7 +8,7 @@ ClientApp actors, the `flwr` CLI), and the bytes the orchestrator routes per rou
 and prints; asserts nothing.
 
     python -m simulations.load_probe --nodes 20 50 100 --algorithms hyperprism dpsgd \\
-        --rounds 5 --repeat 2 dataset=mnist data-dir=/work/shared/data
+        --rounds 5 --repeat 2 dataset=mnist data-dir=/abs/path/to/shared/data
 
 Memory is sampled every ``--interval`` s (default 0.5) from /proc: the summed PSS
 (``/proc/<pid>/smaps_rollup``; shared pages split between the processes that map them, so the

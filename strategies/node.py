@@ -151,8 +151,12 @@ class GradientNode(LearningNode):
 
     method: ClassVar[Callable[[RunConfig], GradientMethod]]
 
+    def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
+        super().__init__(config, partition_id, data)
+        self.update = self.method(config)
+
     def init_state(self) -> NodeState:
-        return self.method(self.config).init_state(
+        return self.update.init_state(
             {k: self.initial_model[k].clone() for k, _ in self.model.named_parameters()})
 
     def round_trip(self, state: NodeState, task: NodeTask,
@@ -164,7 +168,7 @@ class GradientNode(LearningNode):
             metrics["train_loss"], grad = self.gradient(params, gen)
             return grad
 
-        state, evaluated = self.method(self.config).round_trip(state, task, neighbours, gradient)
+        state, evaluated = self.update.round_trip(state, task, neighbours, gradient)
         if evaluated is not None:
             self.model.load_state_dict(evaluated)
             metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
