@@ -22,9 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-               "RAY_USAGE_STATS_ENABLED": "0"}
+from simulations.load_probe import OFFLINE_ENV, processes_with_env
+
 VENV_BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, ...
 
 
@@ -71,17 +70,7 @@ def local_superlink_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 def processes_with_home(flwr_home: Path) -> list[int]:
     """PIDs whose environment has FLWR_HOME=flwr_home (the SuperLink, SuperExec, simulation and
     every Ray process inherit it, even after being re-parented to PID 1)."""
-    needle = f"FLWR_HOME={flwr_home}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0") and _alive(proc):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
+    return processes_with_env("FLWR_HOME", str(flwr_home))
 
 
 def stop_processes_with_home(flwr_home: Path, grace: float = 15.0) -> list[int]:
@@ -121,11 +110,6 @@ def run_flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float) ->
     if done.returncode != 0:
         raise AssertionError(f"flwr {' '.join(args)} exited {done.returncode}:\n{output}")
     return output
-
-
-def _alive(proc: Path) -> bool:
-    state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"  # a zombie is gone; its parent (or init) reaps it
 
 
 # --- certificates and keys ----------------------------------------------------------------
