@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -122,19 +121,28 @@ def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[
     """Drop neighbours whose model cannot be merged with ``own``, with the reason for each.
 
     A neighbour is dropped when its model is missing, lacks a tensor of ``own`` or has extra
-    ones, has a tensor with another shape or dtype, any NaN/Inf, or a floating-point value
-    larger in magnitude than ``max_ratio`` times the largest magnitude in ``own`` (no magnitude
-    check while ``own`` is all zeros; see ``model_fault``). Its weight goes to the node itself
-    (``NodeTask.without``). Returns the task to use and {partition id: reason}.
+    ones, has a tensor with another shape or dtype, or any NaN/Inf (``model_fault``), or when
+    its largest floating-point magnitude exceeds ``max_ratio`` times a reference scale: the
+    larger of the node's own largest magnitude and the lower median of the largest magnitudes
+    of the node and its well-formed neighbours. The median keeps the check meaningful when the
+    node's own model is all zeros (the start of logistic regression) or smaller than its
+    neighbours', and a minority of outliers cannot move it. Each dropped neighbour's weight goes
+    to the node itself (``NodeTask.without``). Returns the task to use and {partition: reason}.
     """
-    limit = max_ratio * largest_magnitude(own) or math.inf
-    dropped = {j: reason for j in task.neighbours
-               if (reason := model_fault(own, neighbour_models.get(j), limit))}
+    faults = {j: model_fault(own, neighbour_models.get(j)) for j in task.neighbours}
+    sizes = {j: largest_magnitude(neighbour_models[j]) for j, fault in faults.items()
+             if fault is None}
+    own_size = largest_magnitude(own)
+    everyone = sorted([own_size, *sizes.values()])
+    limit = max_ratio * max(own_size, everyone[(len(everyone) - 1) // 2])
+    faults.update({j: f"|value| {size:.4g} > {limit:.4g}" for j, size in sizes.items()
+                   if size > limit})
+    dropped = {j: reason for j, reason in faults.items() if reason}
     return (task.without(dropped) if dropped else task), dropped
 
 
-def model_fault(own: StateDict, model: StateDict | None, limit: float) -> str | None:
-    """Why ``model`` cannot be merged with ``own`` (None if it can); ``limit``: max |value|."""
+def model_fault(own: StateDict, model: StateDict | None) -> str | None:
+    """Why ``model`` cannot be merged with ``own`` at all (None if it can)."""
     if model is None:
         return "no model"
     if model.keys() != own.keys():
@@ -147,8 +155,6 @@ def model_fault(own: StateDict, model: StateDict | None, limit: float) -> str | 
                     f"{tuple(mine.shape)}")
         if not bool(torch.isfinite(theirs).all()):
             return f"{key!r} has NaN or Inf"
-        if theirs.is_floating_point() and theirs.numel() and float(theirs.abs().max()) > limit:
-            return f"{key!r} has |value| {float(theirs.abs().max()):.4g} > {limit:.4g}"
     return None
 
 
