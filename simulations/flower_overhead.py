@@ -5,8 +5,8 @@
 
 Runs the config with both engines of ``simulations.run`` (same orchestrator, same node rules,
 identical metrics) and prints, for each, the end-to-end wall time and the median seconds per
-round over rounds 1..R (round 0 also pays for start-up: Ray, actors, data loading), then the
-Flower / in-process ratios. Measures and prints; asserts nothing.
+round over rounds 1..R, and the fixed cost outside rounds 1..R (start-up and shutdown: Ray, actors,
+data loading, round 0), then the Flower / in-process ratios. Measures and prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -40,13 +40,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             wall = time.perf_counter() - started
             rows = [json.loads(line) for line in
                     (run_dir / "metrics.jsonl").read_text().splitlines()]
-            results[engine] = (wall, statistics.median(r["seconds"] for r in rows[1:]))
+            results[engine] = (wall, statistics.median(r["seconds"] for r in rows[1:]),
+                               wall - sum(r["seconds"] for r in rows[1:]))
     print(f"{config.num_nodes} nodes, {config.num_rounds} rounds, {config.algorithm}, "
           f"{config.dataset}/{config.model}")
-    for engine, (wall, per_round) in results.items():
-        print(f"{engine:>10}: end to end {wall:7.1f} s, median {per_round:.3f} s per round")
-    (flower_wall, flower_round), (local_wall, local_round) = (results["flower"],
-                                                              results["inprocess"])
+    for engine, (wall, per_round, fixed) in results.items():
+        print(f"{engine:>10}: end to end {wall:7.1f} s, median {per_round:.3f} s per round, "
+              f"{fixed:.1f} s outside rounds 1..{config.num_rounds}")
+    (flower_wall, flower_round, _), (local_wall, local_round, _) = (results["flower"],
+                                                                    results["inprocess"])
     print(f"flower / inprocess: end to end {flower_wall / local_wall:.2f}x, "
           f"per round {flower_round / local_round:.2f}x")
 
