@@ -4,8 +4,8 @@
   swept value and a line per method (the paper's Fig. 3);
 - ``p_degrees.png``: HyperPrism's p_theta and p_phi per round, mean ± std over nodes (seed of
   the first cell), one panel per swept value (the per-node diagnostics reviewers asked for);
-- ``accuracy_vs_p.png`` for a sweep over ``fixed_p``: Max Acc against p, mean ± std over seeds
-  (Fig. 2a/b).
+- ``accuracy_vs_p.png`` for a sweep over ``fixed_p``: Max Acc and Conv. Rds against p, mean ±
+  std over seeds (Fig. 2a/b).
 """
 
 from __future__ import annotations
@@ -76,19 +76,27 @@ def plot_degrees(sweep: Sweep, out: Path) -> Path:
 
 
 def plot_accuracy_vs_p(sweep: Sweep, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    """Max Acc and Conv. Rds against p, mean ± std over seeds (seeds that never reach the
+    target are left out of the rounds panel)."""
+    fig, (acc_ax, rounds_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
     for method in sweep.methods:
-        means, stds = [], []
-        for value in sweep.values:
-            best = [100 * json.loads((out / "cells" / c.id(sweep.key) / "summary.json")
-                                     .read_text())["max_accuracy"]
-                    for c in sweep.cells() if c.method == method and c.value == value]
-            means.append(np.mean(best))
-            stds.append(np.std(best))
-        ax.errorbar(sweep.values, means, yerr=stds, marker="o", capsize=3, label=method)
-    ax.set(xlabel="fixed p", ylabel="Max Acc (%)", title=sweep.title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+        summaries = [[json.loads((out / "cells" / c.id(sweep.key) / "summary.json").read_text())
+                      for c in sweep.cells() if c.method == method and c.value == value]
+                     for value in sweep.values]
+        for ax, values in ((acc_ax, [[100 * s["max_accuracy"] for s in seeds]
+                                     for seeds in summaries]),
+                           (rounds_ax, [[s["rounds_to_target"] for s in seeds
+                                         if s["rounds_to_target"] is not None]
+                                        for seeds in summaries])):
+            ax.errorbar(sweep.values, [np.mean(v) if v else np.nan for v in values],
+                        yerr=[np.std(v) if v else np.nan for v in values], marker="o",
+                        capsize=3, label=method)
+    acc_ax.set(xlabel="fixed p", ylabel="Max Acc (%)")
+    rounds_ax.set(xlabel="fixed p", ylabel=f"Conv. Rds (>= {sweep.base.target_accuracy:.0%})")
+    for ax in (acc_ax, rounds_ax):
+        ax.grid(alpha=0.3)
+    rounds_ax.legend(fontsize="small")
+    fig.suptitle(sweep.title)
     return _save(fig, out / "accuracy_vs_p.png")
 
 
