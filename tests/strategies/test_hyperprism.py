@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -119,6 +120,25 @@ def test_hypernetwork_is_trained_through_the_merge(tmp_path):
     assert {f"trunk.{i}.weight" for i in (0, 2, 4)} <= changed
     assert not {k for k in changed if k.startswith("heads.theta")}
 
+
+
+def test_a_cnn_trains_both_heads_and_merges_each_layer_group_with_its_own_degree(tmp_path):
+    # The CNN workload: conv layers (theta) and the classifier (phi) each get their own degree,
+    # and the loss reaches both heads through the merge.
+    config = small_config(tmp_path, topology="complete", model="cnn", num_nodes=3,
+                          eval_size=50)
+    rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
+    states = spread_models(rules)
+    before = {k: v.clone() for k, v in hypernet_params(states[0]).items()}
+    history = gossip_without_training(HyperPrism(config), rules, states, rounds=1)
+    after = hypernet_params(states[0])
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"heads.theta.weight", "heads.phi.weight"} <= changed
+    assert bool(torch.isfinite(history[-1]).all())
+    _, metrics = rules[0].step(states[0], HyperPrism(config).plan_round(2, range(3))[0],
+                               {j: states[j].shared for j in (1, 2)})
+    assert 1.0 <= metrics["p_theta"] <= 15.0 and 1.0 <= metrics["p_phi"] <= 15.0
+    assert math.isfinite(metrics["accuracy"])
 
 def test_consensus_is_a_fixed_point_with_zero_hypernetwork_gradient(tmp_path):
     # Invariant 14: identical models stay identical for any p, and d loss / d p = 0.
