@@ -82,7 +82,8 @@ class RunConfig:
     # Mudag's FastMix: K = ceil(factor * ln(kappa) / sqrt(1 - lambda2)) gossip steps, <= cap
     mudag_gossip_factor: float = 1.0  # c_K
     mudag_max_gossip: int = 20
-    # faults: a neighbour with a |value| above this ratio times the node's own largest |value| is
+    # faults: a neighbour with a |value| above this ratio times the reference scale (the larger of
+    # the node's own largest |value| and the lower median over the node and its neighbours) is
     # dropped for the round (large p makes the power mean follow the largest magnitude)
     max_neighbour_ratio: float = 1000.0
     # orchestration and outputs
