@@ -79,15 +79,15 @@ def plot_accuracy_vs_p(sweep: Sweep, out: Path) -> Path:
     """Max Acc and Conv. Rds against p, mean ± std over seeds (seeds that never reach the
     target are left out of the rounds panel)."""
     fig, (acc_ax, rounds_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    cells = sweep.cells()
     for method in sweep.methods:
         summaries = [[json.loads((out / "cells" / c.id(sweep.key) / "summary.json").read_text())
-                      for c in sweep.cells() if c.method == method and c.value == value]
+                      for c in cells if c.method == method and c.value == value]
                      for value in sweep.values]
-        for ax, values in ((acc_ax, [[100 * s["max_accuracy"] for s in seeds]
-                                     for seeds in summaries]),
-                           (rounds_ax, [[s["rounds_to_target"] for s in seeds
-                                         if s["rounds_to_target"] is not None]
-                                        for seeds in summaries])):
+        accuracy = [[100 * s["max_accuracy"] for s in seeds] for seeds in summaries]
+        rounds = [[s["rounds_to_target"] for s in seeds if s["rounds_to_target"] is not None]
+                  for seeds in summaries]
+        for ax, values in ((acc_ax, accuracy), (rounds_ax, rounds)):
             ax.errorbar(sweep.values, [np.mean(v) if v else np.nan for v in values],
                         yerr=[np.std(v) if v else np.nan for v in values], marker="o",
                         capsize=3, label=method)
