@@ -17,7 +17,16 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask
-from strategies.decentralized import NEIGHBOUR_PREFIX, RUN_KEY, TASK_KEY, node_data
+from strategies.checkpoint import node_checkpoints, starting_state
+from strategies.decentralized import (
+    NEIGHBOUR_PREFIX,
+    OWN_KEY,
+    RUN_KEY,
+    SESSION_KEY,
+    TASK_KEY,
+    StateDict,
+    node_data,
+)
 
 from .config import RunConfig
 
@@ -48,17 +57,42 @@ def partition_info(context: Context) -> ConfigRecord:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    """One round of the algorithm named by the message type (``train.<algorithm>``)."""
+    """One round of the algorithm named by the message type (``train.<algorithm>``).
+
+    The node starts from the state in ``context.state``; a node without one (restarted, or
+    in a resumed run) from its checkpoint in its state directory, else from its own model as
+    last routed (``OWN_KEY``), else from the initial state (``starting_state``). With a state
+    directory the new state is checkpointed before the reply goes out.
+    """
     config = RunConfig.from_run_config(msg.content[RUN_KEY])
-    rule = _node_rule(config, int(context.node_config["partition-id"]))
+    partition_id = int(context.node_config["partition-id"])
+    rule = _node_rule(config, partition_id)
+    task = NodeTask.from_record(msg.content[TASK_KEY])
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in msg.content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
-    state, metrics = rule.step(load_state(context) or rule.init_state(),
-                               NodeTask.from_record(msg.content[TASK_KEY]), neighbours)
+    checkpoints = node_checkpoints(context.node_config, config.state_dir, run_key(msg),
+                                   partition_id)
+    state = starting_state(task, load_state(context), checkpoints, routed_own(msg),
+                           rule.init_state, rule.restore, partition_id)
+    state, metrics = rule.step(state, task, neighbours)
     save_state(context, state)
+    if checkpoints is not None:
+        checkpoints.save(state, task.stage)
     return Message(RecordDict({"arrays": ArrayRecord(state.shared),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def run_key(msg: Message) -> str:
+    """The run key the orchestrator names the run's node checkpoints with ("" if none)."""
+    session = msg.content.config_records.get(SESSION_KEY)
+    return str(session["run-key"]) if session is not None else ""
+
+
+def routed_own(msg: Message) -> StateDict | None:
+    """The node's own model as the orchestrator last routed it, when the message has it."""
+    record = msg.content.array_records.get(OWN_KEY)
+    return dict(record.to_torch_state_dict()) if record is not None else None
 
 
 def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data import DATASETS
@@ -87,10 +88,17 @@ class RunConfig:
     # dropped for the round (large p makes the power mean follow the largest magnitude)
     max_neighbour_ratio: float = 1000.0
     # orchestration and outputs
-    round_timeout: float = 600.0
+    round_timeout: float = 600.0  # seconds a round-trip waits for replies (README: choosing it)
     node_wait_timeout: float = 300.0
+    # a partition's model is no longer routed to its neighbours once it has missed more than
+    # this many rounds (its node failed, was silent or left)
+    max_staleness: int = 5
     output_dir: str = "runs"  # relative paths resolve against the ServerApp's working dir
     run_name: str = ""  # default: <algorithm>-<dataset>-seed<seed>-<UTC time>
+    resume: bool = False  # continue the run <output-dir>/<run-name> from its last round-trip
+    # where nodes checkpoint their state (absolute; shared by all nodes, e.g. in simulation);
+    # a SuperNode's node config 'state-dir' takes precedence; '' and no node config: none
+    state_dir: str = ""
     target_accuracy: float = 0.85  # summary.json reports the first round reaching it
 
     def __post_init__(self) -> None:
@@ -122,6 +130,7 @@ class RunConfig:
             ("mudag_max_gossip", 1, None, "an integer >= 1"),
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
             ("max_neighbour_ratio", 1.0, None, ">= 1 (and finite)"),
+            ("max_staleness", 0, None, "an integer >= 0"),
         ]
         for name, low, high, text in ranges:
             value = getattr(self, name)
@@ -171,33 +180,54 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     """Merge YAML files (later wins) and ``key=value`` overrides over the defaults.
 
     YAML and override keys are the field names (``num_rounds``) or the Flower keys
-    (``num-rounds``). Unknown keys and wrong types raise ValueError naming the key. Relative
-    ``data_dir`` and ``output_dir`` are made absolute against the current directory, so the
-    config also works for apps that run elsewhere (``flwr run`` installs them under FLWR_HOME).
+    (``num-rounds``). Unknown keys and wrong types raise ValueError naming the key and its
+    file; a malformed YAML or one that is not a mapping raises a one-line ValueError. Relative
+    ``data_dir``, ``output_dir`` and ``state_dir`` are made absolute against the current
+    directory, so the config also works for apps that run elsewhere (``flwr run`` installs
+    them under FLWR_HOME).
     """
-    base = OmegaConf.structured(RunConfig)
-    layers = [(str(path), _snake_keys(OmegaConf.load(path))) for path in paths]
+    layers = [(str(path), _read_yaml(path)) for path in paths]
     layers.append(("the overrides",
                    OmegaConf.from_dotlist([_normalise_override(o) for o in overrides])))
     valid = [f.name for f in fields(RunConfig)]
+    merged = OmegaConf.structured(RunConfig)
     for source, layer in layers:
         unknown = sorted(set(layer) - set(valid))
         if unknown:
             raise ValueError(f"unknown config keys {unknown} in {source}; valid keys: "
                              f"{', '.join(valid)}")
-    try:
-        values = OmegaConf.to_container(OmegaConf.merge(base, *(layer for _, layer in layers)))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ValueError(f"invalid configuration: config key {key!r}: "
-                         f"{str(err).splitlines()[0]}") from err
-    for key in ("data_dir", "output_dir"):
+        try:  # one layer at a time, so that a wrong type names its file
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None)
+            raise ValueError(f"invalid configuration in {source}: config key {key!r}: "
+                             f"{str(err).splitlines()[0]}") from err
+    values = OmegaConf.to_container(merged)
+    for key in ("data_dir", "output_dir", "state_dir"):
         if values[key]:
             values[key] = str(Path(values[key]).expanduser().resolve())
     return RunConfig(**values)  # type: ignore[arg-type]
 
 
-def _snake_keys(layer):
+def _read_yaml(path: str | Path) -> DictConfig:
+    """A YAML file's mapping with snake_case keys; one-line errors for unreadable files."""
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{path}: {str(err).splitlines()[0]}") from None
+    except OSError as err:  # OmegaConf's answer to a file holding one scalar
+        if "Invalid loaded object type" not in str(err):
+            raise
+        layer = None
+    if not isinstance(layer, DictConfig):
+        kind = "list" if isinstance(layer, ListConfig) else "single value"
+        raise ValueError(f"{path} must hold a mapping of config keys (key: value lines), "
+                         f"not a {kind}")
     return OmegaConf.create({str(k).replace("-", "_"): v for k, v in layer.items()})
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import RunConfig
 
-# Per-node values kept as lists (ordered by partition id) in every metrics.jsonl row.
+# Per-node values kept in every metrics.jsonl row, keyed by partition id.
 PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
 
 
@@ -18,21 +18,29 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
     """One metrics row (without ``seconds``) from each replying node's metrics.
 
     Every numeric key K becomes ``K_mean`` over nodes; ``PER_NODE_KEYS`` (accuracy and the
-    degrees) also get ``K_std`` (population std over nodes) and are kept per node, ordered by
-    partition id.
+    degrees) also get ``K_std`` (population std over nodes) and are kept per node as
+    {partition id (str, as JSON keys are): value}: a node that did not reply is missing there.
     """
     nodes = sorted(node_metrics)
     row: dict = {"round": round_, "nodes_replied": len(nodes)}
     keys = sorted({k for m in node_metrics.values() for k in m})
     for key in keys:
-        values = [float(node_metrics[n][key]) for n in nodes if key in node_metrics[n]]
-        mean = math.fsum(values) / len(values)
+        values = {n: float(node_metrics[n][key]) for n in nodes if key in node_metrics[n]}
+        mean = math.fsum(values.values()) / len(values)
         row[f"{key}_mean"] = mean
         if key in PER_NODE_KEYS:
-            row[f"{key}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values)
+            row[f"{key}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values.values())
                                           / len(values))
-            row[key] = values
+            row[key] = {str(n): v for n, v in values.items()}
     return row
+
+
+def node_values(per_node: Mapping[str, float] | list[float]) -> list[float]:
+    """A row's per-node values ordered by partition id (rows before per-partition keys held
+    plain lists)."""
+    if isinstance(per_node, Mapping):
+        return [per_node[pid] for pid in sorted(per_node, key=int)]
+    return list(per_node)
 
 
 def format_round(row: Mapping, num_rounds: int) -> str:
@@ -41,20 +49,42 @@ def format_round(row: Mapping, num_rounds: int) -> str:
                       if f"{key}_mean" in row)  # algorithms with power degrees only
     return (f"round {row['round']:>3}/{num_rounds}  acc {row.get('accuracy_mean', math.nan):.4f}"
             f" ± {row.get('accuracy_std', math.nan):.4f}  loss {row.get('loss_mean', math.nan):.4f}"
-            f"{degrees}  nodes {row['nodes_replied']}  exchanges {row['exchanges']}"
+            f"{degrees}  nodes {row['nodes_replied']}{_listed(row, 'partitions_missing')}"
+            f"{_listed(row, 'partitions_stale')}  exchanges {row['exchanges']}"
             f"  {row['seconds']:.2f}s")
 
 
-class RunRecorder:
-    """Writes ``config.json``, ``metrics.jsonl`` (a row per round) and ``summary.json``."""
+def _listed(row: Mapping, key: str) -> str:
+    """`` (missing [2, 5])`` for a non-empty list ``row[key]``; else nothing."""
+    values = row.get(key)
+    return f" ({key.removeprefix('partitions_')} {values})" if values else ""
 
-    def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "") -> None:
+
+class RunRecorder:
+    """Writes ``config.json``, ``metrics.jsonl`` (a row per round) and ``summary.json``.
+
+    A new run (``keep_rows`` None) refuses a run directory whose metrics.jsonl already has
+    rows: an earlier run is never overwritten silently. A resumed run keeps the first
+    ``keep_rows`` rows of its metrics.jsonl (those its checkpoint covers) and appends.
+    """
+
+    def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "",
+                 keep_rows: int | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config, self.description = config, description or config.algorithm
-        self.rows: list[dict] = []
+        metrics = self.run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if keep_rows is None and lines:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run ({len(lines)} rows in metrics.jsonl): "
+                f"pass resume=true to continue it, or choose another run-name")
+        if keep_rows is not None and len(lines) < keep_rows:
+            raise ValueError(f"cannot resume {self.run_dir}: its checkpoint covers {keep_rows} "
+                             f"rows but metrics.jsonl has {len(lines)}")
+        self.rows: list[dict] = [json.loads(line) for line in lines[:keep_rows or 0]]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config.to_run_config(), indent=2))
-        (self.run_dir / "metrics.jsonl").write_text("")
+        metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
@@ -70,6 +100,8 @@ def summarise_run(rows: list[dict], config: RunConfig) -> dict:
     """Max accuracy (and its round) and the first round reaching the target accuracy.
 
     Rounds and exchanges (neighbour round-trips, several per round for Mudag) are both given.
+    ``complete`` says whether every partition replied in every row, ``rows_replied`` in how
+    many rows each partition (by id) replied.
     """
     accuracies = [(r["accuracy_mean"], r["round"]) for r in rows if "accuracy_mean" in r]
     best, best_round = max(accuracies, key=lambda a: (a[0], -a[1]), default=(None, None))
@@ -84,6 +116,9 @@ def summarise_run(rows: list[dict], config: RunConfig) -> dict:
         "target_accuracy": config.target_accuracy,
         "rounds_to_target": reached.get("round"), "exchanges_to_target": reached.get("exchanges"),
         "seconds_total": math.fsum(r["seconds"] for r in rows),
+        "complete": all(not r.get("partitions_missing") for r in rows),
+        "rows_replied": {str(pid): sum(pid not in r.get("partitions_missing", ()) for r in rows)
+                         for pid in range(config.num_nodes)},
     }
 
 

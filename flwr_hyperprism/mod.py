@@ -20,6 +20,7 @@ from functools import lru_cache
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from strategies.checkpoint import node_checkpoints, starting_state
 from strategies.decentralized import (
     INFO_KEY,
     NEIGHBOUR_PREFIX,
@@ -38,7 +39,7 @@ from strategies.plugin import (
     scalar_metrics,
 )
 
-from .client_app import load_state, partition_info, save_state
+from .client_app import load_state, partition_info, routed_own, run_key, save_state
 from .config import RunConfig
 
 
@@ -61,12 +62,21 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     content = msg.content
     config = RunConfig.from_run_config(content[RUN_KEY])
     task = NodeTask.from_record(content[TASK_KEY])
-    state = load_state(context)
-    # round 1: start from the initial model the orchestrator sent
-    model = (state.tensors[EVALUATED] if state is not None
-             else content["arrays"].to_torch_state_dict())
-    node = _node(config, int(context.node_config["partition-id"]), floating_names(model))
-    state = state or node.init_state(model)
+    partition_id = int(context.node_config["partition-id"])
+    held, own = load_state(context), routed_own(msg)
+    # round 1: the initial model the orchestrator sent; after a restart: the node's own model
+    # as last routed (or its checkpoint, see starting_state)
+    initial = (dict(content["arrays"].to_torch_state_dict()) if "arrays" in content.array_records
+               else None)
+    model = held.tensors[EVALUATED] if held is not None else own if own is not None else initial
+    if model is None:
+        raise ValueError(f"partition {partition_id} has no model to start round-trip "
+                         f"{task.round}.{task.stage} from (no state, no routed model)")
+    node = _node(config, partition_id, floating_names(model))
+    checkpoints = node_checkpoints(context.node_config, config.state_dir, run_key(msg),
+                                   partition_id)
+    state = starting_state(task, held, checkpoints, own, lambda: node.init_state(model),
+                           node.init_state, partition_id)
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
@@ -87,6 +97,8 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     except _HandlerFailed as failure:
         return failure.reply
     save_state(context, state)
+    if checkpoints is not None:
+        checkpoints.save(state, task.stage)
     return Message(RecordDict({"arrays": ArrayRecord(state.shared),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
 

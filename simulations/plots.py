@@ -19,6 +19,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flwr_hyperprism.metrics import node_values  # noqa: E402
+
 from .sweep import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
 
 
@@ -63,7 +65,7 @@ def plot_degrees(sweep: Sweep, out: Path) -> Path:
         cell = next(c for c in sweep.cells() if c.method == REFERENCE_METHOD and c.value == value)
         rows = [r for r in cell_rows(out, sweep, cell) if "p_theta" in r]
         for key, label in (("p_theta", "p_θ (representation)"), ("p_phi", "p_φ (decision)")):
-            degrees = np.array([r[key] for r in rows])  # (rounds, nodes)
+            degrees = np.array([node_values(r[key]) for r in rows])  # (rounds, nodes)
             mean, std = degrees.mean(axis=1), degrees.std(axis=1)
             rounds = np.array([r["round"] for r in rows])
             ax.plot(rounds, mean, label=label)

@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -106,6 +107,10 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
     for index, cell in enumerate(cells, 1):
         run_dir = out / "cells" / cell.id(sweep.key)
         if not finished(run_dir, cell.config):
+            if run_dir.exists():  # an interrupted or outdated cell starts again from round 0
+                log.info("[sweep %s] cell %s of %s (%s) is unfinished: starting it again",
+                         sweep.name, index, len(cells), run_dir.name)
+                shutil.rmtree(run_dir)
             cell_started = time.perf_counter()
             run_experiment(cell.config.replace(output_dir=str(run_dir.parent),
                                                run_name=run_dir.name), engine, run_dir)
@@ -132,7 +137,8 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
     return summaries
 
 
-PATH_KEYS = ("data-dir", "output-dir")  # where things are, not what the experiment is
+PATH_KEYS = ("data-dir", "output-dir", "state-dir")  # where things are, not the experiment
+
 
 
 def relative_paths(run_dir: Path, out: Path) -> None:
@@ -154,9 +160,11 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
     except (OSError, ValueError):
         return False
     comparable = {k: v for k, v in config.to_run_config().items()
-                  if k not in (*PATH_KEYS, "run-name")}
+                  if k not in (*PATH_KEYS, "run-name", "resume")}
+    # a key newer than the saved run has the value its default stands for
+    defaults = RunConfig().to_run_config()
     return (summary.get("rounds_completed") == config.num_rounds
-            and all(saved.get(k) == v for k, v in comparable.items()))
+            and all(saved.get(k, defaults[k]) == v for k, v in comparable.items()))
 
 
 def cell_rows(out: Path, sweep: Sweep, cell: Cell) -> list[dict]:

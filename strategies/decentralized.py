@@ -16,14 +16,14 @@ stage 0 evaluates, and the metrics rows count the exchanges (``exchanges``) next
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
+from uuid import uuid4
 
 import networkx as nx
 import numpy as np
@@ -31,7 +31,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from torch import Tensor
 
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.data import Dataset, Split, dirichlet_partition, load_dataset
@@ -42,78 +41,18 @@ from flwr_hyperprism.graphs import (
 )
 from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 
+from .checkpoint import RoutingCheckpoint, node_checkpoints, starting_state
+from .rule import NodeRule, NodeState, NodeTask, StateDict
+
 log = logging.getLogger("flwr")
 
 NEIGHBOUR_PREFIX = "nbr."  # message records "nbr.<partition id>" carry neighbours' models
 TASK_KEY = "hyperprism.task"  # the NodeTask record of a train message
 RUN_KEY = "hyperprism.run"  # the run config record of a train message
 INFO_KEY = "hyperprism.info"  # marks a request for the node's partition id
+OWN_KEY = "hyperprism.own"  # the partition's own latest routed model, for a node without state
+SESSION_KEY = "hyperprism.session"  # {"run-key": ...}: names the run's node checkpoints
 STAGE_KEY = "stage"  # train-config key of configure_train: the round-trip's stage in its round
-StateDict = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class NodeTask:
-    """What the orchestrator tells one node for one round (all ids are partition ids)."""
-
-    round: int  # round-trip index t >= 1; its merge completes round t - 1
-    neighbours: tuple[int, ...] = ()
-    weights: tuple[float, ...] = ()  # a_ij, aligned with neighbours
-    self_weight: float = 1.0  # a_ii
-    train: bool = True  # False in the final round-trip: merge and evaluate only
-    coefficients: Mapping[str, float] = field(default_factory=dict)  # algorithm constants
-    stage: int = 0  # round-trip within the round (0: the evaluating one; see ``stages``)
-
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord({"round": self.round, "neighbours": list(self.neighbours),
-                             "weights": list(self.weights), "self-weight": self.self_weight,
-                             "train": self.train, "stage": self.stage,
-                             **{f"coef.{k}": v for k, v in self.coefficients.items()}})
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> NodeTask:
-        coefficients = {k[len("coef."):]: float(v) for k, v in record.items()
-                        if k.startswith("coef.")}
-        return cls(int(record["round"]), tuple(int(n) for n in record["neighbours"]),
-                   tuple(float(w) for w in record["weights"]), float(record["self-weight"]),
-                   bool(record["train"]), coefficients, int(record["stage"]))
-
-    def without(self, dropped: Iterable[int]) -> NodeTask:
-        """This task with some neighbours left out; their weight goes to the node itself, so
-        the row sum (1 for averaging weights, 0 for a Laplacian) is unchanged."""
-        gone = set(dropped)
-        keep = [(j, w) for j, w in zip(self.neighbours, self.weights) if j not in gone]
-        self_weight = self.self_weight + sum(w for j, w in zip(self.neighbours, self.weights)
-                                             if j in gone)
-        return dataclasses.replace(self, neighbours=tuple(j for j, _ in keep),
-                                   weights=tuple(w for _, w in keep), self_weight=self_weight)
-
-
-@dataclass
-class NodeState:
-    """A node's persistent state: named groups of tensors.
-
-    The ``shared`` group is what the node sends its neighbours each round: its model for the
-    gossip algorithms, other vectors for algorithms such as ADOM+.
-    """
-
-    round: int = 0
-    tensors: dict[str, StateDict] = field(default_factory=dict)
-
-    @property
-    def shared(self) -> StateDict:
-        return self.tensors["shared"]
-
-
-class NodeRule(Protocol):
-    """An algorithm's node update; pure torch, no Flower."""
-
-    def init_state(self) -> NodeState: ...
-
-    def step(self, state: NodeState, task: NodeTask,
-             neighbour_models: Mapping[int, StateDict]) -> tuple[NodeState, dict[str, float]]:
-        """One round-trip: the new state and scalar metrics of the merged model."""
-        ...
 
 
 def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[int, StateDict],
@@ -208,7 +147,12 @@ class DecentralizedStrategy(Strategy):
     Round t: sample G(t); send node i its ``NodeTask`` and the latest model of each neighbour
     (as received, untouched); collect every node's new model and metrics; repeat for each of
     the round's ``stages``. Metrics are logged per round and, with ``run_dir``, written to
-    metrics.jsonl / summary.json there.
+    metrics.jsonl / summary.json there, next to a routing checkpoint (``routing.pt``) from
+    which ``resume=true`` continues the run.
+
+    Membership is elastic: before each round-trip the orchestrator drops partitions whose node
+    left the federation, asks nodes that (re)appeared for their partition and binds them. A
+    partition's latest model stays routed while it is at most ``max-staleness`` rounds old.
     """
 
     algorithm: ClassVar[str]
@@ -227,10 +171,22 @@ class DecentralizedStrategy(Strategy):
         self.config = config
         self.graphs = TimeVaryingGraph(config.num_nodes, config.topology, config.density,
                                        config.seed, config.exact_edges, config.mobility_speed)
-        self.run_dir = run_dir
-        self.recorder: RunRecorder | None = None  # made when the run starts (``run_rounds``)
-        self.node_ids: dict[int, int] = {}  # partition id -> Flower node id
-        self.latest: dict[int, ArrayRecord] = {}  # partition id -> latest routed model
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.recorder: RunRecorder | None = None  # made when the run opens (``open_run``)
+        self.run_key = ""  # names the nodes' checkpoints of this run (``open_run``)
+        self.next_exchange = 0  # index in ``schedule()`` of the next round-trip
+        # routing state (checkpointed): partition id -> latest shared tensors and their round
+        self.latest: dict[int, ArrayRecord | StateDict] = {}
+        self.received: dict[int, int] = {}
+        self.dropped: dict[int, float] = {}  # neighbours dropped in stages > 0, per node
+        self.stale: list[int] = []  # partitions left out of the last round-trip as too old
+        # membership (Flower runs)
+        self.node_ids: dict[int, int] = {}  # partition id -> Flower node id bound to it
+        self.claims: dict[int, int | None] = {}  # node id -> its partition (None: unusable)
+        self.retired: set[int] = set()  # node ids a partition moved away from
+        self.joining: dict[str, int] = {}  # message id of a pending partition query -> node id
+        self.in_sync: set[int] = set()  # partitions whose node holds the state ``latest`` has
+        self.addressed: dict[str, int] = {}  # message id -> partition, of the last round-trip
         self.node_metrics: dict[int, dict] = {}  # of the last aggregated round-trip
 
     # --- the plan: pure, shared with run_in_process -----------------------------------------
@@ -253,6 +209,12 @@ class DecentralizedStrategy(Strategy):
             for stage in range(self.stages(round_)):
                 yield round_, stage
 
+    def routable(self, round_: int) -> set[int]:
+        """Partitions whose latest model may be routed in round ``round_``: it has missed at
+        most ``max-staleness`` rounds (a model from round t - 1 has missed none)."""
+        return {pid for pid in self.latest
+                if round_ - 1 - self.received.get(pid, 0) <= self.config.max_staleness}
+
     def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
                    ) -> dict[int, NodeTask]:
         """Each node's task for round-trip ``round_``: its row of ``mixing_matrix(G(t))``.
@@ -273,23 +235,38 @@ class DecentralizedStrategy(Strategy):
             tasks[i] = task.without(j for j in nbrs if j not in have)
         return tasks
 
+    def plan(self, round_: int, stage: int) -> dict[int, NodeTask]:
+        """``plan_round`` over the routable partitions; notes the stale ones in ``stale``."""
+        available = self.routable(round_)
+        self.stale = sorted(set(self.latest) - available)
+        return self.plan_round(round_, available, stage)
+
     # --- Flower hooks ------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Per-node messages: task, run config, and the neighbours' latest models.
 
+        Only partitions bound to a node get a message. A partition whose node does not hold
+        the state behind its latest model (it failed, was silent, or just (re)joined) also
+        gets that model as ``OWN_KEY``, to restart from if it has no state of its own.
         ``config[STAGE_KEY]`` (default 0) selects the stage of round ``server_round``; the rest
         of ``config`` is passed on as the message's "config" record.
         """
         run = ConfigRecord(self.config.to_run_config())
+        session = ConfigRecord({"run-key": self.run_key})
         stage = int(config.get(STAGE_KEY, 0))
         passed_on = ConfigRecord({k: v for k, v in config.items() if k != STAGE_KEY})
         messages = []
-        for pid, task in self.plan_round(server_round, self.latest, stage).items():
-            content = RecordDict({TASK_KEY: task.to_record(), RUN_KEY: run, "config": passed_on})
+        for pid, task in self.plan(server_round, stage).items():
+            if pid not in self.node_ids:
+                continue
+            content = RecordDict({TASK_KEY: task.to_record(), RUN_KEY: run, SESSION_KEY: session,
+                                  "config": passed_on})
             for j in task.neighbours:
                 content[f"{NEIGHBOUR_PREFIX}{j}"] = self.latest[j]
+            if pid not in self.in_sync and pid in self.latest:
+                content[OWN_KEY] = self.latest[pid]
             messages.append(Message(content, dst_node_id=self.node_ids[pid],
                                     message_type=self.train_message_type,
                                     group_id=f"{server_round}.{stage}"))
@@ -299,31 +276,42 @@ class DecentralizedStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Store each node's new model for routing and its metrics (``node_metrics``).
 
-        A node that failed (error reply) or did not reply in time is logged; its last model
-        stays routed and it gets its next task as usual. No global model: returns None arrays
-        and the metrics summarised over the nodes that replied.
+        Replies are attributed to the partition their message went to (``addressed``, by
+        ``reply_to_message_id``), so error replies the SuperLink writes for an unreachable
+        node count too. A node that failed (error reply) or did not reply in time is logged;
+        its last model stays routed and it gets its next task as usual. No global model:
+        returns None arrays and the metrics summarised over the nodes that replied.
         """
-        partition_of = {nid: pid for pid, nid in self.node_ids.items()}
         node_metrics = {}
         failed = []
         for reply in replies:
-            pid = partition_of[reply.metadata.src_node_id]
-            if reply.has_error():
+            pid = self.addressed.get(reply.metadata.reply_to_message_id)
+            if pid is None:
+                log.warning("round %s: ignored a reply to unknown message %s from node %s",
+                            server_round, reply.metadata.reply_to_message_id,
+                            reply.metadata.src_node_id)
+                continue
+            fault = reply_fault(reply)
+            if fault is not None:
                 log.error("round %s: node %s (partition %s) failed: %s", server_round,
-                          reply.metadata.src_node_id, pid, reply.error.reason)
+                          self.node_ids.get(pid), pid, fault)
                 failed.append(pid)
                 continue
             self.latest[pid] = reply.content["arrays"]
+            self.received[pid] = server_round
             node_metrics[pid] = dict(reply.content["metrics"])
-        silent = sorted(set(self.node_ids) - set(node_metrics) - set(failed))
+        addressed = set(self.addressed.values())
+        silent = sorted(addressed - set(node_metrics) - set(failed))
         if silent:
             log.error("round %s: no reply within round-timeout=%ss from partitions %s",
                       server_round, self.config.round_timeout, silent)
-        if failed or silent:
-            log.warning("round %s: %s of %s nodes replied; the others keep their last routed "
-                        "model", server_round, len(node_metrics), len(self.node_ids))
+        if len(node_metrics) < self.config.num_nodes:
+            log.warning("round %s: %s of %s partitions replied; missing %s keep their last "
+                        "routed model", server_round, len(node_metrics), self.config.num_nodes,
+                        sorted(set(range(self.config.num_nodes)) - set(node_metrics)))
+        self.in_sync = (self.in_sync - addressed) | set(node_metrics)
         self.node_metrics = node_metrics
-        return None, MetricRecord(summarise_round(server_round - 1, node_metrics))
+        return None, MetricRecord(flat_metrics(summarise_round(server_round - 1, node_metrics)))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -345,6 +333,66 @@ class DecentralizedStrategy(Strategy):
                  self.config.density, self.config.num_rounds, self.config.dataset,
                  self.config.model)
 
+    # --- membership --------------------------------------------------------------------------
+
+    def refresh_nodes(self, grid: Grid, round_: int) -> None:
+        """Follow the federation before a round-trip: nodes that left, nodes that joined.
+
+        A partition whose node is no longer connected is unbound (its latest model stays
+        routed while it is fresh enough). Every connected node not seen before is asked for
+        its partition; the query is not waited for, its answer is read at a later round-trip.
+        A node that claims an unbound partition, or one whose node did not reply to its last
+        message, is bound to it (a restarted SuperNode comes back under a new node id while
+        the SuperLink may still list the old one); a node that claims a partition held by a
+        node that replies stays idle (a duplicate), with one warning.
+        """
+        online = set(grid.get_node_ids())
+        for pid, nid in sorted(self.node_ids.items()):
+            if nid not in online:
+                log.warning("round %s: partition %s lost its node %s (disconnected)", round_,
+                            pid, nid)
+                del self.node_ids[pid]
+                self.in_sync.discard(pid)
+        self.claims = {nid: pid for nid, pid in self.claims.items() if nid in online}
+        self._read_partition_answers(grid, round_)
+        asking = set(self.joining.values())
+        new = sorted(online - set(self.claims) - asking)
+        if new:
+            queries = [partition_query(nid, self.info_message_type, self.config) for nid in new]
+            self.joining.update(zip(grid.push_messages(queries), new))
+        for nid, pid in sorted(self.claims.items()):
+            if pid is None or nid in self.retired or self.node_ids.get(pid) == nid:
+                continue
+            holder = self.node_ids.get(pid)
+            if holder is not None and pid in self.in_sync:
+                log.warning("round %s: node %s also claims partition %s, held by node %s, "
+                            "which replies; node %s stays idle", round_, nid, pid, holder, nid)
+                self.retired.add(nid)
+                continue
+            log.warning("round %s: partition %s %s on node %s", round_, pid,
+                        "joins" if holder is None else f"moves from node {holder}", nid)
+            if holder is not None:
+                self.retired.add(holder)
+            self.node_ids[pid] = nid
+            self.in_sync.discard(pid)
+
+    def _read_partition_answers(self, grid: Grid, round_: int) -> None:
+        if not self.joining:
+            return
+        for reply in grid.pull_messages(list(self.joining)):
+            nid = self.joining.pop(reply.metadata.reply_to_message_id, None)
+            if nid is None:
+                continue
+            if reply.has_error():  # e.g. it went away again: asked anew if it comes back
+                log.warning("round %s: node %s did not say its partition: %s", round_, nid,
+                            reply.error.reason)
+                continue
+            try:
+                self.claims[nid] = partition_answer(reply, self.config.num_nodes)
+            except RuntimeError as err:
+                log.error("round %s: node %s cannot join: %s", round_, nid, err)
+                self.claims[nid] = None
+
     # --- the round loop ----------------------------------------------------------------------
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None,
@@ -357,37 +405,101 @@ class DecentralizedStrategy(Strategy):
 
         ``initial_arrays`` (the common initial model) is routed as every node's latest model
         in round 1. ``evaluate_fn``/``evaluate_config`` do not apply: there is no global model.
-        ``result.train_metrics_clientapp[r]`` holds round r's aggregates, r = 0..num_rounds.
+        ``result.train_metrics_clientapp[r]`` holds round r's aggregates, r = 0..num_rounds
+        (per-node values as ``<key>.<partition id>``).
         """
         if num_rounds is not None and num_rounds != self.config.num_rounds:
             self.config = self.config.replace(num_rounds=num_rounds)
         if timeout is not None and timeout != self.config.round_timeout:
             self.config = self.config.replace(round_timeout=timeout)
-        num_rounds, timeout = self.config.num_rounds, self.config.round_timeout
+        timeout = self.config.round_timeout
         self.summary()
+        resumed = self.open_run(initial_arrays if self.routes_initial_model else None,
+                                ArrayRecord)
         self.node_ids = wait_for_partitions(grid, self.config.num_nodes,
                                             self.config.node_wait_timeout, self.info_message_type,
                                             self.config)
-        if initial_arrays and self.routes_initial_model:
-            self.latest = dict.fromkeys(range(self.config.num_nodes), initial_arrays)
+        self.claims = {nid: pid for pid, nid in self.node_ids.items()}
+        # a fresh run's nodes start from the initial model; a resumed run's from checkpoints
+        self.in_sync = set() if resumed else set(self.node_ids)
         result = Result()
-
         arrays = initial_arrays or ArrayRecord()
 
         def round_trip(round_: int, stage: int) -> dict[int, dict]:
+            self.refresh_nodes(grid, round_)
             config = ConfigRecord({**(train_config or {}), STAGE_KEY: stage})
-            messages = self.configure_train(round_, arrays, config, grid)
-            self.aggregate_train(round_, send_and_receive(grid, messages, timeout))
+            self.exchange(grid, self.configure_train(round_, arrays, config, grid),
+                          timeout, f"round-trip {round_}.{stage}")
+            self.aggregate_train(round_, self.replies)
             if stage == 0:
                 evaluation = list(self.configure_evaluate(round_, arrays,
                                                           evaluate_config or ConfigRecord(), grid))
                 if evaluation:
-                    self.aggregate_evaluate(round_, send_and_receive(grid, evaluation, timeout))
+                    self.exchange(grid, evaluation, timeout, f"evaluation {round_}")
+                    self.aggregate_evaluate(round_, self.replies)
             return self.node_metrics
 
         for row in self.run_rounds(round_trip):
-            result.train_metrics_clientapp[row["round"]] = MetricRecord(row)
+            result.train_metrics_clientapp[row["round"]] = MetricRecord(flat_metrics(row))
         return result
+
+    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float,
+                 label: str) -> None:
+        """Send ``messages`` to bound nodes; ``addressed`` and ``replies`` hold the outcome."""
+        partition_of = {nid: pid for pid, nid in self.node_ids.items()}
+        sent, self.replies = send_and_receive(
+            grid, messages, timeout, label=label,
+            describe=lambda m: f"partition {partition_of.get(m.metadata.dst_node_id)}")
+        self.addressed = {mid: partition_of[msg.metadata.dst_node_id]
+                          for mid, msg in sent.items()}
+
+    def open_run(self, initial: ArrayRecord | StateDict | None,
+                 routed_form: Callable[[StateDict], ArrayRecord | StateDict]) -> bool:
+        """Open the run's outputs; with ``resume``, restore the routing state. Returns whether
+        the run resumes.
+
+        Fresh: ``initial`` (if any) becomes every partition's latest model. Resume: the
+        routing checkpoint of ``run_dir`` gives the latest models (``routed_form`` turns its
+        tensors into what ``latest`` holds), the round-trip to continue from and the rows to
+        keep. A run directory that already holds rows is never overwritten: without
+        ``resume`` that is an error, as is resuming with other settings.
+        """
+        self.latest, self.received, self.dropped, self.next_exchange = {}, {}, {}, 0
+        checkpoint = None
+        if self.config.resume:
+            if self.run_dir is None:
+                raise ValueError("resume=true needs a run directory (output-dir/run-name) "
+                                 "to resume from")
+            checkpoint = RoutingCheckpoint.load(self.run_dir)
+            if checkpoint is None:
+                log.warning("resume=true, but %s holds no routing checkpoint: starting at "
+                            "round 0", self.run_dir)
+        if checkpoint is None:
+            self.run_key = f"{self.run_dir.name if self.run_dir else 'run'}-{uuid4().hex[:8]}"
+            if initial is not None:
+                self.latest = dict.fromkeys(range(self.config.num_nodes), initial)
+                self.received = dict.fromkeys(range(self.config.num_nodes), 0)
+        else:
+            check_resumable(checkpoint.config, self.config, self.run_dir)
+            self.run_key, self.next_exchange = checkpoint.run_key, checkpoint.next_exchange
+            self.latest = {pid: routed_form(tensors) for pid, tensors in checkpoint.latest.items()}
+            self.received, self.dropped = checkpoint.received, checkpoint.dropped
+            log.info("resuming %s after %s of its round-trips (%s rows)", self.run_dir,
+                     checkpoint.next_exchange, checkpoint.rows)
+        if self.run_dir is not None:
+            self.recorder = RunRecorder(self.run_dir, self.config, self.description,
+                                        keep_rows=checkpoint.rows if checkpoint else None)
+        return checkpoint is not None
+
+    def save_checkpoint(self) -> None:
+        """Write the routing checkpoint (with a run directory only)."""
+        if self.run_dir is None or self.recorder is None:
+            return
+        RoutingCheckpoint(
+            self.run_key, self.next_exchange, len(self.recorder.rows),
+            {pid: as_state_dict(model) for pid, model in self.latest.items()},
+            dict(self.received), dict(self.dropped), self.config.to_run_config(),
+        ).save(self.run_dir)
 
     def run_rounds(self, round_trip: Callable[[int, int], Mapping[int, Mapping[str, float]]]
                    ) -> list[dict]:
@@ -396,26 +508,33 @@ class DecentralizedStrategy(Strategy):
         ``round_trip(round, stage)`` does one exchange and returns each replying node's
         metrics. Stage 0 of round t evaluates the model after round t - 1: its metrics make
         that round's row, with ``exchanges`` (round-trips whose vectors reached that model),
-        ``seconds`` (wall time since the previous row) and ``neighbours_dropped`` counted over
-        every exchange since the previous row.
+        ``seconds`` (wall time since the previous row), ``neighbours_dropped`` counted over
+        every exchange since the previous row, ``partitions_missing`` (no reply) and
+        ``partitions_stale`` (not routed: too old). Round-trips before ``next_exchange`` (a
+        resumed run) are skipped; the routing checkpoint is written after each one.
         """
-        self.recorder = (RunRecorder(self.run_dir, self.config, self.description)
-                         if self.run_dir is not None else None)
-        rows = []
+        rows = list(self.recorder.rows) if self.recorder is not None else []
         started = time.perf_counter()
-        dropped: dict[int, float] = {}  # neighbours dropped in stages > 0, per node
+        everyone = set(range(self.config.num_nodes))
         for exchanges, (round_, stage) in enumerate(self.schedule()):
+            if exchanges < self.next_exchange:
+                continue
             node_metrics = round_trip(round_, stage)
             for pid, metrics in node_metrics.items():
-                dropped[pid] = dropped.get(pid, 0.0) + metrics.get("neighbours_dropped", 0.0)
+                self.dropped[pid] = (self.dropped.get(pid, 0.0)
+                                     + metrics.get("neighbours_dropped", 0.0))
             if stage == 0:
-                node_metrics = {pid: {**metrics, "neighbours_dropped": dropped.pop(pid)}
+                node_metrics = {pid: {**metrics, "neighbours_dropped": self.dropped.pop(pid)}
                                 for pid, metrics in node_metrics.items()}
-                rows.append({**summarise_round(round_ - 1, node_metrics), "exchanges": exchanges,
-                             "seconds": time.perf_counter() - started})
+                rows.append({**summarise_round(round_ - 1, node_metrics),
+                             "partitions_missing": sorted(everyone - set(node_metrics)),
+                             "partitions_stale": list(self.stale),
+                             "exchanges": exchanges, "seconds": time.perf_counter() - started})
                 self.record_round(rows[-1])
                 started = time.perf_counter()
-                dropped.clear()
+                self.dropped.clear()
+            self.next_exchange = exchanges + 1
+            self.save_checkpoint()
         return rows
 
     def record_round(self, row: dict) -> None:
@@ -425,26 +544,94 @@ class DecentralizedStrategy(Strategy):
             self.recorder.record({"algorithm": self.algorithm, **row})
 
 
+# Settings a resumed run may change: they do not change what the nodes compute.
+RESUMABLE_CHANGES = ("resume", "round_timeout", "node_wait_timeout", "output_dir", "state_dir")
+
+
+def check_resumable(saved: Mapping[str, object], config: RunConfig, run_dir: Path) -> None:
+    """Raise ValueError naming the settings that differ from the checkpointed run's."""
+    current = config.to_run_config()
+    allowed = {key.replace("_", "-") for key in RESUMABLE_CHANGES}
+    changed = sorted(key for key in set(saved) | set(current)
+                     if key not in allowed and saved.get(key) != current.get(key))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {run_dir} with other settings ({detail}); resume "
+                         f"with the run's own settings or start a new run-name")
+
+
+def as_state_dict(model: ArrayRecord | StateDict) -> StateDict:
+    """Tensors of a routed model (an ArrayRecord in Flower runs, a dict in-process)."""
+    if isinstance(model, ArrayRecord):
+        return dict(model.to_torch_state_dict())
+    return model
+
+
+def flat_metrics(row: Mapping) -> dict:
+    """A metrics row as MetricRecord values: per-node dicts become ``<key>.<partition>``."""
+    flat: dict = {}
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{pid}": v for pid, v in value.items()})
+        elif not isinstance(value, str):
+            flat[key] = value
+    return flat
+
+
+def reply_fault(reply: Message) -> str | None:
+    """Why a train reply carries no usable result (None if it does)."""
+    if reply.has_error():
+        return reply.error.reason
+    if not reply.has_content() or "arrays" not in reply.content or \
+            "metrics" not in reply.content:
+        return "the reply has no 'arrays' and 'metrics' records"
+    return None
+
+
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
-                     max_poll: float = 0.1) -> list[Message]:
+                     max_poll: float = 0.1, label: str = "round-trip",
+                     describe: Callable[[Message], str] | None = None,
+                     report_every: float = 5.0) -> tuple[dict[str, Message], list[Message]]:
     """Push ``messages`` and pull their replies until all are in or ``timeout`` seconds pass.
 
     Like ``Grid.send_and_receive``, but polls every 5 ms growing to ``max_poll`` seconds: the
-    deployed Grid sleeps 3 s between pulls, longer than a whole round of a small model.
+    deployed Grid sleeps 3 s between pulls, longer than a whole round of a small model. Every
+    ``report_every`` seconds it logs who is still missing (``describe`` names a message's
+    destination). Returns {message id: message as sent} and the replies.
     """
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
+    messages = list(messages)
+    describe = describe or (lambda m: f"node {m.metadata.dst_node_id}")
+    sent = dict(zip(grid.push_messages(messages), messages))
+    pending = set(sent)
+    begun = time.monotonic()
+    deadline, next_report = begun + timeout, begun + report_every
     replies: list[Message] = []
     poll = 0.005
     while pending:
         received = list(grid.pull_messages(pending))
         replies.extend(received)
         pending.difference_update(m.metadata.reply_to_message_id for m in received)
-        if not pending or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if not pending or now >= deadline:
             break
+        if now >= next_report:
+            log.info("%s: %s of %s replies after %.0fs; waiting for %s (up to %.0fs more)",
+                     label, len(sent) - len(pending), len(sent), now - begun,
+                     ", ".join(sorted(describe(sent[mid]) for mid in pending)), deadline - now)
+            next_report += report_every
         time.sleep(poll)
         poll = min(2 * poll, max_poll)
-    return replies
+    return sent, replies
+
+
+def partition_query(node_id: int, message_type: str, run_config: RunConfig | None
+                    ) -> Message:
+    """A request for a node's partition id (with the run config, so that the node can check
+    that it can load its data)."""
+    content = {INFO_KEY: ConfigRecord()}
+    if run_config is not None:
+        content[RUN_KEY] = ConfigRecord(run_config.to_run_config())
+    return Message(RecordDict(content), dst_node_id=node_id, message_type=message_type)
 
 
 def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
@@ -456,23 +643,29 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
     ``RUN_KEY`` so a node can check that it can load its data) for its partition id and
     num-partitions until it answers; logs how many are there every ``report_every`` seconds.
     Returns {partition id: node id}. Raises RuntimeError on a mismatch with the federation, on
-    a node that cannot start (e.g. its data are missing), or when the nodes are not all there
-    within ``timeout`` seconds.
+    a node that cannot start (e.g. its data are missing), on two nodes claiming one partition,
+    or when the nodes are not all there within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     next_report = time.monotonic() + report_every
     partitions: dict[int, int] = {}
-    content = {INFO_KEY: ConfigRecord()}
-    if run_config is not None:
-        content[RUN_KEY] = ConfigRecord(run_config.to_run_config())
     while True:
         unknown = [nid for nid in grid.get_node_ids() if nid not in partitions.values()]
         if unknown:
-            queries = [Message(RecordDict(content), dst_node_id=nid, message_type=message_type)
-                       for nid in unknown]
+            queries = [partition_query(nid, message_type, run_config) for nid in unknown]
             remaining = max(deadline - time.monotonic(), poll)
-            for reply in send_and_receive(grid, queries, remaining):
-                _register_partition(reply, partitions, num_nodes)
+            _, replies = send_and_receive(grid, queries, remaining, label="partition query")
+            for reply in replies:
+                if reply.has_error():
+                    raise RuntimeError(f"node {reply.metadata.src_node_id} did not say its "
+                                       f"partition: {reply.error.reason}")
+                pid = partition_answer(reply, num_nodes)
+                if pid in partitions:
+                    raise RuntimeError(
+                        f"partition id {pid} is claimed by nodes {partitions[pid]} and "
+                        f"{reply.metadata.src_node_id}; give every SuperNode its own "
+                        f"partition-id")
+                partitions[pid] = reply.metadata.src_node_id
         if sorted(partitions) == list(range(num_nodes)):
             return partitions
         if time.monotonic() > deadline:
@@ -488,10 +681,9 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
         time.sleep(poll)
 
 
-def _register_partition(reply: Message, partitions: dict[int, int], num_nodes: int) -> None:
-    if reply.has_error():
-        raise RuntimeError(f"node {reply.metadata.src_node_id} did not say its partition: "
-                           f"{reply.error.reason}")
+def partition_answer(reply: Message, num_nodes: int) -> int:
+    """The partition id in a node's answer to ``partition_query``; RuntimeError if the node
+    belongs to another federation or cannot load its data."""
     info = reply.content["info"]
     pid, total = int(info["partition-id"]), int(info["num-partitions"])
     if total != num_nodes:
@@ -504,11 +696,7 @@ def _register_partition(reply: Message, partitions: dict[int, int], num_nodes: i
     if "error" in info:
         raise RuntimeError(f"partition {pid} (node {reply.metadata.src_node_id}) cannot start: "
                            f"{info['error']}")
-    if pid in partitions:
-        raise RuntimeError(f"partition id {pid} is claimed by nodes {partitions[pid]} and "
-                           f"{reply.metadata.src_node_id}; give every SuperNode its own "
-                           f"partition-id")
-    partitions[pid] = reply.metadata.src_node_id
+    return pid
 
 
 def run_in_process(strategy: DecentralizedStrategy,
@@ -517,20 +705,32 @@ def run_in_process(strategy: DecentralizedStrategy,
     """Drive ``strategy``'s plan and the node rules for all rounds in this process.
 
     Same plan, node rules and metrics as a Flower run (models are passed by reference instead
-    of messages), so the same seed and config give the same metrics.jsonl rows.
+    of messages), so the same seed and config give the same metrics.jsonl rows. With
+    ``state-dir`` the nodes checkpoint their state as in a Flower run, so that ``resume=true``
+    continues an interrupted run with the same metrics.
     """
     config = strategy.config
     rules = {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
-    states = {pid: rule.init_state() for pid, rule in rules.items()}
-    latest = dict.fromkeys(rules, initial_model) if strategy.routes_initial_model else {}
     strategy.summary()
+    resumed = strategy.open_run(initial_model if strategy.routes_initial_model else None,
+                                lambda tensors: tensors)
+    checkpoints = {pid: node_checkpoints({}, config.state_dir, strategy.run_key, pid)
+                   for pid in rules}
+    states: dict[int, NodeState] = {}
 
     def round_trip(round_: int, stage: int) -> dict[int, dict]:
         metrics = {}
-        for pid, task in strategy.plan_round(round_, latest, stage).items():
-            states[pid], metrics[pid] = rules[pid].step(
-                states[pid], task, {j: latest[j] for j in task.neighbours})
-        latest.update((pid, state.shared) for pid, state in states.items())
+        for pid, task in strategy.plan(round_, stage).items():
+            rule = rules[pid]
+            state = starting_state(task, states.get(pid), checkpoints[pid],
+                                   strategy.latest.get(pid) if resumed else None,
+                                   rule.init_state, rule.restore, pid)
+            states[pid], metrics[pid] = rule.step(
+                state, task, {j: strategy.latest[j] for j in task.neighbours})
+            if checkpoints[pid] is not None:
+                checkpoints[pid].save(states[pid], stage)
+        strategy.latest.update((pid, state.shared) for pid, state in states.items())
+        strategy.received.update(dict.fromkeys(states, round_))
         return metrics
 
     return strategy.run_rounds(round_trip)

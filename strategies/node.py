@@ -30,14 +30,8 @@ from flwr_hyperprism.graphs import round_seed
 from flwr_hyperprism.mirror import power_mean
 from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_group
 
-from .decentralized import (
-    NodeData,
-    NodeState,
-    NodeTask,
-    StateDict,
-    node_data,
-    screen_neighbours,
-)
+from .decentralized import NodeData, node_data, screen_neighbours
+from .rule import NodeState, NodeTask, StateDict
 
 log = logging.getLogger("flwr")
 
@@ -70,6 +64,11 @@ class LearningNode:
 
     def init_state(self) -> NodeState:
         raise NotImplementedError
+
+    def restore(self, shared: StateDict) -> NodeState:
+        """``init_state()`` with the node's last ``shared`` tensors (``NodeRule.restore``)."""
+        state = self.init_state()
+        return NodeState(state.round, {**state.tensors, "shared": clone_tensors(shared)})
 
     def round_trip(self, state: NodeState, task: NodeTask,
                    neighbours: Mapping[int, StateDict], gen: torch.Generator

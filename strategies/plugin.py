@@ -41,7 +41,14 @@ from flwr_hyperprism.metrics import summarise_round
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
 from .adom import ADOM, ADOMUpdate
-from .decentralized import STAGE_KEY, DecentralizedStrategy, NodeState, NodeTask, StateDict
+from .decentralized import (
+    STAGE_KEY,
+    DecentralizedStrategy,
+    NodeState,
+    NodeTask,
+    StateDict,
+    flat_metrics,
+)
 from .dpsgd import DPSGD
 from .hyperprism import HyperPrism, initial_weights, node_hypernetwork
 from .mudag import Mudag, MudagUpdate
@@ -82,25 +89,29 @@ class PluginRouting:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """An evaluate message to each node that completed this round-trip's training."""
         marker = ConfigRecord({"round": server_round})
-        return [Message(RecordDict({EVALUATE_KEY: marker, "config": config}), dst_node_id=nid,
-                        message_type="evaluate", group_id=f"{server_round}.evaluate")
-                for nid in self.node_ids.values()]
+        return [Message(RecordDict({EVALUATE_KEY: marker, "config": config}),
+                        dst_node_id=self.node_ids[pid], message_type="evaluate",
+                        group_id=f"{server_round}.evaluate")
+                for pid in sorted(self.node_metrics) if pid in self.node_ids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """Add each node's evaluation metrics to its metrics of this round."""
-        partition_of = {nid: pid for pid, nid in self.node_ids.items()}
         for reply in replies:
-            if reply.has_error() or partition_of[reply.metadata.src_node_id] not in \
-                    self.node_metrics:
-                continue  # a node whose round failed is already logged by aggregate_train
+            pid = self.addressed.get(reply.metadata.reply_to_message_id)
+            if pid not in self.node_metrics or reply.has_error() or \
+                    "metrics" not in reply.content:
+                log.warning("round %s: no evaluation from partition %s: %s", server_round, pid,
+                            reply.error.reason if reply.has_error() else "no metrics")
+                continue
             metrics = scalar_metrics(reply.content["metrics"])
             for ours, theirs in (("accuracy", self.accuracy_metric), ("loss", self.loss_metric)):
                 if theirs in metrics:
                     metrics[ours] = metrics[theirs]
-            self.node_metrics[partition_of[reply.metadata.src_node_id]].update(metrics)
-        return MetricRecord(summarise_round(server_round - 1, self.node_metrics))
+            self.node_metrics[pid].update(metrics)
+        return MetricRecord(flat_metrics(summarise_round(server_round - 1, self.node_metrics)))
 
 
 class PluginHyperPrism(PluginRouting, HyperPrism):

@@ -256,26 +256,29 @@ def test_a_node_without_neighbours_keeps_training_alone(tmp_path, variant):
     assert all(bool(torch.isfinite(v).all()) for g in after.tensors.values() for v in g.values())
 
 
-# --- interrupt, start again: same metrics -----------------------------------------------
+# --- interrupt, resume: same metrics -----------------------------------------------------
 
 
 class Interrupted(Exception):
     pass
 
 
-def test_a_restarted_run_reproduces_the_uninterrupted_metrics(tmp_path):
-    config = RunConfig(algorithm="hyperprism", num_nodes=4, num_rounds=4, eval_size=500,
-                       output_dir=str(tmp_path), node_wait_timeout=5.0)
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, algorithm):
+    config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=4, eval_size=500,
+                       momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
+                       mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"))
     strategy_cls, make_rule = ALGORITHMS[config.algorithm]
     model = dict(initial_model(config).to_torch_state_dict())
     run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule, model)
+    clean = metrics_rows(tmp_path / "clean")
 
     def interrupting_rule(cfg, pid):
         rule = make_rule(cfg, pid)
         step = rule.step
 
         def stop_in_round_3(state, task, neighbours):
-            if task.round == 3:
+            if task.round == 3 and pid == 2:  # nodes 0 and 1 have done round-trip 3 already
                 raise Interrupted
             return step(state, task, neighbours)
 
@@ -285,8 +288,14 @@ def test_a_restarted_run_reproduces_the_uninterrupted_metrics(tmp_path):
     with pytest.raises(Interrupted):
         run_in_process(strategy_cls(config, tmp_path / "again"), interrupting_rule, model)
     assert len(metrics_rows(tmp_path / "again")) == 2
-    run_in_process(strategy_cls(config, tmp_path / "again"), make_rule, model)
-    assert metrics_rows(tmp_path / "again") == metrics_rows(tmp_path / "clean")
+    with pytest.raises(FileExistsError, match="pass resume=true"):  # never overwritten
+        run_in_process(strategy_cls(config, tmp_path / "again"), make_rule, model)
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 -> 0.1\)"):
+        run_in_process(strategy_cls(config.replace(resume=True, lr=0.1), tmp_path / "again"),
+                       make_rule, model)
+    run_in_process(strategy_cls(config.replace(resume=True), tmp_path / "again"), make_rule,
+                   model)
+    assert metrics_rows(tmp_path / "again") == clean
 
     # the Flower path: a run stopped by a failing grid, then a fresh federation (new contexts)
     class StoppingGrid(LocalGrid):
@@ -301,8 +310,35 @@ def test_a_restarted_run_reproduces_the_uninterrupted_metrics(tmp_path):
     flower = config.replace(run_name="flower")
     with pytest.raises(Interrupted):
         run(StoppingGrid(make_client_app(), partitions), flower)
-    run(LocalGrid(make_client_app(), partitions), flower)
+    run(LocalGrid(make_client_app(), partitions), flower.replace(resume=True))
+    assert metrics_rows(tmp_path / "flower") == clean
+
+
+def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed_models(
+        tmp_path, caplog):
+    # D-PSGD without momentum: a node's whole state is its model, which the orchestrator
+    # checkpoints, so even without node checkpoints the metrics are those of a clean run.
+    config = RunConfig(algorithm="dpsgd", num_nodes=4, num_rounds=4, eval_size=500,
+                       output_dir=str(tmp_path), node_wait_timeout=5.0)
+    strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+    run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule,
+                   dict(initial_model(config).to_torch_state_dict()))
+
+    class StoppingGrid(LocalGrid):
+        def push_messages(self, messages):
+            if any(m.content[TASK_KEY]["round"] == 3 for m in messages if TASK_KEY in m.content):
+                raise Interrupted
+            return super().push_messages(messages)
+
+    partitions = {1000 + pid: (pid, 4) for pid in range(4)}
+    with pytest.raises(Interrupted):
+        run(StoppingGrid(make_client_app(), partitions), config.replace(run_name="flower"))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run(LocalGrid(make_client_app(), partitions),
+            config.replace(run_name="flower", resume=True))
     assert metrics_rows(tmp_path / "flower") == metrics_rows(tmp_path / "clean")
+    restarts = [m for m in records(caplog) if "restarts from the model the orchestrator" in m]
+    assert len(restarts) == 4  # every node once, in the first resumed round-trip
 
 
 # --- configuration errors that need the federation: before round 1, with the fix --------
