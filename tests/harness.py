@@ -71,3 +71,50 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+SUPERLINK_NODE_ID = 1  # the id Flower's SuperLink signs the error replies it writes with
+
+
+class ElasticGrid(LocalGrid):
+    """A ``LocalGrid`` whose nodes leave and join while the run goes on.
+
+    ``events`` maps a round-trip (round, stage) to changes made just before its train messages
+    are handled: ``("leave", node_id)`` disconnects a node (its context is lost; like a killed
+    SuperNode, it no longer shows in ``get_node_ids``) and ``("join", node_id, partition_id)``
+    connects a new one with a fresh context. A message to a node that is gone is answered as
+    Flower's SuperLink answers it: an error reply signed with the SuperLink's own id.
+    """
+
+    def __init__(self, client_app: ClientApp, partitions: dict[int, tuple[int, int]],
+                 events: dict[tuple[int, int], list[tuple]]) -> None:
+        super().__init__(client_app, partitions)
+        self.events = events
+        self.num_partitions = next(iter(partitions.values()))[1]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        tasks = [m.content["hyperprism.task"] for m in messages
+                 if "hyperprism.task" in m.content]
+        if tasks:
+            for event in self.events.pop((int(tasks[0]["round"]), int(tasks[0]["stage"])), []):
+                if event[0] == "leave":
+                    del self.contexts[event[1]]
+                else:
+                    _, node_id, partition_id = event
+                    self.contexts[node_id] = Context(
+                        run_id=1, node_id=node_id, state=RecordDict(), run_config={},
+                        node_config={"partition-id": partition_id,
+                                     "num-partitions": self.num_partitions})
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id in self.contexts:
+                ids.extend(super().push_messages([msg]))
+                continue
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            reply = Message(Error(3, "Node Unavailable: the destination node failed to report "
+                                     "a heartbeat"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
