@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,15 +284,33 @@ class Fleet:
         return proc
 
     def start_supernode(self, name: str, partition_id: int, num_partitions: int,
-                        private_key: Path | None = None) -> subprocess.Popen:
+                        private_key: Path | None = None, node_config: str = ""
+                        ) -> subprocess.Popen:
         """Start a SuperNode holding partition ``partition_id`` of ``num_partitions``;
-        ``private_key`` enables SuperNode authentication (OpenSSH EC key)."""
+        ``private_key`` enables SuperNode authentication (OpenSSH EC key); ``node_config``
+        adds node config entries (e.g. ``state-dir='/path'``)."""
         security = ["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"]
         auth = ["--auth-supernode-private-key", str(private_key)] if private_key else []
         return self.start(name, [
             "flower-supernode", "--superlink", self.address, *security, *auth,
             "--host", "127.0.0.1", "--port", str(free_port()),
-            "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"])
+            "--node-config",
+            f"partition-id={partition_id} num-partitions={num_partitions} {node_config}".strip()])
+
+    def start_flwr(self, name: str, args: list[str]) -> subprocess.Popen:
+        """Start `flwr ARGS` in the background as process ``name`` (logs in ``log(name)``)."""
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "wb") as log_file:
+            proc = subprocess.Popen(["flwr", *args], env=self.cli_env, cwd=self.root,
+                                    stdout=log_file, stderr=subprocess.STDOUT)
+        self.processes[name] = proc
+        return proc
+
+    def serverapps(self) -> list[int]:
+        """PIDs of the `flwr-serverapp` processes the SuperLink's SuperExec runs now."""
+        return [pid for pid in processes_with_home(self.home("superlink"))
+                if b"flwr-serverapp" in _cmdline(pid)]
 
     def leftovers(self) -> list[int]:
         """PIDs still running from this fleet: its processes and every child (SuperExec,
@@ -309,10 +327,18 @@ class Fleet:
             stop_processes_with_home(home, grace=10.0)
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 @contextmanager
 def loopback_fleet(root: Path, num_nodes: int, tls: TlsFiles | None = None,
                    supernode_auth: bool = False, env_extra: Mapping[str, str] | None = None,
-                   connection: str = "loopback") -> Iterator[Fleet]:
+                   connection: str = "loopback",
+                   node_config: Callable[[int], str] | None = None) -> Iterator[Fleet]:
     """Start a SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (free ports); stop them all.
 
     With ``tls`` the SuperLink serves its Fleet, Control and Runtime APIs with that
@@ -321,10 +347,10 @@ def loopback_fleet(root: Path, num_nodes: int, tls: TlsFiles | None = None,
     ``--enable-supernode-auth`` and registers each SuperNode's public key with
     `flwr supernode register` before the SuperNode starts with its private key. SuperNode i
     (process ``supernode-<i>``) gets ``--node-config "partition-id=i num-partitions=N"``.
-    ``env_extra`` goes into every daemon's environment (e.g.
-    FLWR_SUPEREXEC_TASK_POLL_INTERVAL). The SuperNodes are started, not waited for: the
-    orchestrator waits for its ``num-nodes``. On exit every process is stopped, also when the
-    body raises.
+    ``node_config(i)`` adds node config entries for SuperNode i. ``env_extra`` goes into
+    every daemon's environment (e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL). The SuperNodes are
+    started, not waited for: the orchestrator waits for its ``num-nodes``. On exit every
+    process is stopped, also when the body raises.
     """
     if supernode_auth and tls is None:
         raise ValueError("SuperNode authentication needs TLS")
@@ -349,7 +375,8 @@ def loopback_fleet(root: Path, num_nodes: int, tls: TlsFiles | None = None,
                 key = fleet.home(name) / "supernode-key"
                 public_key = make_supernode_keys(key)
                 fleet.flwr(["supernode", "register", str(public_key), connection], timeout=60)
-            fleet.start_supernode(name, i, num_nodes, key)
+            fleet.start_supernode(name, i, num_nodes, key,
+                                  node_config(i) if node_config else "")
         yield fleet
     finally:
         fleet.stop()

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from flwr_hyperprism.config import RunConfig
+from simulations.run import run_experiment
+from tests.flwr_hyperprism.test_apps import metrics_rows
 from tests.local_flower import (
     build_fab,
     loopback_fleet,
@@ -131,3 +134,107 @@ def test_fab_leaves_out_tests_and_installs(tmp_path: Path) -> None:
     assert all(Path(line).is_relative_to(installed) for line in loaded.stdout.split()), \
         loaded.stdout
     assert processes_with_home(home) == []
+
+
+# --- a fleet that loses nodes, and a run that resumes -------------------------------------
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_rows(run_dir: Path, count: int, timeout: float, fleet, runner: str) -> None:
+    """Wait until metrics.jsonl has ``count`` rows (fails if `flwr` exits first)."""
+    deadline = time.monotonic() + timeout
+    while len(read_rows(run_dir)) < count:
+        if fleet.processes[runner].poll() is not None and len(read_rows(run_dir)) < count:
+            raise AssertionError(f"`flwr run` ended before row {count}:\n"
+                                 f"{fleet.log(runner)[-3000:]}")
+        assert time.monotonic() < deadline, f"no row {count} after {timeout}s"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_fleet_run_survives_a_killed_and_a_terminated_supernode(tmp_path: Path) -> None:
+    """SIGKILL partition 2's SuperNode and restart it (same partition and state-dir): it
+    rejoins from its checkpoint. SIGTERM partition 3's SuperNode for good: the run completes
+    without it."""
+    num_nodes, num_rounds = 4, 7
+    state = {i: tmp_path / f"state-{i}" for i in range(num_nodes)}
+    run_dir = tmp_path / "runs" / "survivor"
+    with loopback_fleet(tmp_path / "fleet", num_nodes,
+                        node_config=lambda i: f"state-dir='{state[i]}'") as fleet:
+        runner = fleet.start_flwr("flwr-run", [
+            "run", str(REPO), fleet.connection, "--stream",
+            "--run-config", f"num-nodes={num_nodes} num-rounds={num_rounds} max-staleness=2 "
+                            f"node-wait-timeout=120 round-timeout=30 "
+                            f"output-dir='{run_dir.parent}' run-name='{run_dir.name}'"])
+        wait_for_rows(run_dir, 2, 240, fleet, "flwr-run")
+        fleet.processes["supernode-2"].kill()
+        fleet.processes["supernode-2"].wait(timeout=30)
+        fleet.start_supernode("supernode-2-restarted", 2, num_nodes,
+                              node_config=f"state-dir='{state[2]}'")
+        fleet.processes["supernode-3"].terminate()
+        fleet.processes["supernode-3"].wait(timeout=30)
+        assert runner.wait(timeout=600) == 0, fleet.log("flwr-run")[-3000:]
+        serverapp_log = fleet.log("flwr-run")
+        restarted_log = fleet.log("supernode-2-restarted")
+    assert fleet.leftovers() == [], "processes left running"
+
+    rows = read_rows(run_dir)
+    assert [row["round"] for row in rows] == list(range(num_rounds + 1)), serverapp_log[-3000:]
+    replied = [row["nodes_replied"] for row in rows]
+    missing = [row["partitions_missing"] for row in rows]
+    print(f"\nnodes replied per row: {replied}; missing: {missing}; "
+          f"stale: {[row['partitions_stale'] for row in rows]}")
+    assert replied[:2] == [num_nodes] * 2
+    # partition 2 dips and comes back; partition 3 is gone for good
+    assert any(2 in m for m in missing) and 2 not in missing[-1] and 2 not in missing[-2]
+    assert all(3 in m for m in missing[3:])
+    assert "3" not in rows[-1]["accuracy"] and rows[-1]["accuracy"]["2"] > 5 * CHANCE
+    assert all(set(row["accuracy"]) == {str(p) for p in range(num_nodes)} - set(map(str, m))
+               for row, m in zip(rows, missing))
+    assert 3 in rows[-1]["partitions_stale"]  # too old to route after max-staleness=2
+    assert rows[-1]["accuracy_mean"] > 5 * CHANCE
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] is False and summary["rounds_completed"] == num_rounds
+    assert "partition 2 moves from node" in serverapp_log or "partition 2 joins" in serverapp_log
+    assert "partition 2 resumes from its checkpoint" in restarted_log, restarted_log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_fleet_run_resumed_after_stopping_its_serverapp_has_the_uninterrupted_metrics(
+        tmp_path: Path) -> None:
+    num_nodes, num_rounds = 3, 4
+    run_dir = tmp_path / "runs" / "resumed"
+    settings = (f"num-nodes={num_nodes} num-rounds={num_rounds} momentum=0.5 eval-size=500 "
+                f"node-wait-timeout=120 round-timeout=120 output-dir='{run_dir.parent}' "
+                f"run-name='{run_dir.name}'")
+    with loopback_fleet(tmp_path / "fleet", num_nodes,
+                        node_config=lambda i: f"state-dir='{tmp_path / f'state-{i}'}'") as fleet:
+        submitted = json.loads(fleet.flwr(["run", str(REPO), fleet.connection, "--format",
+                                           "json", "--run-config", settings]))
+        fleet.processes["flwr-run"] = subprocess.Popen(["true"])  # for wait_for_rows
+        fleet.processes["flwr-run"].wait()
+        deadline = time.monotonic() + 240
+        while len(read_rows(run_dir)) < 2:
+            assert time.monotonic() < deadline, "no row 2"
+            time.sleep(0.5)
+        fleet.flwr(["stop", str(submitted["run-id"]), fleet.connection])
+        deadline = time.monotonic() + 60
+        while fleet.serverapps():
+            assert time.monotonic() < deadline, "the stopped ServerApp still runs"
+            time.sleep(0.5)
+        stopped_at = len(read_rows(run_dir))
+        output = fleet.flwr(["run", str(REPO), fleet.connection, "--stream", "--run-config",
+                             f"{settings} resume=true"], timeout=420)
+    assert fleet.leftovers() == [], "processes left running"
+    assert stopped_at < num_rounds + 1, "the run finished before it was stopped"
+    assert "resuming" in output, output[-3000:]
+
+    reference = run_experiment(RunConfig(num_nodes=num_nodes, num_rounds=num_rounds,
+                                         momentum=0.5, eval_size=500,
+                                         output_dir=str(tmp_path / "runs"),
+                                         run_name="reference"))
+    assert metrics_rows(run_dir) == metrics_rows(reference)
