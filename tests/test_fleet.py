@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -144,14 +145,10 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def wait_for_rows(run_dir: Path, count: int, timeout: float, fleet, runner: str) -> None:
-    """Wait until metrics.jsonl has ``count`` rows (fails if `flwr` exits first)."""
+def wait_until(done: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while len(read_rows(run_dir)) < count:
-        if fleet.processes[runner].poll() is not None and len(read_rows(run_dir)) < count:
-            raise AssertionError(f"`flwr run` ended before row {count}:\n"
-                                 f"{fleet.log(runner)[-3000:]}")
-        assert time.monotonic() < deadline, f"no row {count} after {timeout}s"
+    while not done():
+        assert time.monotonic() < deadline, f"{what} after {timeout}s"
         time.sleep(0.5)
 
 
@@ -170,7 +167,9 @@ def test_a_fleet_run_survives_a_killed_and_a_terminated_supernode(tmp_path: Path
             "--run-config", f"num-nodes={num_nodes} num-rounds={num_rounds} max-staleness=2 "
                             f"node-wait-timeout=120 round-timeout=30 "
                             f"output-dir='{run_dir.parent}' run-name='{run_dir.name}'"])
-        wait_for_rows(run_dir, 2, 240, fleet, "flwr-run")
+        wait_until(lambda: len(read_rows(run_dir)) >= 2 or runner.poll() is not None, 240,
+                   "no row 2")
+        assert runner.poll() is None, fleet.log("flwr-run")[-3000:]
         fleet.processes["supernode-2"].kill()
         fleet.processes["supernode-2"].wait(timeout=30)
         fleet.start_supernode("supernode-2-restarted", 2, num_nodes,
@@ -215,17 +214,9 @@ def test_a_fleet_run_resumed_after_stopping_its_serverapp_has_the_uninterrupted_
                         node_config=lambda i: f"state-dir='{tmp_path / f'state-{i}'}'") as fleet:
         submitted = json.loads(fleet.flwr(["run", str(REPO), fleet.connection, "--format",
                                            "json", "--run-config", settings]))
-        fleet.processes["flwr-run"] = subprocess.Popen(["true"])  # for wait_for_rows
-        fleet.processes["flwr-run"].wait()
-        deadline = time.monotonic() + 240
-        while len(read_rows(run_dir)) < 2:
-            assert time.monotonic() < deadline, "no row 2"
-            time.sleep(0.5)
+        wait_until(lambda: len(read_rows(run_dir)) >= 2, 240, "no row 2")
         fleet.flwr(["stop", str(submitted["run-id"]), fleet.connection])
-        deadline = time.monotonic() + 60
-        while fleet.serverapps():
-            assert time.monotonic() < deadline, "the stopped ServerApp still runs"
-            time.sleep(0.5)
+        wait_until(lambda: not fleet.serverapps(), 60, "the stopped ServerApp still runs")
         stopped_at = len(read_rows(run_dir))
         output = fleet.flwr(["run", str(REPO), fleet.connection, "--stream", "--run-config",
                              f"{settings} resume=true"], timeout=420)
