@@ -103,7 +103,7 @@ BAD_VALUES = [
     ("dataset", "imagenet"), ("model", "resnet"), ("topology", "star"), ("p_mode", "learned"),
     ("p_select", "argmax"), ("hn_input", "gradients"), ("algorithm", "fedavg"),
     ("p_candidates", "0.5,3"), ("p_candidates", ""), ("mudag_max_gossip", 0),
-    ("mudag_gossip_factor", 0.0), ("strong_convexity", 200.0),
+    ("mudag_gossip_factor", 0.0), ("strong_convexity", 200.0), ("max_staleness", -1),
 ]
 
 
@@ -185,6 +185,27 @@ def test_load_config_errors_name_the_key(tmp_path, yaml_text, overrides, key):
         load_config([write_yaml(tmp_path, yaml_text)], overrides)
 
     assert key in str(info.value) or key.replace("_", "-") in str(info.value)
+
+
+def test_a_wrong_type_names_the_file_it_comes_from(tmp_path):
+    good = write_yaml(tmp_path, "seed: 3\n", "good.yaml")
+    bad = write_yaml(tmp_path, "num-rounds: many\n", "bad.yaml")
+    with pytest.raises(ValueError, match=rf"in {re.escape(str(bad))}: config key 'num_rounds'"):
+        load_config([good, bad])
+    with pytest.raises(ValueError, match=r"in the overrides: config key 'lr'"):
+        load_config([good], ["lr=fast"])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("lr: [1\n", r"bad.yaml is not valid YAML \(line 2, column 1\): did not find expected"),
+    ("lr: 0.1\nlr: 0.2\n", r"bad.yaml is not valid YAML \(line 2, column 1\): found duplicate"),
+    ("- 1\n- 2\n", r"bad.yaml must hold a mapping of config keys .*not a list"),
+    ("3\n", r"bad.yaml must hold a mapping of config keys .*not a single value"),
+])
+def test_unreadable_yaml_gets_one_line_naming_the_file(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message) as info:
+        load_config([write_yaml(tmp_path, text, "bad.yaml")])
+    assert "\n" not in str(info.value) and info.value.__cause__ is None
 
 
 @pytest.mark.parametrize(("yaml_text", "overrides", "source"), [
