@@ -684,8 +684,12 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
 def partition_answer(reply: Message, num_nodes: int) -> int:
     """The partition id in a node's answer to ``partition_query``; RuntimeError if the node
     belongs to another federation or cannot load its data."""
-    info = reply.content["info"]
-    pid, total = int(info["partition-id"]), int(info["num-partitions"])
+    try:
+        info = reply.content["info"]
+        pid, total = int(info["partition-id"]), int(info["num-partitions"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise RuntimeError(f"node {reply.metadata.src_node_id} answered the partition query "
+                           f"without a partition-id and num-partitions ({err!r})") from None
     if total != num_nodes:
         raise RuntimeError(
             f"the federation has num-partitions={total} but the run config has "

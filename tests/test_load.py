@@ -87,7 +87,7 @@ def test_100_nodes_complete_in_simulation(tmp_path, monkeypatch):
     for row in rows:
         assert row["nodes_replied"] == NODES, row
         assert math.isfinite(row["accuracy_mean"]), row
-        assert len(row["accuracy"]) == NODES and all(map(math.isfinite, row["accuracy"]))
+        assert len(row["accuracy"]) == NODES and all(map(math.isfinite, row["accuracy"].values()))
 
     seconds = ", ".join(f"{row['seconds']:.2f}" for row in rows)
     print(f"\n{NODES} nodes, {ROUNDS} rounds: {wall:.1f} s in run_simulation; seconds per round "
