@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data import DATASETS
+from .degrees import P_SCHEDULES
 from .graphs import TOPOLOGIES
 from .hypernetwork import HN_INPUTS, P_SELECT_MODES, parse_candidates
 from .models import MODELS
@@ -32,7 +33,7 @@ from .models import MODELS
 ALGORITHMS = ("hyperprism", "dpsgd", "swarmsgd", "mudag", "adom")
 ORDERS = ("atc", "cta")
 UNMATCHED_STEPS = ("sgd", "idle")
-P_MODES = ("hypernetwork", "fixed")
+P_MODES = ("hypernetwork", "fixed", "schedule")
 Scalar = bool | int | float | str
 
 
@@ -65,8 +66,15 @@ class RunConfig:
     exact_edges: bool = False
     mobility_speed: float = 0.05  # unit-square lengths per round ('mobility' topology)
     # HyperPrism
-    p_mode: str = "hypernetwork"  # or 'fixed': p = fixed-p for both layer groups, no hypernetwork
+    # how the degrees are chosen: 'hypernetwork' (the paper's), 'fixed' (fixed-p for both
+    # layer groups) or 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the
+    # same on every node)
+    p_mode: str = "hypernetwork"
     fixed_p: float = 1.0
+    p_schedule: str = "step"  # step, linear, cosine or exponential (flwr_hyperprism/degrees.py)
+    p_max: float = 15.0
+    p_min: float = 1.0
+    p_horizon: int = 10  # rounds (the exponential's time constant)
     p_candidates: str = "1,3,5,7,9,11,13,15"
     p_select: str = "soft"  # expectation over candidates; 'st' = argmax, straight-through
     hn_input: str = "gradient"  # embedding + gradient summary; 'embedding' = embedding only
@@ -114,6 +122,7 @@ class RunConfig:
     def _validate(self) -> None:
         choices = {"algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS,
                    "topology": TOPOLOGIES, "p_mode": P_MODES, "p_select": P_SELECT_MODES,
+                   "p_schedule": P_SCHEDULES,
                    "hn_input": HN_INPUTS, "order": ORDERS, "swarm_unmatched": UNMATCHED_STEPS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -131,6 +140,8 @@ class RunConfig:
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
             ("max_neighbour_ratio", 1.0, None, ">= 1 (and finite)"),
             ("max_staleness", 0, None, "an integer >= 0"),
+            ("p_min", 1.0, None, ">= 1"), ("p_max", self.p_min, None, ">= p-min"),
+            ("p_horizon", 1, None, "an integer >= 1"),
         ]
         for name, low, high, text in ranges:
             value = getattr(self, name)

@@ -15,18 +15,21 @@ With ``order='cta'`` the local update is applied in mirror space instead (the pa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
 from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.degrees import scheduled_degree
 from flwr_hyperprism.graphs import round_seed
 from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
 from flwr_hyperprism.mirror import mirror_step
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
-from .decentralized import DecentralizedStrategy, NodeData, NodeState, StateDict
+from .decentralized import DecentralizedStrategy, NodeData, NodeState, NodeTask, StateDict
 from .node import (
     GossipNode,
     clone_tensors,
@@ -94,13 +97,24 @@ class HyperPrismNode(GossipNode):
                          hn_optimizer=optimizer_state(self.hn_optimizer))
         return extra
 
+    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   gen: torch.Generator) -> tuple[NodeState, dict[str, float]]:
+        self.round = task.round  # the round a degree schedule is evaluated at
+        return super().round_trip(state, task, neighbours, gen)
+
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
                 metrics: dict[str, float]) -> StateDict:
-        """Power-mean merge with the hypernetwork's degrees, then one hypernetwork step."""
+        """Power-mean merge with the node's degrees (``p-mode``), then, with the hypernetwork,
+        one hypernetwork step."""
+        config = self.config
         if self.hypernet is not None:
             degrees = self.hypernet(self.summary)
+        elif config.p_mode == "schedule":
+            p = scheduled_degree(config.p_schedule, self.round, config.p_max, config.p_min,
+                                 config.p_horizon)
+            degrees = dict.fromkeys(self.groups, torch.tensor(p))
         else:
-            degrees = dict.fromkeys(self.groups, torch.tensor(self.config.fixed_p))
+            degrees = dict.fromkeys(self.groups, torch.tensor(config.fixed_p))
         self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
         metrics.update(p_theta=self.degrees[REPRESENTATION], p_phi=self.degrees[DECISION])
         train_hypernet = self.hypernet is not None and len(models) > 1  # else d loss/d p = 0

@@ -148,6 +148,9 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: st
     to the log and, with ``run_dir``, to metrics.jsonl / summary.json there.
     """
     config = RunConfig(algorithm=algorithm, **settings)
+    if config.p_mode not in ("hypernetwork", "fixed"):
+        raise ValueError(f"p-mode={config.p_mode!r} is not available in plug-in mode yet: use "
+                         f"p_mode='hypernetwork' or 'fixed'")
     if config.order != "atc":
         raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
                          f"handler trains the merged model): use order='atc'")

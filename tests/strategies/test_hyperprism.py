@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.degrees import scheduled_degree
 from flwr_hyperprism.graphs import metropolis_hastings_weights
 from flwr_hyperprism.mirror import inverse_sign_power, sign_power
 from flwr_hyperprism.server_app import initial_model
@@ -191,3 +192,16 @@ def test_a_non_finite_neighbour_does_not_poison_the_node(tmp_path):
     assert metrics["neighbours_dropped"] == len(task.neighbours) and metrics["neighbours"] == 0
     assert all(bool(torch.isfinite(v).all()) for v in state.shared.values())
     assert all(bool(torch.isfinite(v).all()) for v in state.tensors["hypernet"].values())
+
+
+def test_the_schedule_mode_merges_with_the_scheduled_degree_on_every_node(tmp_path):
+    config = RunConfig(num_nodes=4, num_rounds=5, eval_size=200, p_mode="schedule",
+                       p_schedule="linear", p_max=9.0, p_min=2.0, p_horizon=3,
+                       output_dir=str(tmp_path))
+    strategy_cls, make_rule = ALGORITHMS["hyperprism"]
+    rows = run_in_process(strategy_cls(config, None), make_rule,
+                          dict(initial_model(config).to_torch_state_dict()))
+    for row in rows:  # row r comes from round-trip r + 1
+        expected = scheduled_degree("linear", row["round"] + 1, 9.0, 2.0, 3)
+        assert row["p_phi"] == pytest.approx(dict.fromkeys(map(str, range(4)), expected))
+        assert row["p_theta_mean"] == pytest.approx(expected)
