@@ -4,6 +4,9 @@
   swept value and a line per method (the paper's Fig. 3);
 - ``p_degrees.png``: HyperPrism's p_theta and p_phi per round, mean ± std over nodes (seed of
   the first cell), one panel per swept value (the per-node diagnostics reviewers asked for);
+- ``p_nodes.png``: every node's p_theta (top) and p_phi (bottom) per round for HyperPrism (seed
+  of the first cell), one line per node coloured by its label skew (the largest class share of
+  its partition), one column per swept value;
 - ``accuracy_vs_p.png`` for a sweep over ``fixed_p``: Max Acc and Conv. Rds against p, mean ±
   std over seeds (Fig. 2a/b).
 """
@@ -19,6 +22,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flwr_hyperprism.config import RunConfig  # noqa: E402
+from flwr_hyperprism.data import dirichlet_partition, load_dataset  # noqa: E402
 from flwr_hyperprism.metrics import node_values  # noqa: E402
 
 from .sweep import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
@@ -30,6 +35,8 @@ def plot_sweep(sweep: Sweep, out: Path) -> list[Path]:
     if REFERENCE_METHOD in sweep.methods and sweep.methods[REFERENCE_METHOD].get(
             "p_mode", sweep.base.p_mode) == "hypernetwork":
         written.append(plot_degrees(sweep, out))
+    if REFERENCE_METHOD in sweep.methods:
+        written.append(plot_node_degrees(sweep, out))
     if sweep.key == "fixed_p":
         written.append(plot_accuracy_vs_p(sweep, out))
     return written
@@ -75,6 +82,44 @@ def plot_degrees(sweep: Sweep, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize="small")
     return _save(fig, out / "p_degrees.png")
+
+
+def label_skew(config: RunConfig) -> list[float]:
+    """Per partition: the share of its samples in its most frequent class (1/10 = balanced)."""
+    data = load_dataset(config.dataset, config.data_dir, config.download, config.seed)
+    labels = data.train.y.numpy()
+    parts = dirichlet_partition(labels, config.num_nodes, config.alpha, config.seed,
+                                config.min_partition_size)
+    return [float(np.bincount(labels[idx]).max() / len(idx)) for idx in parts]
+
+
+def plot_node_degrees(sweep: Sweep, out: Path) -> Path:
+    fig, axes = plt.subplots(2, len(sweep.values), figsize=(4.5 * len(sweep.values), 6.4),
+                             squeeze=False, sharex=True)
+    colours = plt.get_cmap("viridis")
+    for column, value in enumerate(sweep.values):
+        cell = next(c for c in sweep.cells() if c.method == REFERENCE_METHOD and c.value == value)
+        rows = [r for r in cell_rows(out, sweep, cell) if "p_theta" in r]
+        skew = label_skew(cell.config)
+        rounds = [r["round"] for r in rows]
+        for row_index, (key, label) in enumerate((("p_theta", "p_θ (representation)"),
+                                                   ("p_phi", "p_φ (decision)"))):
+            ax = axes[row_index][column]
+            degrees = np.array([node_values(r[key]) for r in rows])  # (rounds, nodes)
+            for node in range(degrees.shape[1]):
+                ax.plot(rounds, degrees[:, node], color=colours(skew[node]), lw=0.8, alpha=0.8)
+            ax.set(title=f"{sweep.key} = {value}, seed {cell.seed}")
+            ax.grid(alpha=0.3)
+            if column == 0:
+                ax.set(ylabel=f"{label} per node")
+        axes[1][column].set(xlabel="round")
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=colours),
+                       ax=axes, shrink=0.8)
+    bar.set_label("label skew: largest class share of the node's data")
+    fig.suptitle(f"{REFERENCE_METHOD}: every node's degrees")
+    fig.savefig(out / "p_nodes.png", dpi=120)
+    plt.close(fig)
+    return out / "p_nodes.png"
 
 
 def plot_accuracy_vs_p(sweep: Sweep, out: Path) -> Path:

@@ -53,7 +53,7 @@ def test_a_tiny_sweep_runs_every_cell_and_writes_csv_table_and_plots(tmp_path, t
     table = (out / "table.md").read_text()
     assert "| Method | alpha = 0.1 | alpha = 10.0 |" in table
     assert "## HyperPrism against the best other method" in table
-    for name in ("curves.png", "p_degrees.png"):
+    for name in ("curves.png", "p_degrees.png", "p_nodes.png"):
         assert (out / name).stat().st_size > 10_000
 
 
