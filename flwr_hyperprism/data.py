@@ -8,6 +8,7 @@ directory in torchvision's layout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,24 +145,40 @@ def _to_split(images, labels, mean: tuple[float, ...], std: tuple[float, ...]) -
     return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
-_SYNTHETIC_NOISE = 3.0  # pixel noise std (the class templates have std about 1)
+# The synthetic task is meant to be hard enough to watch: overlapping classes (every template
+# is mostly one shared pattern), heavy pixel noise and 5% wrong training labels. Logistic
+# regression trained centrally on it peaks near 86% test accuracy, and D-PSGD at the base
+# setting climbs from 83% at round 4 to 88% at round 20 (measured), so label skew and the
+# merge rule show in the curves.
+_SYNTHETIC_SHARED = 0.6  # correlation of every class template with the shared pattern
+_SYNTHETIC_NOISE = 5.0  # pixel noise std (the templates have std about 1)
+_SYNTHETIC_LABEL_NOISE = 0.05  # share of training samples whose label is drawn at random
 
 
 def synthetic_dataset(seed: int, num_train: int = 30_000, num_test: int = 5_000) -> Dataset:
-    """Ten-class 1x28x28 images: a smooth random template per class plus pixel noise.
+    """Ten overlapping classes of noisy 1x28x28 images; 5% of the training labels are noise.
 
-    Needs no files and no network; a pure function of ``seed``. In the base setting logistic
-    regression passes 85% mean accuracy in about 10 rounds and ends near 98% (measured).
+    Class c's template is ``shared * s + sqrt(1 - shared^2) * u_c`` with smooth random fields
+    s (common to all classes) and u_c; a sample is its class template plus pixel noise. The
+    test labels are clean. Needs no files and no network; a pure function of ``seed``.
+    Logistic regression trained centrally peaks near 86% test accuracy (measured).
     """
     gen = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(NUM_CLASSES, 1, 7, 7, generator=gen)
-    templates = torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear",
-                                                align_corners=False)
 
-    def draw(n: int) -> Split:
+    def smooth_fields(count: int) -> Tensor:
+        coarse = torch.randn(count, 1, 7, 7, generator=gen)
+        return torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear",
+                                               align_corners=False)
+
+    shared, own = smooth_fields(1), smooth_fields(NUM_CLASSES)
+    templates = _SYNTHETIC_SHARED * shared + math.sqrt(1 - _SYNTHETIC_SHARED ** 2) * own
+
+    def draw(n: int, label_noise: float) -> Split:
         y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
         x = templates[y] + _SYNTHETIC_NOISE * torch.randn(n, 1, 28, 28, generator=gen)
+        noisy = torch.rand(n, generator=gen) < label_noise
+        y = torch.where(noisy, torch.randint(0, NUM_CLASSES, (n,), generator=gen), y)
         return Split(x, y)
 
-    return Dataset(draw(num_train), draw(num_test))
+    return Dataset(draw(num_train, _SYNTHETIC_LABEL_NOISE), draw(num_test, 0.0))
 
