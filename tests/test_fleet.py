@@ -165,7 +165,7 @@ def test_a_fleet_run_survives_a_killed_and_a_terminated_supernode(tmp_path: Path
         runner = fleet.start_flwr("flwr-run", [
             "run", str(REPO), fleet.connection, "--stream",
             "--run-config", f"num-nodes={num_nodes} num-rounds={num_rounds} max-staleness=2 "
-                            f"node-wait-timeout=120 round-timeout=30 "
+                            f"node-wait-timeout=120 round-timeout=45 "
                             f"output-dir='{run_dir.parent}' run-name='{run_dir.name}'"])
         wait_until(lambda: len(read_rows(run_dir)) >= 2 or runner.poll() is not None, 240,
                    "no row 2")
