@@ -186,7 +186,8 @@ class DecentralizedStrategy(Strategy):
         self.retired: set[int] = set()  # node ids a partition moved away from
         self.joining: dict[str, int] = {}  # message id of a pending partition query -> node id
         self.in_sync: set[int] = set()  # partitions whose node holds the state ``latest`` has
-        self.addressed: dict[str, int] = {}  # message id -> partition, of the last round-trip
+        self.addressed: dict[str, int] = {}  # message id -> partition, of the last exchange
+        self.replies: list[Message] = []  # the replies of the last exchange
         self.node_metrics: dict[int, dict] = {}  # of the last aggregated round-trip
 
     # --- the plan: pure, shared with run_in_process -----------------------------------------
