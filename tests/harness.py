@@ -87,9 +87,10 @@ class ElasticGrid(LocalGrid):
     """
 
     def __init__(self, client_app: ClientApp, partitions: dict[int, tuple[int, int]],
-                 events: dict[tuple[int, int], list[tuple]]) -> None:
-        super().__init__(client_app, partitions)
-        self.events = events
+                 events: dict[tuple[int, int], list[tuple]], run_config: dict | None = None
+                 ) -> None:
+        super().__init__(client_app, partitions, run_config)
+        self.events, self.run_config = events, run_config or {}
         self.num_partitions = next(iter(partitions.values()))[1]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -103,7 +104,8 @@ class ElasticGrid(LocalGrid):
                 else:
                     _, node_id, partition_id = event
                     self.contexts[node_id] = Context(
-                        run_id=1, node_id=node_id, state=RecordDict(), run_config={},
+                        run_id=1, node_id=node_id, state=RecordDict(),
+                        run_config=self.run_config,
                         node_config={"partition-id": partition_id,
                                      "num-partitions": self.num_partitions})
         ids = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flwr_hyperprism.mod import hyperprism_mod
 from strategies.plugin import decentralized_strategy
-from tests.harness import LocalGrid
+from tests.harness import ElasticGrid, LocalGrid
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart-pytorch"
 
@@ -74,3 +75,28 @@ def test_fedavg_still_works_with_the_mod(example_app):
         train_config=ConfigRecord({"lr": 0.05}), num_rounds=2)
     assert result.arrays.to_torch_state_dict().keys() == net().state_dict().keys()
     assert result.evaluate_metrics_clientapp[2]["eval_acc"] > 0.3
+
+
+@pytest.mark.parametrize("algorithm", ["hyperprism", "dpsgd"])
+def test_a_plug_in_node_that_dies_and_comes_back_rejoins_from_its_routed_model(
+        example_app, tmp_path, caplog, algorithm):
+    app, net = example_app
+    # partition 2's node dies before round-trip 2; a new one for it connects before round-trip 3,
+    # is asked for its partition in round-trip 4 and bound from round-trip 5 on
+    grid = ElasticGrid(app, {1000 + pid: (pid, 4) for pid in range(4)},
+                       {(2, 0): [("leave", 1002)], (3, 0): [("join", 2002, 2)]},
+                       {"local-epochs": 1})
+    strategy = decentralized_strategy(algorithm, num_nodes=4, lr=0.05, run_dir=tmp_path,
+                                      density=1.0, accuracy_metric="eval_acc",
+                                      loss_metric="eval_loss")
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
+                                train_config=ConfigRecord({"lr": 0.05}), num_rounds=6)
+    rows = [result.train_metrics_clientapp[r] for r in range(7)]
+    assert [row["nodes_replied"] for row in rows] == [4, 3, 3, 3, 4, 4, 4]
+    assert all("accuracy.2" in row for row in rows[4:]) and "accuracy.2" not in rows[2]
+    assert rows[-1]["accuracy.2"] > rows[0]["accuracy.2"] + 0.15
+    restarts = [r.getMessage() for r in caplog.records
+                if "partition 2 has no state of its own" in r.getMessage()]
+    assert len(restarts) == 1
