@@ -130,7 +130,9 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
     (out / "table.md").write_text(markdown_table(sweep, summaries))
     try:
         from .plots import plot_sweep
-    except ImportError:  # matplotlib is the optional extra "plots"
+    except ModuleNotFoundError as err:  # matplotlib is the optional extra "plots"
+        if err.name != "matplotlib":
+            raise
         log.warning("matplotlib is not installed: no plots (pip install -e '.[plots]')")
     else:
         plot_sweep(sweep, out)
