@@ -33,7 +33,7 @@ from .models import MODELS
 ALGORITHMS = ("hyperprism", "dpsgd", "swarmsgd", "mudag", "adom")
 ORDERS = ("atc", "cta")
 UNMATCHED_STEPS = ("sgd", "idle")
-P_MODES = ("hypernetwork", "fixed", "schedule")
+P_MODES = ("hypernetwork", "fixed", "schedule", "tracking")
 Scalar = bool | int | float | str
 
 
@@ -67,14 +67,16 @@ class RunConfig:
     mobility_speed: float = 0.05  # unit-square lengths per round ('mobility' topology)
     # HyperPrism
     # how the degrees are chosen: 'hypernetwork' (the paper's), 'fixed' (fixed-p for both
-    # layer groups) or 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the
-    # same on every node)
+    # layer groups), 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the
+    # same on every node) or 'tracking' (learned per node: p starts at p-max and moves p-step
+    # per round against d loss/d p estimated with a gradient tracker; README)
     p_mode: str = "hypernetwork"
     fixed_p: float = 1.0
     p_schedule: str = "step"  # step, linear, cosine or exponential (flwr_hyperprism/degrees.py)
     p_max: float = 15.0
     p_min: float = 1.0
     p_horizon: int = 10  # rounds (the exponential's time constant)
+    p_step: float = 1.0  # 'tracking': degrees p moves per round against the tracked d loss/d p
     p_candidates: str = "1,3,5,7,9,11,13,15"
     p_select: str = "soft"  # expectation over candidates; 'st' = argmax, straight-through
     hn_input: str = "gradient"  # embedding + gradient summary; 'embedding' = embedding only
@@ -159,6 +161,11 @@ class RunConfig:
                              f"condition number L / mu is >= 1")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"config key 'density' must be in (0, 1], got {self.density!r}")
+        if self.p_step <= 0 or not math.isfinite(self.p_step):
+            raise ValueError(f"config key 'p-step' must be > 0, got {self.p_step!r}")
+        if self.p_mode == "tracking" and self.order != "atc":
+            raise ValueError("p-mode='tracking' needs order='atc' (its gradient is the local "
+                             "update of the merged model)")
         candidates = parse_candidates(self.p_candidates)
         if self.hn_p_init != 0.0 and not min(candidates) <= self.hn_p_init <= max(candidates):
             raise ValueError(f"config key 'hn-p-init' must be 0 or within the p-candidates "

@@ -32,3 +32,12 @@ def scheduled_degree(kind: str, round_: int, p_max: float, p_min: float,
     if kind == "cosine":
         return p_min + (p_max - p_min) * (1.0 + math.cos(math.pi * progress)) / 2.0
     return p_min + (p_max - p_min) * math.exp(-(round_ - 1) / horizon)
+
+
+def tracked_degree_step(p: float, slope: float, step: float, p_min: float, p_max: float
+                        ) -> float:
+    """One step of a learned degree: ``step`` against the sign of d loss / d p (``slope``),
+    kept in [p_min, p_max]. The sign alone moves p, so the gradient's scale (about 1e-4 for
+    the hypernetwork's loss) does not matter; a zero slope leaves p where it is."""
+    direction = (slope > 0) - (slope < 0)
+    return min(p_max, max(p_min, p - step * direction))

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.degrees import scheduled_degree
+from flwr_hyperprism.degrees import scheduled_degree, tracked_degree_step
 from flwr_hyperprism.graphs import round_seed
 from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
 from flwr_hyperprism.mirror import mirror_step
@@ -37,6 +37,13 @@ from .node import (
     merge_models,
     optimizer_state,
 )
+
+TRACKER = "tracker"  # p-mode tracking: the gradient tracker, routed with the model
+
+
+def flatten(tensors: StateDict, names: list[str]) -> Tensor:
+    """The named tensors as one vector, in ``names`` order."""
+    return torch.cat([tensors[n].reshape(-1) for n in names])
 
 
 class HyperPrism(DecentralizedStrategy):
@@ -74,24 +81,35 @@ class HyperPrismNode(GossipNode):
     def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
         super().__init__(config, partition_id, data)
         num_tensors = sum(len(names) for names in self.groups.values())
+        self.names = [n for names in self.groups.values() for n in names]  # flattening order
+        self.num_parameters = sum(self.initial_model[n].numel() for n in self.names)
         self.summary = torch.zeros(SUMMARY_STATS * num_tensors)
         self.hypernet, self.hn_optimizer = node_hypernetwork(config, partition_id, num_tensors)
         self.initial_hypernet = initial_weights(self.hypernet)
 
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
+        if self.config.p_mode == "tracking":  # p, and the last pseudo-gradient g^(t-1)
+            extra["tracking"] = {"p": torch.tensor(self.config.p_max, dtype=torch.float64),
+                                 "gradient": torch.zeros(self.num_parameters)}
         if self.hypernet is not None:
             extra.update(hypernet=clone_tensors(self.initial_hypernet), hn_optimizer={})
         return extra
 
     def load_extra(self, state: NodeState) -> None:
         self.summary = state.tensors["grad_summary"]["summary"]
+        if self.config.p_mode == "tracking":
+            self.p = float(state.tensors["tracking"]["p"])
+            self.gradient = state.tensors["tracking"]["gradient"]
         if self.hypernet is not None:
             self.hypernet.load_state_dict(state.tensors["hypernet"])
             load_optimizer_state(self.hn_optimizer, state.tensors["hn_optimizer"])
 
     def save_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": self.summary}}
+        if self.config.p_mode == "tracking":
+            extra["tracking"] = {"p": torch.tensor(self.p, dtype=torch.float64),
+                                 "gradient": self.gradient.clone()}
         if self.hypernet is not None:
             extra.update(hypernet=clone_tensors(self.hypernet.state_dict()),
                          hn_optimizer=optimizer_state(self.hn_optimizer))
@@ -100,7 +118,11 @@ class HyperPrismNode(GossipNode):
     def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
                    gen: torch.Generator) -> tuple[NodeState, dict[str, float]]:
         self.round = task.round  # the round a degree schedule is evaluated at
-        return super().round_trip(state, task, neighbours, gen)
+        self.tracker = state.shared.get(TRACKER)  # sent with the model (p-mode tracking)
+        new, metrics = super().round_trip(state, task, neighbours, gen)
+        if self.tracker is not None:
+            new.tensors["shared"][TRACKER] = self.tracker.clone()
+        return new, metrics
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
                 metrics: dict[str, float]) -> StateDict:
@@ -113,6 +135,9 @@ class HyperPrismNode(GossipNode):
             p = scheduled_degree(config.p_schedule, self.round, config.p_max, config.p_min,
                                  config.p_horizon)
             degrees = dict.fromkeys(self.groups, torch.tensor(p))
+        elif config.p_mode == "tracking":
+            degrees = dict.fromkeys(self.groups, torch.tensor(self._tracked_degree(models,
+                                                                                   weights)))
         else:
             degrees = dict.fromkeys(self.groups, torch.tensor(config.fixed_p))
         self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
@@ -124,6 +149,28 @@ class HyperPrismNode(GossipNode):
                 metrics["hn_loss"] = self._train_hypernet(merged, gen)
         return {k: v.detach() for k, v in merged.items()}
 
+    def _tracked_degree(self, models: list[StateDict], weights: Tensor) -> float:
+        """p-mode tracking: step p against the sign of the tracked d loss / d p.
+
+        The neighbourhood's trackers, mixed with the merge's weights, estimate the network-mean
+        gradient g; d loss / d p ~ <g, d merge / d p> at the node's current p. Until every
+        model carries a tracker (round 1) p stays where it is.
+        """
+        self.tracker_mixed = None
+        if any(TRACKER not in m for m in models):
+            return self.p
+        self.tracker_mixed = sum(w * m[TRACKER] for w, m in zip(weights.tolist(), models))
+        if len(models) < 2:  # alone: d merge / d p = 0
+            return self.p
+        p = torch.tensor(self.p, requires_grad=True)
+        with torch.enable_grad():
+            merged = merge_models(models, weights, dict.fromkeys(self.groups, p), self.groups)
+            (slope,) = torch.autograd.grad(flatten(merged, self.names), p,
+                                           grad_outputs=self.tracker_mixed)
+        self.p = tracked_degree_step(self.p, float(slope), self.config.p_step,
+                                     self.config.p_min, self.config.p_max)
+        return self.p
+
     def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
                           gen: torch.Generator, metrics: dict[str, float]) -> StateDict:
         """Eq. 6: the local update is added in mirror space, s_p^{-1}(s_p(merged) + step)."""
@@ -132,8 +179,14 @@ class HyperPrismNode(GossipNode):
                 for group, names in self.groups.items() for name in names}
 
     def train_locally(self, gen: torch.Generator) -> float:
+        merged = flatten(self.model.state_dict(), self.names)
         loss = super().train_locally(gen)
         self.summary = gradient_summary(p.grad for p in self.model.parameters())
+        if self.config.p_mode == "tracking":  # y <- sum_j a_ij y_j + g^t - g^(t-1)
+            gradient = (merged - flatten(self.model.state_dict(), self.names)) / self.config.lr
+            mixed = self.tracker_mixed if self.tracker_mixed is not None else 0.0
+            self.tracker = mixed + gradient - self.gradient
+            self.gradient = gradient
         return loss
 
     def _train_hypernet(self, merged: StateDict, gen: torch.Generator) -> float:

@@ -209,7 +209,8 @@ class GossipNode(LearningNode):
     def round_trip(self, state: NodeState, task: NodeTask,
                    neighbours: Mapping[int, StateDict], gen: torch.Generator
                    ) -> tuple[NodeState, dict[str, float]]:
-        self.model.load_state_dict(state.shared)
+        # the shared tensors are the model, plus what an algorithm routes with it
+        self.model.load_state_dict({k: state.shared[k] for k in self.initial_model})
         load_optimizer_state(self.optimizer, state.tensors["optimizer"])
         self.load_extra(state)
         task, metrics = self.screen(state, task, neighbours)

@@ -53,8 +53,8 @@ def records(caplog, level: int = logging.WARNING) -> list[str]:
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize("variant", ["hyperprism", "hyperprism-fixed-p3", "dpsgd", "swarmsgd",
-                                     "mudag", "adom"])
+@pytest.mark.parametrize("variant", ["hyperprism", "hyperprism-fixed-p3", "hyperprism-tracking",
+                                     "dpsgd", "swarmsgd", "mudag", "adom"])
 def test_a_bad_neighbour_is_dropped_and_the_rest_renormalised(tmp_path, caplog, variant, fault):
     config = make_config(tmp_path, variant, num_nodes=3, fixed_p=9.0)
     strategy, rules = nodes_for(config)
@@ -263,11 +263,12 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, algorithm):
+@pytest.mark.parametrize("variant", [*sorted(ALGORITHMS), "hyperprism-tracking"])
+def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
+    algorithm, changes, _ = VARIANTS[variant]
     config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=4, eval_size=500,
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
-                       mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"))
+                       mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)
     strategy_cls, make_rule = ALGORITHMS[config.algorithm]
     model = dict(initial_model(config).to_torch_state_dict())
     run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule, model)

@@ -104,7 +104,13 @@ BAD_VALUES = [
     ("p_select", "argmax"), ("hn_input", "gradients"), ("algorithm", "fedavg"),
     ("p_candidates", "0.5,3"), ("p_candidates", ""), ("mudag_max_gossip", 0),
     ("mudag_gossip_factor", 0.0), ("strong_convexity", 200.0), ("max_staleness", -1),
+    ("p_step", 0.0), ("p_step", float("nan")),
 ]
+
+
+def test_tracking_needs_the_adapt_then_combine_order():
+    with pytest.raises(ValueError, match=r"p-mode='tracking' needs order='atc'"):
+        RunConfig(p_mode="tracking", order="cta")
 
 
 @pytest.mark.parametrize(("key", "value"), BAD_VALUES)

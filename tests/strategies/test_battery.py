@@ -23,6 +23,7 @@ VARIANTS = {
     "hyperprism-fixed-p3-cta": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0,
                                                "order": "cta"}, 3.0),
     "hyperprism": ("hyperprism", {}, None),
+    "hyperprism-tracking": ("hyperprism", {"p_mode": "tracking"}, None),
     "dpsgd": ("dpsgd", {}, 1.0),
     "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),
     "swarmsgd": ("swarmsgd", {}, 1.0),
@@ -69,9 +70,10 @@ def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
     and after the stage-0 round-trip of each round (for Mudag, round r's stage 0 completes
     round r - 1)."""
     group = MODEL_GROUPS.get(type(rules[0]), ("shared",))[0]
+    names = list(rules[0].init_state().tensors[group])  # the model (not what rides with it)
 
     def stacked():
-        return torch.stack([torch.cat([v.reshape(-1) for v in states[p].tensors[group].values()])
+        return torch.stack([torch.cat([states[p].tensors[group][n].reshape(-1) for n in names])
                             for p in sorted(states)]).double()
 
     history = [stacked()]

@@ -14,6 +14,7 @@ from flwr_hyperprism.graphs import metropolis_hastings_weights
 from flwr_hyperprism.mirror import inverse_sign_power, sign_power
 from flwr_hyperprism.server_app import initial_model
 from strategies import ALGORITHMS, HyperPrism, HyperPrismNode, run_in_process
+from strategies.hyperprism import TRACKER
 from strategies.node import load_optimizer_state, optimizer_state
 
 
@@ -205,3 +206,70 @@ def test_the_schedule_mode_merges_with_the_scheduled_degree_on_every_node(tmp_pa
         expected = scheduled_degree("linear", row["round"] + 1, 9.0, 2.0, 3)
         assert row["p_phi"] == pytest.approx(dict.fromkeys(map(str, range(4)), expected))
         assert row["p_theta_mean"] == pytest.approx(expected)
+
+
+def train_and_gossip(strategy, rules, states, round_: int) -> None:
+    """Round-trip ``round_`` with local training, every node present."""
+    latest = {p: s.shared for p, s in states.items()}
+    for pid, task in strategy.plan_round(round_, latest).items():
+        states[pid], _ = rules[pid].step(states[pid], task,
+                                         {j: latest[j] for j in task.neighbours})
+
+
+def test_the_trackers_average_is_the_average_of_the_latest_local_gradients(tmp_path):
+    # Gradient tracking's invariant: with doubly stochastic (Metropolis-Hastings) weights,
+    # mean_i y_i = mean_i g_i after every round, so the mixed trackers estimate the gradient
+    # of the network's loss, which is what the degree step needs.
+    config = small_config(tmp_path, p_mode="tracking", num_rounds=5, local_steps=3,
+                          momentum=0.5)
+    strategy = HyperPrism(config)
+    rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
+    states = {pid: rule.init_state() for pid, rule in rules.items()}
+    for round_ in range(1, 5):
+        train_and_gossip(strategy, rules, states, round_)
+        trackers = torch.stack([states[p].shared[TRACKER] for p in states]).double()
+        gradients = torch.stack([states[p].tensors["tracking"]["gradient"]
+                                 for p in states]).double()
+        assert not torch.allclose(trackers, trackers.mean(0).expand_as(trackers))
+        torch.testing.assert_close(trackers.mean(0), gradients.mean(0), rtol=0,
+                                   atol=1e-5 * float(gradients.abs().max()))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sign):
+    # d <y, merge_p(models)> / d p, checked by a float64 central difference of the power mean:
+    # p goes down by p-step where it is positive, up where it is negative.
+    config = small_config(tmp_path, p_mode="tracking", p_step=0.5)
+    rule = HyperPrismNode.for_partition(config, 0)
+    gen = torch.Generator().manual_seed(3)
+    models = [{k: torch.randn(v.shape, generator=gen) for k, v in rule.initial_model.items()}
+              for _ in range(3)]
+    tracker = torch.randn(rule.num_parameters, generator=gen)
+    for model in models:
+        model[TRACKER] = sign * tracker
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    rule.p = 4.0
+
+    def objective(p: float) -> float:
+        mirrored = sum(w * sign_power(flat({n: m[n] for n in rule.names}), p)
+                       for w, m in zip(weights.double().tolist(), models))
+        return float(sign * tracker.double() @ inverse_sign_power(mirrored, p))
+
+    slope = (objective(4.0 + 1e-4) - objective(4.0 - 1e-4)) / 2e-4
+    assert abs(slope) > 1e-3
+    assert rule._tracked_degree(models, weights) == 4.0 - 0.5 * math.copysign(1.0, slope)
+
+
+def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_path):
+    # The default task, where a large p speeds up the first rounds and costs accuracy later
+    # (README, "HyperPrism's degrees"): every node starts at p-max and lowers its own p.
+    config = RunConfig(num_nodes=8, num_rounds=12, eval_size=500, p_mode="tracking",
+                       output_dir=str(tmp_path), run_name="run")
+    strategy_cls, make_rule = ALGORITHMS["hyperprism"]
+    rows = run_in_process(strategy_cls(config), make_rule,
+                          dict(initial_model(config).to_torch_state_dict()))
+    assert set(rows[1]["p_phi"].values()) == {15.0}
+    final = rows[-1]["p_phi"]
+    assert max(final.values()) < 15.0 and sum(final.values()) / len(final) < 12.0
+    assert len(set(final.values())) > 1  # each node learns its own
+    assert rows[-1]["p_theta"] == final  # logistic regression: one layer group, one degree
