@@ -6,7 +6,8 @@
   the first cell), one panel per swept value (the per-node diagnostics reviewers asked for);
 - ``p_nodes.png``: every node's p_theta (top) and p_phi (bottom) per round for HyperPrism (seed
   of the first cell), one line per node coloured by its label skew (the largest class share of
-  its partition), one column per swept value;
+  its partition), one column per swept value; ``p_nodes_tracking.png`` the same for a method
+  with learned degrees (p-mode tracking);
 - ``accuracy_vs_p.png`` for a sweep over ``fixed_p``: Max Acc and Conv. Rds against p, mean ±
   std over seeds (Fig. 2a/b).
 """
@@ -35,8 +36,8 @@ def plot_sweep(sweep: Sweep, out: Path) -> list[Path]:
     if REFERENCE_METHOD in sweep.methods and sweep.methods[REFERENCE_METHOD].get(
             "p_mode", sweep.base.p_mode) == "hypernetwork":
         written.append(plot_degrees(sweep, out))
-    if REFERENCE_METHOD in sweep.methods:
-        written.append(plot_node_degrees(sweep, out))
+    for method, name in per_node_degree_methods(sweep).items():
+        written.append(plot_node_degrees(sweep, out, method, name))
     if sweep.key == "fixed_p":
         written.append(plot_accuracy_vs_p(sweep, out))
     return written
@@ -93,12 +94,26 @@ def label_skew(config: RunConfig) -> list[float]:
     return [float(np.bincount(labels[idx]).max() / len(idx)) for idx in parts]
 
 
-def plot_node_degrees(sweep: Sweep, out: Path) -> Path:
+def per_node_degree_methods(sweep: Sweep) -> dict[str, str]:
+    """The methods whose nodes choose their own degrees (p-mode hypernetwork or tracking),
+    each with its plot's file name: p_nodes.png for HyperPrism, p_nodes_<p-mode>.png else."""
+    methods = {}
+    for method, settings in sweep.methods.items():
+        if settings.get("algorithm", sweep.base.algorithm) != "hyperprism":
+            continue
+        p_mode = settings.get("p_mode", sweep.base.p_mode)
+        if p_mode in ("hypernetwork", "tracking"):
+            methods[method] = ("p_nodes.png" if method == REFERENCE_METHOD
+                               else f"p_nodes_{p_mode}.png")
+    return methods
+
+
+def plot_node_degrees(sweep: Sweep, out: Path, method: str, name: str) -> Path:
     fig, axes = plt.subplots(2, len(sweep.values), figsize=(4.5 * len(sweep.values), 6.4),
                              squeeze=False, sharex=True)
     colours = plt.get_cmap("viridis")
     for column, value in enumerate(sweep.values):
-        cell = next(c for c in sweep.cells() if c.method == REFERENCE_METHOD and c.value == value)
+        cell = next(c for c in sweep.cells() if c.method == method and c.value == value)
         rows = [r for r in cell_rows(out, sweep, cell) if "p_theta" in r]
         skew = label_skew(cell.config)
         rounds = [r["round"] for r in rows]
@@ -116,10 +131,10 @@ def plot_node_degrees(sweep: Sweep, out: Path) -> Path:
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=colours),
                        ax=axes, shrink=0.8)
     bar.set_label("label skew: largest class share of the node's data")
-    fig.suptitle(f"{REFERENCE_METHOD}: every node's degrees")
-    fig.savefig(out / "p_nodes.png", dpi=120)
+    fig.suptitle(f"{method}: every node's degrees")
+    fig.savefig(out / name, dpi=120)
     plt.close(fig)
-    return out / "p_nodes.png"
+    return out / name
 
 
 def plot_accuracy_vs_p(sweep: Sweep, out: Path) -> Path:

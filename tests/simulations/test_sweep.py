@@ -159,3 +159,17 @@ def test_the_flower_engine_gives_the_in_process_metrics(tmp_path, tiny_sweep):
             return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(file)]
 
     assert rows(tmp_path / "flower") == rows(tmp_path / "inprocess")
+
+
+def test_every_method_whose_nodes_choose_their_degrees_gets_a_per_node_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from simulations.plots import per_node_degree_methods
+
+    (tmp_path / "base.yaml").write_text((SIMULATIONS / "base.yaml").read_text())
+    (tmp_path / "mixed.yaml").write_text(TINY.replace("name: tiny", "name: mixed").replace(
+        "  D-PSGD: {algorithm: dpsgd}\n",
+        "  D-PSGD: {algorithm: dpsgd}\n  learned: {algorithm: hyperprism, p_mode: tracking}\n"
+        "  fixed: {algorithm: hyperprism, p_mode: fixed, fixed_p: 3.0}\n"))
+    sweep = Sweep.load(tmp_path / "mixed.yaml", TINY_SETTINGS)
+    assert per_node_degree_methods(sweep) == {"HyperPrism": "p_nodes.png",
+                                              "learned": "p_nodes_tracking.png"}
