@@ -70,7 +70,7 @@ class RunConfig:
     # layer groups), 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the
     # same on every node) or 'tracking' (learned per node: p starts at p-max and moves p-step
     # per round against d loss/d p estimated with a gradient tracker; README)
-    p_mode: str = "hypernetwork"
+    p_mode: str = "tracking"
     fixed_p: float = 1.0
     p_schedule: str = "step"  # step, linear, cosine or exponential (flwr_hyperprism/degrees.py)
     p_max: float = 15.0
@@ -163,9 +163,10 @@ class RunConfig:
             raise ValueError(f"config key 'density' must be in (0, 1], got {self.density!r}")
         if self.p_step <= 0 or not math.isfinite(self.p_step):
             raise ValueError(f"config key 'p-step' must be > 0, got {self.p_step!r}")
-        if self.p_mode == "tracking" and self.order != "atc":
-            raise ValueError("p-mode='tracking' needs order='atc' (its gradient is the local "
-                             "update of the merged model)")
+        if self.algorithm == "hyperprism" and self.p_mode == "tracking" and self.order != "atc":
+            raise ValueError("p-mode='tracking' (the default) needs order='atc': its gradient "
+                             "is the local update of the merged model; for order='cta' set "
+                             "p-mode to 'hypernetwork', 'fixed' or 'schedule'")
         candidates = parse_candidates(self.p_candidates)
         if self.hn_p_init != 0.0 and not min(candidates) <= self.hn_p_init <= max(candidates):
             raise ValueError(f"config key 'hn-p-init' must be 0 or within the p-candidates "

@@ -33,10 +33,10 @@ from .sweep import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
 def plot_sweep(sweep: Sweep, out: Path) -> list[Path]:
     """Write the sweep's plots into ``out``; returns their paths."""
     written = [plot_curves(sweep, out)]
-    if REFERENCE_METHOD in sweep.methods and sweep.methods[REFERENCE_METHOD].get(
-            "p_mode", sweep.base.p_mode) == "hypernetwork":
+    per_node = per_node_degree_methods(sweep)
+    if REFERENCE_METHOD in per_node:
         written.append(plot_degrees(sweep, out))
-    for method, name in per_node_degree_methods(sweep).items():
+    for method, name in per_node.items():
         written.append(plot_node_degrees(sweep, out, method, name))
     if sweep.key == "fixed_p":
         written.append(plot_accuracy_vs_p(sweep, out))

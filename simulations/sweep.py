@@ -31,6 +31,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from flwr_hyperprism.config import RunConfig, load_config
+from strategies import ignored_keys
 
 from .run import ENGINES, run_experiment
 
@@ -161,8 +162,10 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    # what the algorithm does not read (another algorithm's keys) cannot make a cell outdated
+    ignored = {key.replace("_", "-") for key in ignored_keys(config.algorithm)}
     comparable = {k: v for k, v in config.to_run_config().items()
-                  if k not in (*PATH_KEYS, "run-name", "resume")}
+                  if k not in (*PATH_KEYS, "run-name", "resume") and k not in ignored}
     # a key newer than the saved run has the value its default stands for
     defaults = RunConfig().to_run_config()
     return (summary.get("rounds_completed") == config.num_rounds

@@ -25,8 +25,16 @@ ALGORITHMS: dict[str, tuple[type[DecentralizedStrategy], Callable[[RunConfig, in
                       (Mudag, MudagNode), (ADOM, ADOMNode))
 }
 
+
+
+def ignored_keys(algorithm: str) -> set[str]:
+    """The RunConfig fields ``algorithm`` does not read: the other algorithms' own keys."""
+    own = set(ALGORITHMS[algorithm][0].config_keys)
+    return {key for cls, _ in ALGORITHMS.values() for key in cls.config_keys} - own
+
+
 __all__ = [
     "ADOM", "ADOMNode", "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy",
     "HyperPrism", "HyperPrismNode", "Mudag", "MudagNode", "NodeRule", "NodeState", "NodeTask",
-    "SwarmSGD", "SwarmSGDNode", "run_in_process", "wait_for_partitions",
+    "SwarmSGD", "SwarmSGDNode", "ignored_keys", "run_in_process", "wait_for_partitions",
 ]

@@ -40,6 +40,7 @@ class ADOM(DecentralizedStrategy):
 
     algorithm = "adom"
     description = "ADOM+ (primal ADOM)"
+    config_keys = ("smoothness", "strong_convexity")
     routes_initial_model = False  # nodes share q and y_g + z_g, zero at the start
 
     def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:

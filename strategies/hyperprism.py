@@ -51,6 +51,9 @@ class HyperPrism(DecentralizedStrategy):
 
     algorithm = "hyperprism"
     description = "HyperPrism"
+    config_keys = ("p_mode", "fixed_p", "p_schedule", "p_max", "p_min", "p_horizon", "p_step",
+                   "p_candidates", "p_select", "hn_input", "embedding_dim", "hn_hidden", "hn_lr",
+                   "hn_p_init")
 
 
 def node_hypernetwork(config: RunConfig, partition_id: int, num_tensors: int

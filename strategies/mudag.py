@@ -48,6 +48,7 @@ class Mudag(DecentralizedStrategy):
 
     algorithm = "mudag"
     description = "Mudag"
+    config_keys = ("smoothness", "strong_convexity", "mudag_gossip_factor", "mudag_max_gossip")
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
         super().__init__(config, run_dir)

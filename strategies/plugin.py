@@ -138,16 +138,18 @@ PLUGIN_STRATEGIES = {cls.algorithm: cls for cls in (PluginHyperPrism, PluginDPSG
                                                     PluginSwarmSGD, PluginMudag, PluginADOM)}
 
 
-def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: str = "accuracy",
-                           loss_metric: str = "loss", run_dir: str | None = None, **settings
-                           ) -> DecentralizedStrategy:
+def decentralized_strategy(algorithm: str = "hyperprism", *, p_mode: str = "hypernetwork",
+                           accuracy_metric: str = "accuracy", loss_metric: str = "loss",
+                           run_dir: str | None = None, **settings) -> DecentralizedStrategy:
     """The plug-in orchestrator for ``algorithm``, configured by ``RunConfig`` keywords.
 
     ``settings`` are RunConfig fields (e.g. ``num_nodes=10, lr=0.1, density=0.5``); ``lr`` must
-    be the step size of the user's local optimizer (see the module docstring). Metrics rows go
-    to the log and, with ``run_dir``, to metrics.jsonl / summary.json there.
+    be the step size of the user's local optimizer (see the module docstring). HyperPrism's
+    degrees in plug-in mode: ``p_mode`` 'hypernetwork' (the default here) or 'fixed'; the native
+    default, 'tracking', is not available in plug-in mode yet. Metrics rows go to the log and,
+    with ``run_dir``, to metrics.jsonl / summary.json there.
     """
-    config = RunConfig(algorithm=algorithm, **settings)
+    config = RunConfig(algorithm=algorithm, p_mode=p_mode, **settings)
     if config.p_mode not in ("hypernetwork", "fixed"):
         raise ValueError(f"p-mode={config.p_mode!r} is not available in plug-in mode yet: use "
                          f"p_mode='hypernetwork' or 'fixed'")

@@ -24,6 +24,7 @@ class SwarmSGD(DecentralizedStrategy):
 
     algorithm = "swarmsgd"
     description = "SwarmSGD"
+    config_keys = ("swarm_local_steps", "swarm_unmatched")
 
     def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
                    ) -> dict[int, NodeTask]:

@@ -53,7 +53,7 @@ def records(caplog, level: int = logging.WARNING) -> list[str]:
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize("variant", ["hyperprism", "hyperprism-fixed-p3", "hyperprism-tracking",
+@pytest.mark.parametrize("variant", ["hyperprism", "hyperprism-fixed-p3", "hyperprism-hypernetwork",
                                      "dpsgd", "swarmsgd", "mudag", "adom"])
 def test_a_bad_neighbour_is_dropped_and_the_rest_renormalised(tmp_path, caplog, variant, fault):
     config = make_config(tmp_path, variant, num_nodes=3, fixed_p=9.0)
@@ -263,7 +263,7 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("variant", [*sorted(ALGORITHMS), "hyperprism-tracking"])
+@pytest.mark.parametrize("variant", [*sorted(ALGORITHMS), "hyperprism-hypernetwork"])
 def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
     algorithm, changes, _ = VARIANTS[variant]
     config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=4, eval_size=500,

@@ -53,7 +53,7 @@ def test_from_run_config_takes_a_partial_mapping():
     config = RunConfig.from_run_config({"num-rounds": 3, "p-mode": "fixed", "fixed-p": 9})
 
     assert (config.num_rounds, config.p_mode, config.fixed_p) == (3, "fixed", 9.0)
-    assert config.replace(num_rounds=100, p_mode="hypernetwork", fixed_p=1.0) == RunConfig()
+    assert config.replace(num_rounds=100, p_mode="tracking", fixed_p=1.0) == RunConfig()
 
 
 def test_unknown_run_config_key_lists_the_valid_keys():
@@ -109,7 +109,8 @@ BAD_VALUES = [
 
 
 def test_tracking_needs_the_adapt_then_combine_order():
-    with pytest.raises(ValueError, match=r"p-mode='tracking' needs order='atc'"):
+    with pytest.raises(ValueError,
+                       match=r"p-mode='tracking' \(the default\) needs order='atc'.*set p-mode"):
         RunConfig(p_mode="tracking", order="cta")
 
 

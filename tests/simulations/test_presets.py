@@ -30,9 +30,10 @@ def test_the_paper_preset_is_the_specified_hypernetwork_and_its_degrees_stay_put
         assert sum(abs(last[node] - first[node]) for node in first) / len(first) < 0.05
 
 
-def test_the_defaults_are_the_paper_preset_today():
+def test_the_defaults_differ_from_the_paper_preset_only_in_learning_p_by_tracking():
     preset = load_config([SIMULATIONS / "hyperprism_paper.yaml"])
-    assert preset == RunConfig(output_dir=preset.output_dir)
+    assert RunConfig().p_mode == "tracking"
+    assert preset == RunConfig(output_dir=preset.output_dir, p_mode="hypernetwork")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in SIMULATIONS.glob("*.yaml")

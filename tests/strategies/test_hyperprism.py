@@ -19,7 +19,8 @@ from strategies.node import load_optimizer_state, optimizer_state
 
 
 def small_config(tmp_path, **changes) -> RunConfig:
-    settings = {"num_nodes": 5, "num_rounds": 3, "output_dir": str(tmp_path), "run_name": "run"}
+    settings = {"num_nodes": 5, "num_rounds": 3, "output_dir": str(tmp_path), "run_name": "run",
+                "p_mode": "hypernetwork"}  # the paper's degrees unless a test says otherwise
     return RunConfig(**{**settings, **changes})
 
 

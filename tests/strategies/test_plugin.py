@@ -46,7 +46,7 @@ def test_linear_merge_is_the_weighted_average_and_keeps_integer_tensors():
 
 
 def test_hypernetwork_learns_from_the_pseudo_gradient():
-    config = RunConfig(lr=0.1, hn_lr=1.0)
+    config = RunConfig(lr=0.1, hn_lr=1.0, p_mode="hypernetwork")
     node = PluginNode(config, 0, NAMES)
     state = node.init_state(model(1))
     metrics: dict[str, float] = {}
@@ -64,7 +64,7 @@ def test_hypernetwork_learns_from_the_pseudo_gradient():
 
 
 def test_without_neighbours_the_hypernetwork_does_not_step():
-    node = PluginNode(RunConfig(), 0, NAMES)
+    node = PluginNode(RunConfig(p_mode="hypernetwork"), 0, NAMES)
     state = node.init_state(model(1))
     metrics: dict[str, float] = {}
     merged = node.merge(state, NodeTask(1), {}, metrics)
@@ -131,8 +131,13 @@ def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(algorithm):
 @pytest.mark.parametrize(("settings", "message"), [
     ({"algorithm": "fedavg"}, "'algorithm' = 'fedavg' is not one of"),
     ({"order": "cta"}, "use order='atc'"),
+    ({"p_mode": "tracking"}, "p-mode='tracking' is not available in plug-in mode yet"),
     ({"num_nodes": 1}, "num-nodes"),
 ])
 def test_factory_rejects_what_plug_in_mode_cannot_do(settings, message):
     with pytest.raises(ValueError, match=message):
         decentralized_strategy(**settings)
+
+
+def test_plug_in_hyperprism_uses_the_papers_hypernetwork_unless_told_otherwise():
+    assert decentralized_strategy(num_nodes=3).config.p_mode == "hypernetwork"
