@@ -16,7 +16,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask
+from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask, algorithm_spec
 from strategies.checkpoint import node_checkpoints, starting_state
 from strategies.decentralized import (
     NEIGHBOUR_PREFIX,
@@ -109,7 +109,7 @@ app = make_client_app()
 
 @lru_cache(maxsize=256)
 def _node_rule(config: RunConfig, partition_id: int) -> NodeRule:
-    return ALGORITHMS[config.algorithm][1](config, partition_id)
+    return algorithm_spec(config.algorithm).make_rule(config, partition_id)
 
 
 def save_state(context: Context, state: NodeState) -> None:

@@ -1,4 +1,4 @@
-"""``hyperprism_mod``: the client side of plug-in mode (see ``strategies.plugin``).
+"""``hyperprism_mod``: the client side of plug-in mode (see ``flwr_hyperprism.plugin``).
 
 Add it to an existing ClientApp, ``ClientApp(mods=[hyperprism_mod])``. It answers only messages
 marked by a plug-in orchestrator and passes every other message (e.g. FedAvg's) untouched:
@@ -8,7 +8,7 @@ marked by a plug-in orchestrator and passes every other message (e.g. FedAvg's) 
   (``context.state``), calls the user's train handler on the merged model, keeps the model it
   returns, trains the hypernetwork from the pseudo-gradient, and replies with the new model and
   the user's metrics plus its own (degrees, neighbours, dropped neighbours); for Mudag and
-  ADOM+ the handler is the gradient oracle instead (``strategies.plugin.PluginGradientNode``);
+  ADOM+ the handler is the gradient oracle instead (``flwr_hyperprism.plugin.PluginGradientNode``);
 - evaluate messages marked by the orchestrator: call the user's evaluate handler on the node's
   model of the round (the merged model for the gossip algorithms).
 """
@@ -30,7 +30,10 @@ from strategies.decentralized import (
     StateDict,
 )
 from strategies.node import screen_and_log
-from strategies.plugin import (
+
+from .client_app import load_state, partition_info, routed_own, run_key, save_state
+from .config import RunConfig
+from .plugin import (
     EVALUATE_KEY,
     EVALUATED,
     PluginGradientNode,
@@ -38,9 +41,6 @@ from strategies.plugin import (
     plugin_node,
     scalar_metrics,
 )
-
-from .client_app import load_state, partition_info, routed_own, run_key, save_state
-from .config import RunConfig
 
 
 def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

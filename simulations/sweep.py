@@ -31,7 +31,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from flwr_hyperprism.config import RunConfig, load_config
-from strategies import ignored_keys
+from strategies import algorithm_spec, ignored_keys
 
 from .run import ENGINES, run_experiment
 
@@ -74,7 +74,7 @@ class Sweep:
         base = load_config([path.parent / c for c in spec.get("configs", [])], overrides)
         for settings in methods.values():  # every cell's config must be valid up front
             for value in values:
-                base.replace(**{**settings, key: value})
+                algorithm_spec(base.replace(**{**settings, key: value}).algorithm)
         return cls(spec.get("name", path.stem), spec.get("title", path.stem), key,
                    tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base)
 

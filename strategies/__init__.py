@@ -1,10 +1,13 @@
-"""Decentralized strategies: one module per algorithm (orchestration + node rule)."""
+"""Decentralized strategies: one module per algorithm (orchestration + node rule + ``SPEC``).
 
-from collections.abc import Callable
+``ALGORITHMS`` is the registry: every module of this package that declares ``SPEC`` (an
+``AlgorithmSpec``) is an algorithm, under its orchestrator's name. Adding an algorithm is adding
+a module; the apps, plug-in mode, the sweeps and the test battery read the registry.
+"""
 
-from flwr_hyperprism.config import RunConfig
+import importlib
+import pkgutil
 
-from .adom import ADOM, ADOMNode
 from .decentralized import (
     DecentralizedStrategy,
     NodeRule,
@@ -13,28 +16,36 @@ from .decentralized import (
     run_in_process,
     wait_for_partitions,
 )
-from .dpsgd import DPSGD, DPSGDNode
-from .hyperprism import HyperPrism, HyperPrismNode
-from .mudag import Mudag, MudagNode
-from .swarmsgd import SwarmSGD, SwarmSGDNode
+from .spec import AlgorithmSpec
 
-# algorithm name -> (orchestrator class, node rule factory)
-ALGORITHMS: dict[str, tuple[type[DecentralizedStrategy], Callable[[RunConfig, int], NodeRule]]] = {
-    cls.algorithm: (cls, node.for_partition)
-    for cls, node in ((HyperPrism, HyperPrismNode), (DPSGD, DPSGDNode), (SwarmSGD, SwarmSGDNode),
-                      (Mudag, MudagNode), (ADOM, ADOMNode))
-}
 
+def _discover() -> dict[str, AlgorithmSpec]:
+    specs = {}
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        spec = getattr(importlib.import_module(f"{__name__}.{module}"), "SPEC", None)
+        if isinstance(spec, AlgorithmSpec):
+            specs[spec.name] = spec
+    return specs
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = _discover()
+
+
+def algorithm_spec(name: str) -> AlgorithmSpec:
+    """The registered algorithm ``name``; a ValueError lists the valid names."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"config key 'algorithm' = {name!r} is not one of: "
+                         f"{', '.join(sorted(ALGORITHMS))}")
+    return ALGORITHMS[name]
 
 
 def ignored_keys(algorithm: str) -> set[str]:
     """The RunConfig fields ``algorithm`` does not read: the other algorithms' own keys."""
-    own = set(ALGORITHMS[algorithm][0].config_keys)
-    return {key for cls, _ in ALGORITHMS.values() for key in cls.config_keys} - own
+    own = set(algorithm_spec(algorithm).config_keys)
+    return {key for spec in ALGORITHMS.values() for key in spec.config_keys} - own
 
 
 __all__ = [
-    "ADOM", "ADOMNode", "ALGORITHMS", "DPSGD", "DPSGDNode", "DecentralizedStrategy",
-    "HyperPrism", "HyperPrismNode", "Mudag", "MudagNode", "NodeRule", "NodeState", "NodeTask",
-    "SwarmSGD", "SwarmSGDNode", "ignored_keys", "run_in_process", "wait_for_partitions",
+    "ALGORITHMS", "AlgorithmSpec", "DecentralizedStrategy", "NodeRule", "NodeState", "NodeTask",
+    "algorithm_spec", "ignored_keys", "run_in_process", "wait_for_partitions",
 ]

@@ -31,6 +31,7 @@ from flwr_hyperprism.graphs import gossip_matrix
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .node import Gradient, GradientNode, clone_tensors, mix_row
+from .spec import AlgorithmSpec
 
 ADOM_VECTORS = ("x", "x_f", "y", "y_f", "z", "z_f", "m")
 
@@ -175,3 +176,6 @@ class ADOMNode(GradientNode):
     """ADOM+ on the node's own model and data."""
 
     method = ADOMUpdate
+
+
+SPEC = AlgorithmSpec(ADOM, ADOMNode)

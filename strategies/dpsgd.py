@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .decentralized import DecentralizedStrategy, StateDict
 from .node import LINEAR, GossipNode, merge_models
+from .spec import AlgorithmSpec
 
 
 class DPSGD(DecentralizedStrategy):
@@ -29,3 +30,6 @@ class DPSGDNode(GossipNode):
                 metrics: dict[str, float]) -> StateDict:
         # The p = 1 power mean: the same arithmetic as HyperPrism with fixed p = 1.
         return merge_models(models, weights, LINEAR, self.groups)
+
+
+SPEC = AlgorithmSpec(DPSGD, DPSGDNode)

@@ -37,6 +37,7 @@ from .node import (
     merge_models,
     optimizer_state,
 )
+from .spec import AlgorithmSpec
 
 TRACKER = "tracker"  # p-mode tracking: the gradient tracker, routed with the model
 
@@ -202,3 +203,6 @@ class HyperPrismNode(GossipNode):
         loss.backward()
         self.hn_optimizer.step()
         return float(loss.detach())
+
+
+SPEC = AlgorithmSpec(HyperPrism, HyperPrismNode)

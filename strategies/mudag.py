@@ -41,6 +41,7 @@ from flwr_hyperprism.graphs import fastmix_momentum, fastmix_steps, gossip_matri
 
 from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .node import Gradient, GradientNode, clone_tensors, mix_row
+from .spec import AlgorithmSpec
 
 
 class Mudag(DecentralizedStrategy):
@@ -144,3 +145,6 @@ class MudagNode(GradientNode):
     """Mudag on the node's own model and data."""
 
     method = MudagUpdate
+
+
+SPEC = AlgorithmSpec(Mudag, MudagNode)

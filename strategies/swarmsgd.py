@@ -17,6 +17,7 @@ from flwr_hyperprism.graphs import random_maximal_matching, round_rng
 
 from .decentralized import DecentralizedStrategy, NodeTask
 from .dpsgd import DPSGDNode
+from .spec import AlgorithmSpec
 
 
 class SwarmSGD(DecentralizedStrategy):
@@ -50,3 +51,6 @@ class SwarmSGDNode(DPSGDNode):
     @property
     def local_steps(self) -> int:
         return self.config.swarm_local_steps
+
+
+SPEC = AlgorithmSpec(SwarmSGD, SwarmSGDNode)

@@ -99,7 +99,7 @@ def test_the_magnitude_guard_keeps_a_large_p_merge_from_following_one_neighbour(
     assert metrics["neighbours_dropped"] == 1.0
     scale = max(float(v.abs().max()) for v in state.shared.values())
     assert max(float(v.abs().max()) for v in after.shared.values()) < 2 * scale
-    lenient = ALGORITHMS["hyperprism"][1](config.replace(max_neighbour_ratio=1e5), 0)
+    lenient = ALGORITHMS["hyperprism"].make_rule(config.replace(max_neighbour_ratio=1e5), 0)
     followed, _ = lenient.step(state, task, {1: huge})
     assert max(float(v.abs().max()) for v in followed.shared.values()) > 1000 * scale
 
@@ -269,7 +269,8 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
     config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=4, eval_size=500,
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
                        mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)
-    strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+    spec = ALGORITHMS[config.algorithm]
+    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
     model = dict(initial_model(config).to_torch_state_dict())
     run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule, model)
     clean = metrics_rows(tmp_path / "clean")
@@ -321,7 +322,8 @@ def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed
     # checkpoints, so even without node checkpoints the metrics are those of a clean run.
     config = RunConfig(algorithm="dpsgd", num_nodes=4, num_rounds=4, eval_size=500,
                        output_dir=str(tmp_path), node_wait_timeout=5.0)
-    strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+    spec = ALGORITHMS[config.algorithm]
+    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
     run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule,
                    dict(initial_model(config).to_torch_state_dict()))
 

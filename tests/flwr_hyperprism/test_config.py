@@ -101,7 +101,7 @@ BAD_VALUES = [
     ("num_rounds", 0), ("lr", 0), ("hn_lr", -0.1), ("batch_size", 0), ("momentum", 1.0),
     ("fixed_p", 0.5), ("target_accuracy", 1.5), ("local_steps", -1),
     ("dataset", "imagenet"), ("model", "resnet"), ("topology", "star"), ("p_mode", "learned"),
-    ("p_select", "argmax"), ("hn_input", "gradients"), ("algorithm", "fedavg"),
+    ("p_select", "argmax"), ("hn_input", "gradients"),
     ("p_candidates", "0.5,3"), ("p_candidates", ""), ("mudag_max_gossip", 0),
     ("mudag_gossip_factor", 0.0), ("strong_convexity", 200.0), ("max_staleness", -1),
     ("p_step", 0.0), ("p_step", float("nan")),

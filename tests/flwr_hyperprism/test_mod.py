@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_hyperprism.mod import hyperprism_mod
-from strategies.plugin import decentralized_strategy
+from flwr_hyperprism import decentralized_strategy
 from tests.harness import ElasticGrid, LocalGrid
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart-pytorch"

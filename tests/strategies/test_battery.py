@@ -13,7 +13,9 @@ from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import fastmix_momentum, gossip_matrix
 from flwr_hyperprism.mirror import sign_power
 from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS, ADOMNode, MudagNode, run_in_process
+from strategies import ALGORITHMS, run_in_process
+from strategies.adom import ADOMNode
+from strategies.mudag import MudagNode
 from strategies.adom import ADOM_VECTORS
 from strategies.node import LearningNode
 
@@ -29,7 +31,12 @@ VARIANTS = {
     "swarmsgd": ("swarmsgd", {}, 1.0),
     "mudag": ("mudag", {}, 1.0),
     "adom": ("adom", {}, None),
+    "local": ("local", {}, None),  # no mixing: nothing to conserve
 }
+
+
+def test_the_battery_covers_every_registered_algorithm():
+    assert {algorithm for algorithm, _, _ in VARIANTS.values()} == set(ALGORITHMS)
 
 
 def make_config(tmp_path, variant: str, **changes) -> RunConfig:
@@ -40,7 +47,8 @@ def make_config(tmp_path, variant: str, **changes) -> RunConfig:
 
 
 def nodes_for(config: RunConfig):
-    strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+    spec = ALGORITHMS[config.algorithm]
+    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
     return strategy_cls(config), {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
 
 
@@ -134,7 +142,8 @@ def test_identical_models_stay_identical_without_learning(tmp_path, variant,
                          ids=["two-nodes", "no-edges"])
 def test_degenerate_graphs_give_finite_models_and_metrics(tmp_path, variant, graph):
     config = make_config(tmp_path, variant, **graph)
-    strategy, make_rule = ALGORITHMS[config.algorithm]
+    spec = ALGORITHMS[config.algorithm]
+    strategy, make_rule = spec.orchestrator, spec.make_rule
     rows = run_in_process(strategy(config), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     for row in rows:
@@ -147,7 +156,8 @@ def test_runs_are_deterministic_under_a_seed(tmp_path, variant):
     config = make_config(tmp_path, variant)
 
     def rows() -> list[dict]:
-        strategy, make_rule = ALGORITHMS[config.algorithm]
+        spec = ALGORITHMS[config.algorithm]
+        strategy, make_rule = spec.orchestrator, spec.make_rule
         result = run_in_process(strategy(config), make_rule,
                                 dict(initial_model(config).to_torch_state_dict()))
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result]
@@ -161,7 +171,8 @@ def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
     def rows(algorithm: str, **changes) -> list[dict]:
         config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
                            algorithm=algorithm, **changes)
-        strategy, make_rule = ALGORITHMS[algorithm]
+        spec = ALGORITHMS[algorithm]
+        strategy, make_rule = spec.orchestrator, spec.make_rule
         result = run_in_process(strategy(config), make_rule,
                                 dict(initial_model(config).to_torch_state_dict()))
         drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean", "p_theta_std",
@@ -219,7 +230,7 @@ def test_swarmsgd_matching_is_maximal_and_idle_nodes_do_not_train(tmp_path):
 
 def test_adom_tasks_carry_gossip_matrix_rows_and_chi():
     config = RunConfig(num_nodes=12, algorithm="adom")
-    strategy = ALGORITHMS["adom"][0](config)
+    strategy = ALGORITHMS["adom"].orchestrator(config)
     assert strategy.chi >= 1.0
     task = strategy.plan_round(1, range(12))[0]
     assert task.coefficients == {"chi": strategy.chi}
@@ -304,7 +315,8 @@ def test_mudag_without_gradients_stays_at_its_consensus_init(tmp_path, zero_lear
 
 def test_mudag_rounds_take_k_exchanges_and_rows_count_them(tmp_path):
     config = make_config(tmp_path, "mudag", num_nodes=6, num_rounds=3, topology="ring")
-    strategy, make_rule = ALGORITHMS["mudag"]
+    spec = ALGORITHMS["mudag"]
+    strategy, make_rule = spec.orchestrator, spec.make_rule
     strategy = strategy(config)
     steps = [strategy.gossip_steps(t) for t in (1, 2, 3)]
     assert steps == [5, 5, 5]  # ring of 6: lambda2(Wm) = 3/4, K = ceil(ln 10 / (1/2))

@@ -78,11 +78,3 @@ def test_the_magnitude_scale_comes_from_the_median_when_the_own_model_is_small_o
     # with a single neighbour the lower median is the node's own scale
     lone = NodeTask(0, (1,), (0.5,), 0.5)
     assert list(screen_neighbours(zero, lone, {1: {"w": torch.ones(4)}}, 1000.0)[1]) == [1]
-
-
-def test_every_configurable_algorithm_has_an_orchestrator_and_a_node_rule():
-    from flwr_hyperprism import config
-    from strategies import ALGORITHMS
-
-    assert set(ALGORITHMS) == set(config.ALGORITHMS)
-    assert all(cls.algorithm == name for name, (cls, _) in ALGORITHMS.items())

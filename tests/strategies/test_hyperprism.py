@@ -13,8 +13,8 @@ from flwr_hyperprism.degrees import scheduled_degree
 from flwr_hyperprism.graphs import metropolis_hastings_weights
 from flwr_hyperprism.mirror import inverse_sign_power, sign_power
 from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS, HyperPrism, HyperPrismNode, run_in_process
-from strategies.hyperprism import TRACKER
+from strategies import ALGORITHMS, run_in_process
+from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismNode
 from strategies.node import load_optimizer_state, optimizer_state
 
 
@@ -159,7 +159,8 @@ def test_in_process_runs_are_deterministic_and_learn(tmp_path):
     config = small_config(tmp_path, num_rounds=4, momentum=0.5)
 
     def run() -> list[dict]:
-        strategy_cls, make_rule = ALGORITHMS[config.algorithm]
+        spec = ALGORITHMS[config.algorithm]
+        strategy_cls, make_rule = spec.orchestrator, spec.make_rule
         rows = run_in_process(strategy_cls(config), make_rule,
                               dict(initial_model(config).to_torch_state_dict()))
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
@@ -200,7 +201,8 @@ def test_the_schedule_mode_merges_with_the_scheduled_degree_on_every_node(tmp_pa
     config = RunConfig(num_nodes=4, num_rounds=5, eval_size=200, p_mode="schedule",
                        p_schedule="linear", p_max=9.0, p_min=2.0, p_horizon=3,
                        output_dir=str(tmp_path))
-    strategy_cls, make_rule = ALGORITHMS["hyperprism"]
+    spec = ALGORITHMS["hyperprism"]
+    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
     rows = run_in_process(strategy_cls(config, None), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     for row in rows:  # row r comes from round-trip r + 1
@@ -266,7 +268,8 @@ def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_
     # (README, "HyperPrism's degrees"): every node starts at p-max and lowers its own p.
     config = RunConfig(num_nodes=8, num_rounds=12, eval_size=500, p_mode="tracking",
                        output_dir=str(tmp_path), run_name="run")
-    strategy_cls, make_rule = ALGORITHMS["hyperprism"]
+    spec = ALGORITHMS["hyperprism"]
+    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
     rows = run_in_process(strategy_cls(config), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     assert set(rows[1]["p_phi"].values()) == {15.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_hyperprism.mod import hyperprism_mod
+from flwr_hyperprism import hyperprism_mod
 from quickstart_pytorch.task import Net, load_data
 from quickstart_pytorch.task import test as test_fn
 from quickstart_pytorch.task import train as train_fn

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from flwr_hyperprism import decentralized_strategy
 from quickstart_pytorch.task import Net
-from strategies.plugin import decentralized_strategy
 
 app = ServerApp()
 

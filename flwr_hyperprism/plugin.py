@@ -35,13 +35,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.hypernetwork import gradient_summary
-from flwr_hyperprism.metrics import summarise_round
-from flwr_hyperprism.models import DECISION, REPRESENTATION
-
-from .adom import ADOM, ADOMUpdate
-from .decentralized import (
+from strategies import algorithm_spec
+from strategies.adom import ADOMUpdate
+from strategies.decentralized import (
     STAGE_KEY,
     DecentralizedStrategy,
     NodeState,
@@ -49,11 +45,20 @@ from .decentralized import (
     StateDict,
     flat_metrics,
 )
-from .dpsgd import DPSGD
-from .hyperprism import HyperPrism, initial_weights, node_hypernetwork
-from .mudag import Mudag, MudagUpdate
-from .node import LINEAR, clone_tensors, load_optimizer_state, merge_models, optimizer_state
-from .swarmsgd import SwarmSGD
+from strategies.hyperprism import initial_weights, node_hypernetwork
+from strategies.mudag import MudagUpdate
+from strategies.node import (
+    LINEAR,
+    clone_tensors,
+    load_optimizer_state,
+    merge_models,
+    optimizer_state,
+)
+
+from .config import RunConfig
+from .hypernetwork import gradient_summary
+from .metrics import summarise_round
+from .models import DECISION, REPRESENTATION
 
 log = logging.getLogger("flwr")
 
@@ -114,28 +119,11 @@ class PluginRouting:
         return MetricRecord(flat_metrics(summarise_round(server_round - 1, self.node_metrics)))
 
 
-class PluginHyperPrism(PluginRouting, HyperPrism):
-    """HyperPrism's orchestrator for plug-in mode."""
-
-
-class PluginDPSGD(PluginRouting, DPSGD):
-    """D-PSGD's orchestrator for plug-in mode."""
-
-
-class PluginSwarmSGD(PluginRouting, SwarmSGD):
-    """SwarmSGD's orchestrator for plug-in mode (H = the user's local training)."""
-
-
-class PluginMudag(PluginRouting, Mudag):
-    """Mudag's orchestrator for plug-in mode (the user's training is the gradient oracle)."""
-
-
-class PluginADOM(PluginRouting, ADOM):
-    """ADOM+'s orchestrator for plug-in mode (the user's training is the gradient oracle)."""
-
-
-PLUGIN_STRATEGIES = {cls.algorithm: cls for cls in (PluginHyperPrism, PluginDPSGD,
-                                                    PluginSwarmSGD, PluginMudag, PluginADOM)}
+def plugin_orchestrator(algorithm: str) -> type[DecentralizedStrategy]:
+    """The registered orchestrator of ``algorithm``, driving the user's handlers."""
+    orchestrator = algorithm_spec(algorithm).orchestrator
+    return type(f"Plugin{orchestrator.__name__}", (PluginRouting, orchestrator),
+                {"__doc__": f"{orchestrator.description}'s orchestrator for plug-in mode."})
 
 
 def decentralized_strategy(algorithm: str = "hyperprism", *, p_mode: str = "hypernetwork",
@@ -156,7 +144,7 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, p_mode: str = "hype
     if config.order != "atc":
         raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
                          f"handler trains the merged model): use order='atc'")
-    strategy = PLUGIN_STRATEGIES[algorithm](config, run_dir)
+    strategy = plugin_orchestrator(algorithm)(config, run_dir)
     strategy.accuracy_metric, strategy.loss_metric = accuracy_metric, loss_metric
     return strategy
 

@@ -8,7 +8,7 @@ import torch
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 from strategies.decentralized import NodeTask
-from strategies.plugin import (
+from flwr_hyperprism.plugin import (
     EVALUATED,
     GRADIENT_METHODS,
     PluginGradientNode,

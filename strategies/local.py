@@ -1,0 +1,41 @@
+"""Local training: no communication, the lower bound every decentralized table should show.
+
+Orchestrator: routes nothing; every node's task has no neighbours, every round. Node: its own
+model, trained on its own partition with the same local SGD as the gossip algorithms and
+evaluated on the global test set like them. Equal to D-PSGD on a graph without edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .decentralized import DecentralizedStrategy, NodeTask, StateDict
+from .node import GossipNode, clone_tensors
+from .spec import AlgorithmSpec
+
+
+class Local(DecentralizedStrategy):
+    """An orchestrator that only schedules: no node is told of a neighbour."""
+
+    algorithm = "local"
+    description = "Local (no communication)"
+
+    def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
+                   ) -> dict[int, NodeTask]:
+        """Every node alone; the round-trip after the last round evaluates without training."""
+        train = round_ <= self.config.num_rounds
+        return {i: NodeTask(round_, train=train) for i in range(self.config.num_nodes)}
+
+
+class LocalNode(GossipNode):
+    """Keeps its own model: the merge of one model is that model."""
+
+    def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
+                metrics: dict[str, float]) -> StateDict:
+        return clone_tensors(models[0])
+
+
+SPEC = AlgorithmSpec(Local, LocalNode)

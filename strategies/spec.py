@@ -1,0 +1,53 @@
+"""What makes an algorithm: its orchestrator and its node rule, declared once in its module.
+
+Each algorithm module ends with ``SPEC = AlgorithmSpec(Orchestrator, NodeRule)``; the package
+collects every module's ``SPEC`` into ``strategies.ALGORITHMS`` (``strategies/__init__.py``),
+which the apps, plug-in mode, the sweeps and the test battery read. The orchestrator class
+carries the algorithm's name, display name and own config keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from flwr_hyperprism.config import RunConfig
+
+from .rule import NodeRule
+
+if TYPE_CHECKING:  # the orchestrator module imports Flower; the spec does not need it
+    from .decentralized import DecentralizedStrategy
+
+
+class NodeRuleFactory(Protocol):
+    """A node rule class: builds the rule of one partition."""
+
+    @classmethod
+    def for_partition(cls, config: RunConfig, partition_id: int) -> NodeRule: ...
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """One algorithm: the orchestrator that plans its rounds and the rule its nodes follow."""
+
+    orchestrator: type[DecentralizedStrategy]
+    node_rule: type[NodeRuleFactory]
+
+    @property
+    def name(self) -> str:
+        """The ``algorithm`` config value."""
+        return self.orchestrator.algorithm
+
+    @property
+    def display_name(self) -> str:
+        """The algorithm's name in logs and outputs."""
+        return self.orchestrator.description
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """The RunConfig fields only this algorithm reads."""
+        return self.orchestrator.config_keys
+
+    def make_rule(self, config: RunConfig, partition_id: int) -> NodeRule:
+        """The node rule of ``partition_id``."""
+        return self.node_rule.for_partition(config, partition_id)

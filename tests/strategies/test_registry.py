@@ -1,0 +1,51 @@
+"""The algorithm registry: every module's SPEC, found without a list to maintain."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+
+import pytest
+
+import strategies
+from flwr_hyperprism.config import RunConfig
+from strategies import ALGORITHMS, AlgorithmSpec, algorithm_spec, ignored_keys
+
+
+def test_every_module_that_declares_a_spec_is_registered_under_its_orchestrators_name():
+    declared = {}
+    for module in pkgutil.iter_modules(strategies.__path__):
+        spec = getattr(importlib.import_module(f"strategies.{module.name}"), "SPEC", None)
+        if spec is not None:
+            declared[module.name] = spec
+    assert set(declared) == {"adom", "dpsgd", "hyperprism", "local", "mudag", "swarmsgd"}
+    assert ALGORITHMS == {spec.name: spec for spec in declared.values()}
+    assert all(isinstance(spec, AlgorithmSpec) for spec in ALGORITHMS.values())
+    assert {spec.name for spec in ALGORITHMS.values()} == set(declared)  # module = name
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_a_spec_builds_its_orchestrator_and_node_rules(name, tmp_path):
+    config = RunConfig(algorithm=name, num_nodes=3, eval_size=100, output_dir=str(tmp_path))
+    spec = algorithm_spec(name)
+    orchestrator = spec.orchestrator(config)
+    assert orchestrator.algorithm == name and spec.display_name == orchestrator.description
+    rule = spec.make_rule(config, 2)
+    assert rule.init_state().round == 0
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert set(spec.config_keys) <= fields, set(spec.config_keys) - fields
+
+
+def test_an_unknown_algorithm_is_an_error_listing_the_registered_ones():
+    with pytest.raises(ValueError, match=r"'algorithm' = 'fedavg' is not one of: adom, dpsgd, "
+                                         r"hyperprism, local, mudag, swarmsgd"):
+        algorithm_spec("fedavg")
+
+
+def test_an_algorithm_ignores_exactly_the_other_algorithms_own_keys():
+    assert "p_mode" in ignored_keys("dpsgd") and "smoothness" in ignored_keys("dpsgd")
+    assert "p_mode" not in ignored_keys("hyperprism")
+    assert "smoothness" not in ignored_keys("adom") and "smoothness" not in ignored_keys("mudag")
+    assert "mudag_max_gossip" in ignored_keys("adom")
+    assert not ignored_keys("local") & {"lr", "seed", "alpha", "order"}  # shared keys
