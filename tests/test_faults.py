@@ -20,9 +20,8 @@ from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.server_app import initial_model, make_server_app, run
 from strategies import ALGORITHMS, run_in_process, wait_for_partitions
 from strategies.decentralized import NEIGHBOUR_PREFIX, TASK_KEY, NodeTask
-from tests.flwr_hyperprism.test_apps import metrics_rows
 from tests.harness import LocalGrid
-from tests.strategies.test_battery import MODEL_GROUPS, VARIANTS, make_config, nodes_for
+from tests.variants import MODEL_GROUPS, VARIANTS, make_config, metrics_rows, nodes_for
 
 
 def poisoned(model: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ import pytest
 
 from flwr_hyperprism.config import RunConfig
 from simulations.run import run_experiment
-from tests.flwr_hyperprism.test_apps import metrics_rows
 from tests.local_flower import (
     build_fab,
     loopback_fleet,
@@ -34,6 +33,7 @@ from tests.local_flower import (
     processes_with_home,
     run_flwr,
 )
+from tests.variants import metrics_rows
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_NODES, NUM_ROUNDS = 3, 2

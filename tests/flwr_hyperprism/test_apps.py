@@ -13,17 +13,13 @@ from flwr_hyperprism.server_app import run
 from simulations.run import run_experiment
 from strategies import ALGORITHMS, wait_for_partitions
 from tests.harness import LocalGrid
+from tests.variants import metrics_rows
 
 
 def tiny_config(tmp_path: Path, name: str, **changes) -> RunConfig:
     settings = {"num_nodes": 4, "num_rounds": 3, "momentum": 0.5, "swarm_local_steps": 20,
                 "output_dir": str(tmp_path), "run_name": name, "node_wait_timeout": 5.0}
     return RunConfig(**{**settings, **changes})
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 def test_flower_grid_run_equals_in_process_run(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of the datasets and the Dirichlet partition (ALGORITHMS.md §8 invariant 21)."""
+"""Tests of the datasets and the Dirichlet partition."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the time-varying graphs and Metropolis-Hastings weights (ALGORITHMS.md §0, §8: 9-10)."""
+"""Tests of the time-varying graphs and Metropolis-Hastings weights."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flwr_hyperprism.graphs import (
     metropolis_hastings_weights,
 )
 
-# --- helpers -------------------------------------------------------------------------------
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def edge_set(graph: nx.Graph) -> set[tuple[int, int]]:
@@ -57,11 +57,11 @@ GRAPHS = {
 }
 
 
-# --- Metropolis-Hastings weights (invariants 9-10) ----------------------------------------
+# --- Metropolis-Hastings weights --------------------------------------------------------
 
 
 @pytest.mark.parametrize("graph", GRAPHS.values(), ids=GRAPHS.keys())
-def test_mh_weights_symmetric_doubly_stochastic_nonnegative(graph):  # invariant 9
+def test_mh_weights_symmetric_doubly_stochastic_nonnegative(graph):
     weights = metropolis_hastings_weights(graph)
     m = graph.number_of_nodes()
 
@@ -73,7 +73,7 @@ def test_mh_weights_symmetric_doubly_stochastic_nonnegative(graph):  # invariant
 
 
 @pytest.mark.parametrize("graph", GRAPHS.values(), ids=GRAPHS.keys())
-def test_mh_weights_follow_the_formula_and_vanish_off_edges(graph):  # invariant 9
+def test_mh_weights_follow_the_formula_and_vanish_off_edges(graph):
     weights = metropolis_hastings_weights(graph)
     degree = dict(graph.degree())
     edges = edge_set(graph)
@@ -86,7 +86,7 @@ def test_mh_weights_follow_the_formula_and_vanish_off_edges(graph):  # invariant
             assert weights[i, j] == pytest.approx(expected, abs=1e-15)
 
 
-def test_mh_isolated_node_keeps_its_model():  # invariant 9
+def test_mh_isolated_node_keeps_its_model():
     weights = metropolis_hastings_weights(with_isolated_nodes())
 
     for node in (5, 6):
@@ -96,12 +96,12 @@ def test_mh_isolated_node_keeps_its_model():  # invariant 9
 
 
 @pytest.mark.parametrize("m", (2, 3, 7, 50))
-def test_mh_complete_graph_is_uniform(m):  # invariant 10
+def test_mh_complete_graph_is_uniform(m):
     np.testing.assert_allclose(metropolis_hastings_weights(nx.complete_graph(m)), 1.0 / m,
                                rtol=1e-12)
 
 
-# --- schedules -----------------------------------------------------------------------------
+# --- schedules -----------------------------------------------------------------------------------
 
 RANDOM_TOPOLOGIES = ("erdos-renyi", "mobility")
 
@@ -234,7 +234,7 @@ def test_bad_schedule_message_names_value_and_choices():
         TimeVaryingGraph(5, density=1.5)
 
 
-def test_gossip_matrix_is_a_scaled_laplacian():  # invariant 11
+def test_gossip_matrix_is_a_scaled_laplacian():
     for round_ in (1, 2, 3):
         w = gossip_matrix(TimeVaryingGraph(12, seed=3).at(round_))
         eigenvalues = np.linalg.eigvalsh(w)

@@ -1,4 +1,4 @@
-"""Tests of the hypernetwork that picks the degrees (ALGORITHMS.md §2, §8 invariant 20)."""
+"""Tests of the hypernetwork that picks the degrees."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def backprop_both_degrees(hn: HyperNetwork, summary: torch.Tensor) -> dict[str, 
 
 @pytest.mark.parametrize("select", ("soft", "st"))
 @pytest.mark.parametrize("scale", (0.0, 1.0, 1e3, 1e6))
-def test_degrees_lie_within_the_candidate_range(select, scale):  # invariant 20
+def test_degrees_lie_within_the_candidate_range(select, scale):
     for seed in range(10):
         degrees = make_hn(seed, select)(random_summary(seed, scale))
 
@@ -50,7 +50,7 @@ def test_degrees_lie_within_the_candidate_range(select, scale):  # invariant 20
             assert min(CANDIDATES) <= p.item() <= max(CANDIDATES)
 
 
-def test_the_two_heads_differ_after_random_init():  # invariant 20
+def test_the_two_heads_differ_after_random_init():
     for seed in range(5):
         degrees = make_hn(seed)(random_summary(seed))
         assert degrees[REPRESENTATION].item() != degrees[DECISION].item()

@@ -1,4 +1,4 @@
-"""Tests of the mirror map and the weighted power mean (ALGORITHMS.md §1, §8 invariants 1-8)."""
+"""Tests of the mirror map and the weighted power mean."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ODD_P = (1, 3, 5, 9, 15)
 K_VALUES = (1, 2, 5, 8)
 
 
-# --- helpers -------------------------------------------------------------------------------
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def reference_power_mean(x, weights, p) -> np.ndarray:
@@ -63,7 +63,7 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=0)
 
 
-# --- accuracy against the float64 reference ------------------------------------------------
+# --- accuracy against the float64 reference ------------------------------------------------------
 
 # Error model of the scaled float32 evaluation, relative to S = max_j |x_j|: u_j = x_j / S and
 # the powers carry relative error ~p*eps, so s = sum_j a_j s_p(u_j) has absolute error
@@ -92,7 +92,7 @@ def test_float32_matches_float64_reference(p, k):
 
 @pytest.mark.parametrize("p", (9, 15, 33, 64))
 def test_float32_large_p_is_computed_like_float64(p):
-    """ALGORITHMS.md §1: "compute in float64 for p >= 9".
+    """The reference advice "compute in float64 for p >= 9".
 
     Neighbours' values of similar size and opposite sign nearly cancel in mirror space; a float32
     evaluation then loses up to ~(p*eps)**(1/p) of S, while a float64 evaluation rounded to
@@ -127,11 +127,11 @@ def test_float32_cancellation_example(p, value, weight):
     assert out.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-# --- invariants 1-8 --------------------------------------------------------------------------
+# --- properties of the power mean ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("p", P_VALUES)
-def test_identical_inputs_give_that_input(p):  # invariant 1
+def test_identical_inputs_give_that_input(p):
     rng = np.random.default_rng(1)
     value = signed_log_uniform(rng, (64,))
     x = value.expand(5, 64).clone()
@@ -143,7 +143,7 @@ def test_identical_inputs_give_that_input(p):  # invariant 1
 
 @pytest.mark.parametrize("p", (1, 1.0, torch.tensor(1.0, dtype=torch.float64),
                                torch.tensor(1.0, dtype=torch.float64, requires_grad=True)))
-def test_p_one_is_weighted_arithmetic_mean(p):  # invariant 2
+def test_p_one_is_weighted_arithmetic_mean(p):
     rng = np.random.default_rng(2)
     x, weights = signed_log_uniform(rng, (6, 100)), random_weights(rng, 6)
 
@@ -154,7 +154,7 @@ def test_p_one_is_weighted_arithmetic_mean(p):  # invariant 2
 
 @pytest.mark.parametrize("p", P_VALUES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
-def test_mean_lies_between_min_and_max(p, dtype):  # invariant 3
+def test_mean_lies_between_min_and_max(p, dtype):
     rng = np.random.default_rng([3, int(p)])
     x = signed_log_uniform(rng, (5, 500)).to(dtype)
 
@@ -164,7 +164,7 @@ def test_mean_lies_between_min_and_max(p, dtype):  # invariant 3
     assert bool((out >= x.amin(0) - slack).all()) and bool((out <= x.amax(0) + slack).all())
 
 
-def test_nonnegative_inputs_non_decreasing_in_p():  # invariant 4, monotonicity
+def test_nonnegative_inputs_non_decreasing_in_p():
     rng = np.random.default_rng(4)
     x = signed_log_uniform(rng, (6, 300)).abs()
     weights = random_weights(rng, 6)
@@ -175,7 +175,7 @@ def test_nonnegative_inputs_non_decreasing_in_p():  # invariant 4, monotonicity
     assert bool((means.diff(dim=0) >= -1e-12 * x.amax(0)).all())
 
 
-def test_nonnegative_inputs_tend_to_max_of_weighted_rows():  # invariant 4, limit
+def test_nonnegative_inputs_tend_to_max_of_weighted_rows():
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.uniform(0.0, 5.0, size=(5, 200)))
     x[4] = 100.0  # largest row, but weight 0: must not be the limit
@@ -189,7 +189,7 @@ def test_nonnegative_inputs_tend_to_max_of_weighted_rows():  # invariant 4, limi
     assert gaps[-1] <= 1e-3 * limit.max().item()
 
 
-def test_signed_counterexample_is_not_monotone_and_tends_to_largest_magnitude():  # invariant 4
+def test_signed_counterexample_is_not_monotone_and_tends_to_largest_magnitude():
     x = torch.tensor([-1.0, 0.5], dtype=torch.float64)
     weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
 
@@ -203,7 +203,7 @@ def test_signed_counterexample_is_not_monotone_and_tends_to_largest_magnitude():
     assert mean(10_000) == pytest.approx(-1.0, abs=1e-3)
 
 
-def test_signed_inputs_tend_to_the_value_of_largest_magnitude():  # invariant 4
+def test_signed_inputs_tend_to_the_value_of_largest_magnitude():
     rng = np.random.default_rng(6)
     x = signed_uniform(rng, (4, 300), low=0.1, high=1.0)
     winner = torch.from_numpy(rng.integers(0, 4, size=300))
@@ -218,7 +218,7 @@ def test_signed_inputs_tend_to_the_value_of_largest_magnitude():  # invariant 4
 
 @pytest.mark.parametrize("c", (-3.0, -1.0, -0.5, 0.0, 0.25, 2.0, 1e3))
 @pytest.mark.parametrize("p", (1.5, 3, 15, 64))
-def test_homogeneous_and_odd(p, c):  # invariant 5
+def test_homogeneous_and_odd(p, c):
     rng = np.random.default_rng(7)
     x, weights = signed_log_uniform(rng, (4, 100)), random_weights(rng, 4)
 
@@ -227,7 +227,7 @@ def test_homogeneous_and_odd(p, c):  # invariant 5
 
 
 @pytest.mark.parametrize("p", P_VALUES)
-def test_permutation_invariant(p):  # invariant 6
+def test_permutation_invariant(p):
     rng = np.random.default_rng(8)
     x, weights = signed_log_uniform(rng, (7, 100)), random_weights(rng, 7)
     order = torch.from_numpy(rng.permutation(7))
@@ -237,7 +237,7 @@ def test_permutation_invariant(p):  # invariant 6
 
 
 @pytest.mark.parametrize("p", P_VALUES)
-def test_scaled_form_equals_naive_form_without_overflow(p):  # invariant 6
+def test_scaled_form_equals_naive_form_without_overflow(p):
     rng = np.random.default_rng(9)
     x = signed_log_uniform(rng, (5, 200), low=-1.0, high=1.0)  # |x|**64 stays in float64 range
     weights = random_weights(rng, 5)
@@ -247,7 +247,7 @@ def test_scaled_form_equals_naive_form_without_overflow(p):  # invariant 6
 
 
 @pytest.mark.parametrize("p", ODD_P)
-def test_appendix_inequalities_for_odd_integer_p(p):  # invariant 7
+def test_appendix_inequalities_for_odd_integer_p(p):
     rng = np.random.default_rng([10, p])
     x, weights = signed_uniform(rng, (5, 400), low=0.0, high=3.0), random_weights(rng, 5)
     arithmetic = (weights[:, None] * x).sum(0)
@@ -266,7 +266,7 @@ def test_appendix_inequalities_for_odd_integer_p(p):  # invariant 7
 
 
 @pytest.mark.parametrize("p", P_VALUES)
-def test_inverse_sign_power_inverts_sign_power(p):  # invariant 8
+def test_inverse_sign_power_inverts_sign_power(p):
     u = signed_log_uniform(np.random.default_rng(11), (1000,), low=-3.0, high=3.0)
     u = torch.cat([u, torch.zeros(1, dtype=u.dtype)])
 
@@ -274,7 +274,7 @@ def test_inverse_sign_power_inverts_sign_power(p):  # invariant 8
 
 
 @pytest.mark.parametrize("p", ODD_P)
-def test_sign_power_is_the_literal_power_for_odd_p(p):  # invariant 8
+def test_sign_power_is_the_literal_power_for_odd_p(p):
     u = signed_uniform(np.random.default_rng(12), (1000,), low=0.0, high=2.0)
 
     torch.testing.assert_close(sign_power(u, p), u**p, rtol=1e-13, atol=0.0)
@@ -290,7 +290,7 @@ def test_sign_power_is_odd_and_strictly_increasing(p):
     assert bool((v.diff() > 0).all())
 
 
-# --- zero weights and zero columns ---------------------------------------------------------
+# --- zero weights and zero columns ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("p", P_VALUES)
@@ -319,7 +319,7 @@ def test_all_zero_columns_give_zero(p, dtype):
     assert bool((out[1::3] != 0).all())
 
 
-# --- gradients ----------------------------------------------------------------------------
+# --- gradients -----------------------------------------------------------------------------------
 
 
 def _gradcheck_inputs(seed: int, k: int = 3, n: int = 4):
@@ -383,11 +383,11 @@ def test_p_as_0d_tensor_gets_gradient_zero_at_consensus():
     assert p.grad is not None and abs(p.grad.item()) > 1e-3  # neighbours differ
 
     p.grad = None
-    power_mean(x[:1].expand(4, 50), weights, p).sum().backward()  # consensus (invariant 14)
+    power_mean(x[:1].expand(4, 50), weights, p).sum().backward()  # consensus
     assert abs(p.grad.item()) < 1e-10
 
 
-# --- input validation ----------------------------------------------------------------------
+# --- input validation ----------------------------------------------------------------------------
 
 _X = torch.ones(3, 2)
 _W = torch.full((3,), 1 / 3)
@@ -420,7 +420,7 @@ def test_small_weight_rounding_is_accepted():
     assert math.isclose(power_mean(torch.ones(10, 1), weights, 3).item(), 1.0, rel_tol=1e-6)
 
 
-# --- mirror_step -----------------------------------------------------------------------------
+# --- mirror_step ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("p", (1.0, 3.0, 9.0, 64.0))

@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_hyperprism.mod import hyperprism_mod
 from flwr_hyperprism import decentralized_strategy
+from flwr_hyperprism.mod import hyperprism_mod
 from tests.harness import ElasticGrid, LocalGrid
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart-pytorch"

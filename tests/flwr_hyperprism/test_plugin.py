@@ -7,7 +7,6 @@ import torch
 
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.models import DECISION, REPRESENTATION
-from strategies.decentralized import NodeTask
 from flwr_hyperprism.plugin import (
     EVALUATED,
     GRADIENT_METHODS,
@@ -17,6 +16,7 @@ from flwr_hyperprism.plugin import (
     parameter_groups,
     plugin_node,
 )
+from strategies.decentralized import NodeTask
 
 NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 

@@ -14,46 +14,13 @@ from flwr_hyperprism.graphs import fastmix_momentum, gossip_matrix
 from flwr_hyperprism.mirror import sign_power
 from flwr_hyperprism.server_app import initial_model
 from strategies import ALGORITHMS, run_in_process
-from strategies.adom import ADOMNode
-from strategies.mudag import MudagNode
 from strategies.adom import ADOM_VECTORS
-from strategies.node import LearningNode
-
-# (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
-VARIANTS = {
-    "hyperprism-fixed-p3": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0}, 3.0),
-    "hyperprism-fixed-p3-cta": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0,
-                                               "order": "cta"}, 3.0),
-    "hyperprism": ("hyperprism", {}, None),  # the default degrees: learned (p-mode tracking)
-    "hyperprism-hypernetwork": ("hyperprism", {"p_mode": "hypernetwork"}, None),
-    "dpsgd": ("dpsgd", {}, 1.0),
-    "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),
-    "swarmsgd": ("swarmsgd", {}, 1.0),
-    "mudag": ("mudag", {}, 1.0),
-    "adom": ("adom", {}, None),
-    "local": ("local", {}, None),  # no mixing: nothing to conserve
-}
+from strategies.mudag import MudagNode
+from tests.variants import MODEL_GROUPS, VARIANTS, make_config, nodes_for
 
 
 def test_the_battery_covers_every_registered_algorithm():
     assert {algorithm for algorithm, _, _ in VARIANTS.values()} == set(ALGORITHMS)
-
-
-def make_config(tmp_path, variant: str, **changes) -> RunConfig:
-    algorithm, variant_changes, _ = VARIANTS[variant]
-    settings = {"num_nodes": 6, "num_rounds": 2, "local_steps": 2, "eval_size": 500,
-                "output_dir": str(tmp_path), "run_name": variant, "algorithm": algorithm}
-    return RunConfig(**{**settings, **variant_changes, **changes})
-
-
-def nodes_for(config: RunConfig):
-    spec = ALGORITHMS[config.algorithm]
-    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
-    return strategy_cls(config), {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
-
-
-# The state groups that hold a node's model (the first one is evaluated), by node rule.
-MODEL_GROUPS = {ADOMNode: ("x_f", "x"), MudagNode: ("x", "y", "y_prev", "shared", "previous")}
 
 
 def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
@@ -95,17 +62,6 @@ def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
         if stage == 0:
             history.append(stacked())
     return history
-
-
-@pytest.fixture
-def zero_learning_rate(monkeypatch):
-    """No learning: no optimizer moves a parameter, and ADOM+ and Mudag see zero gradients."""
-    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
-
-    def zero_gradient(self, params, gen):
-        return 0.0, {k: torch.zeros_like(v) for k, v in params.items()}
-
-    monkeypatch.setattr(LearningNode, "gradient", zero_gradient)
 
 
 @pytest.mark.parametrize("variant", [v for v, (_, _, p) in VARIANTS.items() if p is not None])
@@ -167,7 +123,7 @@ def test_runs_are_deterministic_under_a_seed(tmp_path, variant):
 
 @pytest.mark.parametrize("order", ["atc", "cta"])
 def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
-    # Invariant 12, bit for bit: the p = 1 merge is the same weighted mean in both.
+    # Bit for bit: the p = 1 merge is the same weighted mean in both.
     def rows(algorithm: str, **changes) -> list[dict]:
         config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
                            algorithm=algorithm, **changes)
@@ -184,7 +140,7 @@ def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
 
 def test_complete_graph_linear_gossip_reaches_consensus_in_one_round(tmp_path,
                                                                     zero_learning_rate):
-    # Invariant 19: MH weights on the complete graph are 1/m, so one merge averages everyone.
+    # MH weights on the complete graph are 1/m, so one merge averages everyone.
     config = make_config(tmp_path, "dpsgd", topology="complete")
     strategy, rules = nodes_for(config)
     history = drive(strategy, rules, spread_states(rules), rounds=1)
@@ -194,7 +150,6 @@ def test_complete_graph_linear_gossip_reaches_consensus_in_one_round(tmp_path,
 
 def test_swarmsgd_pairs_leave_with_identical_models_and_conserve_the_average(
         tmp_path, zero_learning_rate):
-    # Invariant 16.
     config = make_config(tmp_path, "swarmsgd", num_nodes=8)
     strategy, rules = nodes_for(config)
     states = spread_states(rules)
@@ -240,7 +195,7 @@ def test_adom_tasks_carry_gossip_matrix_rows_and_chi():
 
 
 def test_adom_with_zero_gradients_and_zero_init_stays_at_zero(tmp_path, zero_learning_rate):
-    # Invariant 18 (ADOM+ part).
+    # Without gradients, ADOM+ started at zero stays at zero.
     config = make_config(tmp_path, "adom")
     strategy, rules = nodes_for(config)
     states = {pid: rule.init_state() for pid, rule in rules.items()}
@@ -264,7 +219,7 @@ def fastmix_reference(weights: np.ndarray, u: np.ndarray, eta: float, steps: int
 
 @pytest.mark.parametrize("identical", [False, True], ids=["spread", "consensus"])
 def test_mudag_fastmix_stages_match_the_dense_reference(tmp_path, identical):
-    # Invariant 17: FastMix keeps the node average, returns a consensus input unchanged, and
+    # FastMix keeps the node average, returns a consensus input unchanged, and
     # shrinks the disagreement as K grows (at the rate sqrt(14) (1 - sqrt(1 - lambda2))^K).
     config = make_config(tmp_path, "mudag", num_nodes=8, density=0.5)
     strategy, rules = nodes_for(config)
@@ -299,7 +254,7 @@ def test_mudag_fastmix_stages_match_the_dense_reference(tmp_path, identical):
 
 
 def test_mudag_without_gradients_stays_at_its_consensus_init(tmp_path, zero_learning_rate):
-    # Invariant 18 (Mudag part), through every stage of every round including the last.
+    # Without gradients, Mudag stays at its consensus start, through every stage of every round including the last.
     config = make_config(tmp_path, "mudag", num_rounds=3)
     strategy, rules = nodes_for(config)
     states = {pid: rule.init_state() for pid, rule in rules.items()}

@@ -77,7 +77,7 @@ def mixing_at(strategy, round_: int) -> torch.Tensor:
 
 
 def test_fixed_p_preserves_mirror_space_mass_and_reaches_its_consensus(tmp_path):
-    # Invariants 13 and 15: sum_i s_p(w_i) is preserved; the limit is s_p^-1(mean s_p(w_i^0)).
+    # sum_i s_p(w_i) is preserved; the limit is s_p^-1(mean s_p(w_i^0)).
     p = 3.0
     config = small_config(tmp_path, topology="complete", p_mode="fixed", fixed_p=p)
     rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
@@ -110,7 +110,7 @@ def hypernet_params(state) -> dict[str, torch.Tensor]:
 
 
 def test_hypernetwork_is_trained_through_the_merge(tmp_path):
-    # Invariant 20: gradients reach psi_i and v_i when neighbours differ. For logistic
+    # gradients reach psi_i and v_i when neighbours differ. For logistic
     # regression every layer is "decision", so the p_theta head gets no gradient.
     config = small_config(tmp_path, topology="complete")
     rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
@@ -144,7 +144,7 @@ def test_a_cnn_trains_both_heads_and_merges_each_layer_group_with_its_own_degree
     assert math.isfinite(metrics["accuracy"])
 
 def test_consensus_is_a_fixed_point_with_zero_hypernetwork_gradient(tmp_path):
-    # Invariant 14: identical models stay identical for any p, and d loss / d p = 0.
+    # identical models stay identical for any p, and d loss / d p = 0.
     config = small_config(tmp_path, topology="complete")
     rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
     states = {pid: rule.init_state() for pid, rule in rules.items()}

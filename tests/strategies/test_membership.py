@@ -11,8 +11,8 @@ import pytest
 from flwr_hyperprism.client_app import make_client_app
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.server_app import run
-from tests.flwr_hyperprism.test_apps import metrics_rows
 from tests.harness import ElasticGrid
+from tests.variants import metrics_rows
 
 NODES = {1000 + pid: (pid, 4) for pid in range(4)}
 

@@ -1,0 +1,19 @@
+"""Fixtures shared by the test modules (helpers they share live in ``tests/variants.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strategies.node import LearningNode
+
+
+@pytest.fixture
+def zero_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No learning: no optimizer moves a parameter, and ADOM+ and Mudag see zero gradients."""
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+
+    def zero_gradient(self, params, gen):
+        return 0.0, {k: torch.zeros_like(v) for k, v in params.items()}
+
+    monkeypatch.setattr(LearningNode, "gradient", zero_gradient)

@@ -1,0 +1,54 @@
+"""The algorithm variants the shared batteries run, and helpers to build and read them.
+
+Every registered algorithm appears at least once (``test_battery`` checks it), so a new
+algorithm is covered by every test that iterates over ``VARIANTS``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr_hyperprism.config import RunConfig
+from strategies import ALGORITHMS, DecentralizedStrategy, NodeRule
+from strategies.adom import ADOMNode
+from strategies.mudag import MudagNode
+
+# name -> (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
+VARIANTS: dict[str, tuple[str, dict, float | None]] = {
+    "hyperprism-fixed-p3": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0}, 3.0),
+    "hyperprism-fixed-p3-cta": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0,
+                                               "order": "cta"}, 3.0),
+    "hyperprism": ("hyperprism", {}, None),  # the default degrees: learned (p-mode tracking)
+    "hyperprism-hypernetwork": ("hyperprism", {"p_mode": "hypernetwork"}, None),
+    "dpsgd": ("dpsgd", {}, 1.0),
+    "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),
+    "swarmsgd": ("swarmsgd", {}, 1.0),
+    "mudag": ("mudag", {}, 1.0),
+    "adom": ("adom", {}, None),
+    "local": ("local", {}, None),  # no mixing: nothing to conserve
+}
+
+# The state groups that hold a node's model (the first one is evaluated), by node rule.
+MODEL_GROUPS = {ADOMNode: ("x_f", "x"), MudagNode: ("x", "y", "y_prev", "shared", "previous")}
+
+
+def make_config(tmp_path: Path, variant: str, **changes: object) -> RunConfig:
+    """A small, fast config of ``variant`` (6 nodes, 2 rounds of 2 local steps)."""
+    algorithm, variant_changes, _ = VARIANTS[variant]
+    settings = {"num_nodes": 6, "num_rounds": 2, "local_steps": 2, "eval_size": 500,
+                "output_dir": str(tmp_path), "run_name": variant, "algorithm": algorithm}
+    return RunConfig(**{**settings, **variant_changes, **changes})
+
+
+def nodes_for(config: RunConfig) -> tuple[DecentralizedStrategy, dict[int, NodeRule]]:
+    """The orchestrator of ``config`` and the node rule of every partition."""
+    spec = ALGORITHMS[config.algorithm]
+    return (spec.orchestrator(config),
+            {pid: spec.make_rule(config, pid) for pid in range(config.num_nodes)})
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl rows without their timings (which differ between runs)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
