@@ -254,7 +254,8 @@ def test_mudag_fastmix_stages_match_the_dense_reference(tmp_path, identical):
 
 
 def test_mudag_without_gradients_stays_at_its_consensus_init(tmp_path, zero_learning_rate):
-    # Without gradients, Mudag stays at its consensus start, through every stage of every round including the last.
+    # Without gradients, Mudag stays at its consensus start, through every stage of every
+    # round including the last.
     config = make_config(tmp_path, "mudag", num_rounds=3)
     strategy, rules = nodes_for(config)
     states = {pid: rule.init_state() for pid, rule in rules.items()}
