@@ -1,5 +1,8 @@
 """PNG plots of a finished sweep (needs matplotlib: ``pip install -e '.[plots]'``).
 
+Over seeds, "std" is the sample std (as in ``table.md``); over nodes, the population std (as
+in the metrics rows).
+
 - ``curves.png``: mean node accuracy per round, mean ± std over seeds (shaded), one panel per
   swept value and a line per method (the paper's Fig. 3);
 - ``p_degrees.png``: HyperPrism's p_theta and p_phi per round, mean ± std over nodes (seed of
@@ -27,7 +30,7 @@ from flwr_hyperprism.config import RunConfig  # noqa: E402
 from flwr_hyperprism.data import dirichlet_partition, load_dataset  # noqa: E402
 from flwr_hyperprism.metrics import node_values  # noqa: E402
 
-from .sweep import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
+from .sweep_file import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
 
 
 def plot_sweep(sweep: Sweep, out: Path) -> list[Path]:
@@ -41,6 +44,12 @@ def plot_sweep(sweep: Sweep, out: Path) -> list[Path]:
     if sweep.key == "fixed_p":
         written.append(plot_accuracy_vs_p(sweep, out))
     return written
+
+
+def seed_std(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """The sample std over seeds, as the tables give it (0 for a single seed)."""
+    return values.std(axis=axis, ddof=1) if values.shape[axis] > 1 else np.zeros(
+        np.delete(values.shape, axis))
 
 
 def _panels(count: int):
@@ -57,7 +66,7 @@ def plot_curves(sweep: Sweep, out: Path) -> Path:
                     for c in cells if c.method == method and c.value == value]
             length = min(len(r) for r in runs)
             acc = 100 * np.array([r[:length] for r in runs])
-            mean, std = acc.mean(axis=0), acc.std(axis=0)
+            mean, std = acc.mean(axis=0), seed_std(acc)
             rounds = np.arange(length)
             ax.plot(rounds, mean, label=method)
             ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
@@ -74,6 +83,7 @@ def plot_degrees(sweep: Sweep, out: Path) -> Path:
         rows = [r for r in cell_rows(out, sweep, cell) if "p_theta" in r]
         for key, label in (("p_theta", "p_θ (representation)"), ("p_phi", "p_φ (decision)")):
             degrees = np.array([node_values(r[key]) for r in rows])  # (rounds, nodes)
+            # over nodes: the population std, as the rows' p_theta_std / p_phi_std
             mean, std = degrees.mean(axis=1), degrees.std(axis=1)
             rounds = np.array([r["round"] for r in rows])
             ax.plot(rounds, mean, label=label)
@@ -151,7 +161,8 @@ def plot_accuracy_vs_p(sweep: Sweep, out: Path) -> Path:
                   for seeds in summaries]
         for ax, values in ((acc_ax, accuracy), (rounds_ax, rounds)):
             ax.errorbar(sweep.values, [np.mean(v) if v else np.nan for v in values],
-                        yerr=[np.std(v) if v else np.nan for v in values], marker="o",
+                        yerr=[seed_std(np.array(v)) if v else np.nan for v in values],
+                        marker="o",
                         capsize=3, label=method)
     acc_ax.set(xlabel="fixed p", ylabel="Max Acc (%)")
     rounds_ax.set(xlabel="fixed p", ylabel=f"Conv. Rds (>= {sweep.base.target_accuracy:.0%})")

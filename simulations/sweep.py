@@ -25,78 +25,19 @@ import shutil
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from flwr_hyperprism.config import RunConfig, load_config
-from strategies import algorithm_spec, ignored_keys
+from flwr_hyperprism.config import RunConfig
+from strategies import ignored_keys
 
 from .run import ENGINES, run_experiment
+from .sweep_file import REFERENCE_METHOD, Cell, Sweep, cell_rows
 
 log = logging.getLogger("flwr")
 
 CSV_KEYS = ("round", "exchanges", "nodes_replied", "accuracy_mean", "accuracy_std", "loss_mean",
             "p_theta_mean", "p_theta_std", "p_phi_mean", "p_phi_std", "neighbours_dropped_mean",
             "seconds")
-REFERENCE_METHOD = "HyperPrism"  # the improvement row compares it with the best other method
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """A table or figure: methods (rows) x values of ``key`` (columns) x seeds."""
-
-    name: str
-    title: str
-    key: str  # a RunConfig field
-    values: tuple
-    methods: Mapping[str, Mapping]  # method name -> RunConfig settings
-    seeds: tuple[int, ...]
-    base: RunConfig  # composed configs + overrides
-
-    @classmethod
-    def load(cls, path: str | Path, overrides: Sequence[str] = (),
-             seeds: Sequence[int] | None = None) -> Sweep:
-        path = Path(path)
-        spec = OmegaConf.to_container(OmegaConf.load(path))
-        unknown = sorted(set(spec) - {"name", "title", "configs", "methods", "sweep", "seeds"})
-        if unknown:
-            raise ValueError(f"unknown keys {unknown} in sweep file {path}; valid: name, title, "
-                             f"configs, methods, sweep, seeds")
-        if len(spec.get("sweep", {})) != 1:
-            raise ValueError(f"sweep file {path}: 'sweep' must name exactly one config key and "
-                             f"its values, e.g. sweep: {{alpha: [0.1, 1.0, 10.0]}}")
-        [(key, values)] = spec["sweep"].items()
-        key = key.replace("-", "_")
-        methods = {name: {k.replace("-", "_"): v for k, v in (settings or {}).items()}
-                   for name, settings in spec["methods"].items()}
-        base = load_config([path.parent / c for c in spec.get("configs", [])], overrides)
-        for settings in methods.values():  # every cell's config must be valid up front
-            for value in values:
-                algorithm_spec(base.replace(**{**settings, key: value}).algorithm)
-        return cls(spec.get("name", path.stem), spec.get("title", path.stem), key,
-                   tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base)
-
-    def cells(self) -> list[Cell]:
-        return [Cell(method, value, seed,
-                     self.base.replace(**{**settings, self.key: value, "seed": seed}))
-                for method, settings in self.methods.items() for value in self.values
-                for seed in self.seeds]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of a sweep: a method at one value of the swept key, with one seed."""
-
-    method: str
-    value: object
-    seed: int
-    config: RunConfig
-
-    def id(self, key: str) -> str:
-        name = "".join(c if c.isalnum() or c in "-." else "_" for c in self.method)
-        return f"{name}__{key}={self.value}__seed{self.seed}"
 
 
 def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
@@ -130,7 +71,7 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
     write_csv(sweep, out, cells)
     (out / "table.md").write_text(markdown_table(sweep, summaries))
     try:
-        from .plots import plot_sweep
+        from .plots import plot_sweep  # imported here: matplotlib is an optional extra
     except ModuleNotFoundError as err:  # matplotlib is the optional extra "plots"
         if err.name != "matplotlib":
             raise
@@ -170,11 +111,6 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
     defaults = RunConfig().to_run_config()
     return (summary.get("rounds_completed") == config.num_rounds
             and all(saved.get(k, defaults[k]) == v for k, v in comparable.items()))
-
-
-def cell_rows(out: Path, sweep: Sweep, cell: Cell) -> list[dict]:
-    path = out / "cells" / cell.id(sweep.key) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_csv(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> None:
