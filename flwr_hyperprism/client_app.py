@@ -16,17 +16,18 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from strategies import ALGORITHMS, NodeRule, NodeState, NodeTask, algorithm_spec
+from strategies import ALGORITHMS, NodeRule, NodeState, algorithm_spec
 from strategies.checkpoint import node_checkpoints, starting_state
-from strategies.decentralized import (
+from strategies.node import node_data
+from strategies.protocol import (
     NEIGHBOUR_PREFIX,
     OWN_KEY,
     RUN_KEY,
     SESSION_KEY,
     TASK_KEY,
-    StateDict,
-    node_data,
+    record_task,
 )
+from strategies.rule import StateDict
 
 from .config import RunConfig
 
@@ -67,7 +68,7 @@ def _train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_run_config(msg.content[RUN_KEY])
     partition_id = int(context.node_config["partition-id"])
     rule = _node_rule(config, partition_id)
-    task = NodeTask.from_record(msg.content[TASK_KEY])
+    task = record_task(msg.content[TASK_KEY])
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in msg.content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}

@@ -21,20 +21,20 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from strategies.checkpoint import node_checkpoints, starting_state
-from strategies.decentralized import (
+from strategies.node import screen_and_log
+from strategies.protocol import (
+    EVALUATE_KEY,
     INFO_KEY,
     NEIGHBOUR_PREFIX,
     RUN_KEY,
     TASK_KEY,
-    NodeTask,
-    StateDict,
+    record_task,
 )
-from strategies.node import screen_and_log
+from strategies.rule import StateDict
 
 from .client_app import load_state, partition_info, routed_own, run_key, save_state
 from .config import RunConfig
 from .plugin import (
-    EVALUATE_KEY,
     EVALUATED,
     PluginGradientNode,
     PluginNode,
@@ -61,7 +61,7 @@ def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     content = msg.content
     config = RunConfig.from_run_config(content[RUN_KEY])
-    task = NodeTask.from_record(content[TASK_KEY])
+    task = record_task(content[TASK_KEY])
     partition_id = int(context.node_config["partition-id"])
     held, own = load_state(context), routed_own(msg)
     # round 1: the initial model the orchestrator sent; after a restart: the node's own model

@@ -37,14 +37,7 @@ from flwr.serverapp import Grid
 
 from strategies import algorithm_spec
 from strategies.adom import ADOMUpdate
-from strategies.decentralized import (
-    STAGE_KEY,
-    DecentralizedStrategy,
-    NodeState,
-    NodeTask,
-    StateDict,
-    flat_metrics,
-)
+from strategies.decentralized import DecentralizedStrategy, flat_metrics
 from strategies.hyperprism import initial_weights, node_hypernetwork
 from strategies.mudag import MudagUpdate
 from strategies.node import (
@@ -54,6 +47,8 @@ from strategies.node import (
     merge_models,
     optimizer_state,
 )
+from strategies.protocol import EVALUATE_KEY, STAGE_KEY
+from strategies.rule import NodeState, NodeTask, StateDict
 
 from .config import RunConfig
 from .hypernetwork import gradient_summary
@@ -62,11 +57,10 @@ from .models import DECISION, REPRESENTATION
 
 log = logging.getLogger("flwr")
 
-EVALUATE_KEY = "hyperprism.evaluate"  # marks the evaluate messages the mod answers
 
 
-class PluginRouting:
-    """Mixin for a ``DecentralizedStrategy``: drive the user's handlers through the mod.
+class PluginStrategy(DecentralizedStrategy):
+    """A ``DecentralizedStrategy`` that drives the user's handlers through the mod.
 
     Train and partition-id requests go as ``train`` messages (round 1 also carries the initial
     model as "arrays", the node's own model to start from); after each round an ``evaluate``
@@ -81,7 +75,7 @@ class PluginRouting:
 
     def summary(self) -> None:
         log.info("%s (plug-in mode: the app's own model, data and training): %s nodes, %s "
-                 "graph (density %s), %s rounds", self.description, self.config.num_nodes,
+                 "graph (density %s), %s rounds", self.routing.description, self.config.num_nodes,
                  self.config.topology, self.config.density, self.config.num_rounds)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -119,13 +113,6 @@ class PluginRouting:
         return MetricRecord(flat_metrics(summarise_round(server_round - 1, self.node_metrics)))
 
 
-def plugin_orchestrator(algorithm: str) -> type[DecentralizedStrategy]:
-    """The registered orchestrator of ``algorithm``, driving the user's handlers."""
-    orchestrator = algorithm_spec(algorithm).orchestrator
-    return type(f"Plugin{orchestrator.__name__}", (PluginRouting, orchestrator),
-                {"__doc__": f"{orchestrator.description}'s orchestrator for plug-in mode."})
-
-
 def decentralized_strategy(algorithm: str = "hyperprism", *, p_mode: str = "hypernetwork",
                            accuracy_metric: str = "accuracy", loss_metric: str = "loss",
                            run_dir: str | None = None, **settings) -> DecentralizedStrategy:
@@ -144,7 +131,7 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, p_mode: str = "hype
     if config.order != "atc":
         raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
                          f"handler trains the merged model): use order='atc'")
-    strategy = plugin_orchestrator(algorithm)(config, run_dir)
+    strategy = PluginStrategy(algorithm_spec(algorithm).orchestrator(config), run_dir)
     strategy.accuracy_metric, strategy.loss_metric = accuracy_metric, loss_metric
     return strategy
 

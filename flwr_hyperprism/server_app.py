@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from strategies import algorithm_spec
+from strategies.decentralized import make_strategy
 
 from .config import RunConfig
 from .data import INPUT_SHAPES, NUM_CLASSES
@@ -28,7 +28,7 @@ def run(grid: Grid, config: RunConfig) -> Result:
     """Run ``config.algorithm`` on the nodes behind ``grid``; outputs go to the run directory."""
     run_dir = default_run_dir(config)
     log.info("flwr-hyperprism: %s, outputs in %s", config.algorithm, run_dir)
-    strategy = algorithm_spec(config.algorithm).orchestrator(config, run_dir)
+    strategy = make_strategy(config, run_dir)
     return strategy.start(grid, initial_model(config))
 
 

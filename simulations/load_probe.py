@@ -172,11 +172,12 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
     from flwr_hyperprism.config import RunConfig
     from flwr_hyperprism.server_app import initial_model
     from strategies import algorithm_spec
+    from strategies.decentralized import make_strategy
 
     config = RunConfig.from_run_config({**_typed(overrides), "num-nodes": num_nodes,
                                         "algorithm": algorithm, "num-rounds": rounds})
     spec = algorithm_spec(algorithm)
-    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+    strategy_cls, make_rule = make_strategy, spec.make_rule
     strategy = strategy_cls(config)
     model = initial_model(config)
     strategy.node_ids = {pid: pid for pid in range(num_nodes)}

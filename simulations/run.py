@@ -30,10 +30,11 @@ def run_experiment(config: RunConfig, engine: str = "inprocess",
     run_dir = run_dir or default_run_dir(config)
     if engine == "inprocess":
         from flwr_hyperprism.server_app import initial_model
-        from strategies import algorithm_spec, run_in_process
+        from strategies import algorithm_spec
+        from strategies.decentralized import make_strategy, run_in_process
 
         spec = algorithm_spec(config.algorithm)
-        strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+        strategy_cls, make_rule = make_strategy, spec.make_rule
         run_in_process(strategy_cls(config, run_dir), make_rule,
                        dict(initial_model(config).to_torch_state_dict()))
     else:

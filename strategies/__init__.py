@@ -2,29 +2,31 @@
 
 ``ALGORITHMS`` is the registry: every module of this package that declares ``SPEC`` (an
 ``AlgorithmSpec``) is an algorithm, under its orchestrator's name. Adding an algorithm is adding
-a module; the apps, plug-in mode, the sweeps and the test battery read the registry.
+a module; the apps, plug-in mode, the sweeps and the test battery read the registry. Importing
+the package and its algorithms needs no Flower: the Flower strategy is
+``strategies.decentralized``.
 """
 
 import importlib
 import pkgutil
 
-from .decentralized import (
-    DecentralizedStrategy,
-    NodeRule,
-    NodeState,
-    NodeTask,
-    run_in_process,
-    wait_for_partitions,
-)
+from .rule import NodeRule, NodeState, NodeTask
 from .spec import AlgorithmSpec
+
+# the machinery every algorithm shares; any other module of the package is an algorithm
+_SHARED = {"checkpoint", "decentralized", "node", "plan", "protocol", "rule", "screening", "spec"}
 
 
 def _discover() -> dict[str, AlgorithmSpec]:
     specs = {}
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if module in _SHARED:
+            continue
         spec = getattr(importlib.import_module(f"{__name__}.{module}"), "SPEC", None)
-        if isinstance(spec, AlgorithmSpec):
-            specs[spec.name] = spec
+        if not isinstance(spec, AlgorithmSpec):
+            raise TypeError(f"strategies/{module}.py is neither shared machinery nor an "
+                            f"algorithm: it declares no SPEC = AlgorithmSpec(...)")
+        specs[spec.name] = spec
     return specs
 
 
@@ -46,6 +48,6 @@ def ignored_keys(algorithm: str) -> set[str]:
 
 
 __all__ = [
-    "ALGORITHMS", "AlgorithmSpec", "DecentralizedStrategy", "NodeRule", "NodeState", "NodeTask",
-    "algorithm_spec", "ignored_keys", "run_in_process", "wait_for_partitions",
+    "ALGORITHMS", "AlgorithmSpec", "NodeRule", "NodeState", "NodeTask", "algorithm_spec",
+    "ignored_keys",
 ]

@@ -29,14 +29,15 @@ import torch
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import gossip_matrix
 
-from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .node import Gradient, GradientNode, clone_tensors, mix_row
+from .plan import RoutingPlan
+from .rule import NodeState, NodeTask, StateDict
 from .spec import AlgorithmSpec
 
 ADOM_VECTORS = ("x", "x_f", "y", "y_f", "z", "z_f", "m")
 
 
-class ADOM(DecentralizedStrategy):
+class ADOM(RoutingPlan):
     """Routing-only ADOM+ orchestrator: gossip-matrix rows and chi."""
 
     algorithm = "adom"

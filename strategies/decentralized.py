@@ -1,9 +1,10 @@
-"""The serverless round loop shared by every decentralized algorithm.
+"""The Flower strategy shared by every decentralized algorithm, and the in-process driver.
 
-The orchestrator (``DecentralizedStrategy``) only routes: each round it samples the graph G(t),
-tells every node its neighbours and mixing weights, and forwards the neighbours' latest models
-untouched. It never does arithmetic on parameters. Nodes hold their own state and run the
-algorithm's ``NodeRule``. ``run_in_process`` drives the same plan and node rules without Flower.
+``DecentralizedStrategy`` carries out an algorithm's ``RoutingPlan`` (``strategies/plan.py``)
+over Flower: each round it asks the plan for every node's task, sends it with the neighbours'
+latest models untouched (message keys: ``strategies/protocol.py``), and collects the replies.
+It never does arithmetic on parameters. Nodes hold their own state and run the algorithm's
+``NodeRule``. ``run_in_process`` drives the same plan and node rules without Flower.
 
 Round protocol (one Flower round-trip per round): in round-trip t a node merges the models its
 neighbours trained in round-trip t-1, evaluates the merged model, trains it locally and replies.
@@ -18,127 +19,42 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar
 from uuid import uuid4
 
-import networkx as nx
-import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.data import Dataset, Split, dirichlet_partition, load_dataset
-from flwr_hyperprism.graphs import (
-    TimeVaryingGraph,
-    metropolis_hastings_weights,
-    round_rng,
-)
 from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 
+from . import algorithm_spec
 from .checkpoint import RoutingCheckpoint, node_checkpoints, starting_state
+from .plan import RoutingPlan
+from .protocol import (
+    INFO_KEY,
+    NEIGHBOUR_PREFIX,
+    OWN_KEY,
+    RUN_KEY,
+    SESSION_KEY,
+    STAGE_KEY,
+    TASK_KEY,
+    task_record,
+)
 from .rule import NodeRule, NodeState, NodeTask, StateDict
 
 log = logging.getLogger("flwr")
 
-NEIGHBOUR_PREFIX = "nbr."  # message records "nbr.<partition id>" carry neighbours' models
-TASK_KEY = "hyperprism.task"  # the NodeTask record of a train message
-RUN_KEY = "hyperprism.run"  # the run config record of a train message
-INFO_KEY = "hyperprism.info"  # marks a request for the node's partition id
-OWN_KEY = "hyperprism.own"  # the partition's own latest routed model, for a node without state
-SESSION_KEY = "hyperprism.session"  # {"run-key": ...}: names the run's node checkpoints
-STAGE_KEY = "stage"  # train-config key of configure_train: the round-trip's stage in its round
 
 
-def screen_neighbours(own: StateDict, task: NodeTask, neighbour_models: Mapping[int, StateDict],
-                      max_ratio: float) -> tuple[NodeTask, dict[int, str]]:
-    """Drop neighbours whose model cannot be merged with ``own``, with the reason for each.
-
-    A neighbour is dropped when its model is missing, lacks a tensor of ``own`` or has extra
-    ones, has a tensor with another shape or dtype, or any NaN/Inf (``model_fault``), or when
-    its largest floating-point magnitude exceeds ``max_ratio`` times a reference scale: the
-    larger of the node's own largest magnitude and the lower median of the largest magnitudes
-    of the node and its well-formed neighbours. The median keeps the check meaningful when the
-    node's own model is all zeros (the start of logistic regression) or smaller than its
-    neighbours', and a minority of outliers cannot move it. Each dropped neighbour's weight goes
-    to the node itself (``NodeTask.without``). Returns the task to use and {partition: reason}.
-    """
-    faults = {j: model_fault(own, neighbour_models.get(j)) for j in task.neighbours}
-    sizes = {j: largest_magnitude(neighbour_models[j]) for j, fault in faults.items()
-             if fault is None}
-    own_size = largest_magnitude(own)
-    everyone = sorted([own_size, *sizes.values()])
-    limit = max_ratio * max(own_size, everyone[(len(everyone) - 1) // 2])
-    faults.update({j: f"|value| {size:.4g} > {limit:.4g}" for j, size in sizes.items()
-                   if size > limit})
-    dropped = {j: reason for j, reason in faults.items() if reason}
-    return (task.without(dropped) if dropped else task), dropped
-
-
-def model_fault(own: StateDict, model: StateDict | None) -> str | None:
-    """Why ``model`` cannot be merged with ``own`` at all (None if it can)."""
-    if model is None:
-        return "no model"
-    if model.keys() != own.keys():
-        missing, extra = sorted(own.keys() - model.keys()), sorted(model.keys() - own.keys())
-        return f"tensors differ (missing {missing}, extra {extra})"
-    for key, mine in own.items():
-        theirs = model[key]
-        if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
-            return (f"{key!r} is {theirs.dtype} {tuple(theirs.shape)}, expected {mine.dtype} "
-                    f"{tuple(mine.shape)}")
-        if not bool(torch.isfinite(theirs).all()):
-            return f"{key!r} has NaN or Inf"
-    return None
-
-
-def largest_magnitude(model: StateDict) -> float:
-    """max |value| over the floating-point tensors of ``model`` (0 if it has none)."""
-    return max((float(v.abs().max()) for v in model.values()
-                if v.is_floating_point() and v.numel()), default=0.0)
-
-
-@dataclass(frozen=True)
-class NodeData:
-    train: Split  # this node's partition
-    test: Split  # the global test set
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
-
-
-@lru_cache(maxsize=2)
-def _partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
-                 alpha: float, min_size: int) -> tuple[Dataset, tuple]:
-    data = load_dataset(dataset, data_dir, download, seed)
-    parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
-    return data, tuple(parts)
-
-
-def node_data(config: RunConfig, partition_id: int) -> NodeData:
-    """The node's training partition and the global test set (cached per process).
-
-    With ``eval_size`` > 0 the test set is a fixed random subset of that size (the same for
-    every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
-    """
-    if not 0 <= partition_id < config.num_nodes:
-        raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
-                         f"(num-nodes={config.num_nodes})")
-    data, parts = _partitioned(config.dataset, config.data_dir, config.download, config.seed,
-                               config.num_nodes, config.alpha, config.min_partition_size)
-    idx = torch.from_numpy(parts[partition_id])
-    test = data.test
-    if 0 < config.eval_size < len(test):
-        keep = torch.from_numpy(round_rng(config.seed, 0xE7A1).permutation(len(test))
-                                [:config.eval_size])
-        test = Split(test.x[keep], test.y[keep])
-    return NodeData(Split(data.train.x[idx], data.train.y[idx]), test)
+def make_strategy(config: RunConfig, run_dir: str | Path | None = None
+                  ) -> DecentralizedStrategy:
+    """The Flower strategy that carries out ``config.algorithm``'s plan (outputs in
+    ``run_dir``)."""
+    return DecentralizedStrategy(algorithm_spec(config.algorithm).orchestrator(config), run_dir)
 
 
 class DecentralizedStrategy(Strategy):
@@ -155,24 +71,24 @@ class DecentralizedStrategy(Strategy):
     partition's latest model stays routed while it is at most ``max-staleness`` rounds old.
     """
 
-    algorithm: ClassVar[str]
-    description: ClassVar[str]  # the algorithm's name in outputs
-    # the RunConfig fields only this algorithm reads (every other algorithm ignores them)
-    config_keys: ClassVar[tuple[str, ...]] = ()
-    # Round 1 routes the common initial model as every node's latest model (what the gossip
-    # algorithms share); algorithms that share other vectors start with nothing to route.
-    routes_initial_model: ClassVar[bool] = True
     info_message_type: ClassVar[str] = "query.info"  # the partition-id request (query.info)
+
+    @property
+    def config(self) -> RunConfig:
+        """The run's settings, which are its plan's (``start`` may set the rounds)."""
+        return self.routing.config
+
+    @config.setter
+    def config(self, config: RunConfig) -> None:
+        self.routing.config = config
 
     @property
     def train_message_type(self) -> str:
         """Train messages go to the ClientApp's ``train.<algorithm>`` handler."""
-        return f"train.{self.algorithm}"
+        return f"train.{self.routing.algorithm}"
 
-    def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
-        self.config = config
-        self.graphs = TimeVaryingGraph(config.num_nodes, config.topology, config.density,
-                                       config.seed, config.exact_edges, config.mobility_speed)
+    def __init__(self, routing: RoutingPlan, run_dir: str | Path | None = None) -> None:
+        self.routing = routing  # the algorithm's plan: who hears from whom, with what weights
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.recorder: RunRecorder | None = None  # made when the run opens (``open_run``)
         self.run_key = ""  # names the nodes' checkpoints of this run (``open_run``)
@@ -192,25 +108,7 @@ class DecentralizedStrategy(Strategy):
         self.replies: list[Message] = []  # the replies of the last exchange
         self.node_metrics: dict[int, dict] = {}  # of the last aggregated round-trip
 
-    # --- the plan: pure, shared with run_in_process -----------------------------------------
-
-    def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:
-        """The (m, m) weights nodes combine with: Metropolis-Hastings by default."""
-        return metropolis_hastings_weights(graph)
-
-    def coefficients(self, round_: int) -> dict[str, float]:
-        """Algorithm constants sent with every task (none by default)."""
-        return {}
-
-    def stages(self, round_: int) -> int:
-        """Round-trips (exchanges) in round ``round_``: one, unless an algorithm needs more."""
-        return 1
-
-    def schedule(self) -> Iterator[tuple[int, int]]:
-        """(round, stage) of every round-trip of the run, in order; rounds 1..num_rounds + 1."""
-        for round_ in range(1, self.config.num_rounds + 2):
-            for stage in range(self.stages(round_)):
-                yield round_, stage
+    # --- routing: the plan over the partitions that have a model to route -----------------
 
     def routable(self, round_: int) -> set[int]:
         """Partitions whose latest model may be routed in round ``round_``: it has missed at
@@ -218,31 +116,11 @@ class DecentralizedStrategy(Strategy):
         return {pid for pid in self.latest
                 if round_ - 1 - self.received.get(pid, 0) <= self.config.max_staleness}
 
-    def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
-                   ) -> dict[int, NodeTask]:
-        """Each node's task for round-trip ``round_``: its row of ``mixing_matrix(G(t))``.
-
-        Neighbours without a model to route (``available``) are left out and their weight
-        goes to the node itself, so every row keeps its sum. The round-trip after the last
-        round (``num_rounds + 1``) does not train. ``stage`` is 0 here (one stage per round).
-        """
-        weights = self.mixing_matrix(self.graphs.at(round_))
-        have = set(available)
-        train = round_ <= self.config.num_rounds
-        coefficients = self.coefficients(round_)
-        tasks = {}
-        for i in range(self.config.num_nodes):
-            nbrs = tuple(int(j) for j in weights[i].nonzero()[0] if j != i)
-            task = NodeTask(round_, nbrs, tuple(float(weights[i, j]) for j in nbrs),
-                            float(weights[i, i]), train, coefficients, stage)
-            tasks[i] = task.without(j for j in nbrs if j not in have)
-        return tasks
-
     def plan(self, round_: int, stage: int) -> dict[int, NodeTask]:
         """``plan_round`` over the routable partitions; notes the stale ones in ``stale``."""
         available = self.routable(round_)
         self.stale = sorted(set(self.latest) - available)
-        return self.plan_round(round_, available, stage)
+        return self.routing.plan_round(round_, available, stage)
 
     # --- Flower hooks ------------------------------------------------------------------------
 
@@ -264,7 +142,7 @@ class DecentralizedStrategy(Strategy):
         for pid, task in self.plan(server_round, stage).items():
             if pid not in self.node_ids:
                 continue
-            content = RecordDict({TASK_KEY: task.to_record(), RUN_KEY: run, SESSION_KEY: session,
+            content = RecordDict({TASK_KEY: task_record(task), RUN_KEY: run, SESSION_KEY: session,
                                   "config": passed_on})
             for j in task.neighbours:
                 content[f"{NEIGHBOUR_PREFIX}{j}"] = self.latest[j]
@@ -332,7 +210,7 @@ class DecentralizedStrategy(Strategy):
 
     def summary(self) -> None:
         log.info("%s: %s nodes, %s graph (density %s), %s rounds, dataset %s, model %s",
-                 self.description, self.config.num_nodes, self.config.topology,
+                 self.routing.description, self.config.num_nodes, self.config.topology,
                  self.config.density, self.config.num_rounds, self.config.dataset,
                  self.config.model)
 
@@ -417,7 +295,7 @@ class DecentralizedStrategy(Strategy):
             self.config = self.config.replace(round_timeout=timeout)
         timeout = self.config.round_timeout
         self.summary()
-        resumed = self.open_run(initial_arrays if self.routes_initial_model else None,
+        resumed = self.open_run(initial_arrays if self.routing.routes_initial_model else None,
                                 ArrayRecord)
         self.node_ids = wait_for_partitions(grid, self.config.num_nodes,
                                             self.config.node_wait_timeout, self.info_message_type,
@@ -490,7 +368,7 @@ class DecentralizedStrategy(Strategy):
             log.info("resuming %s after %s of its round-trips (%s rows)", self.run_dir,
                      checkpoint.next_exchange, checkpoint.rows)
         if self.run_dir is not None:
-            self.recorder = RunRecorder(self.run_dir, self.config, self.description,
+            self.recorder = RunRecorder(self.run_dir, self.config, self.routing.description,
                                         keep_rows=checkpoint.rows if checkpoint else None)
         return checkpoint is not None
 
@@ -519,7 +397,7 @@ class DecentralizedStrategy(Strategy):
         rows = list(self.recorder.rows) if self.recorder is not None else []
         started = time.perf_counter()
         everyone = set(range(self.config.num_nodes))
-        for exchanges, (round_, stage) in enumerate(self.schedule()):
+        for exchanges, (round_, stage) in enumerate(self.routing.schedule()):
             if exchanges < self.next_exchange:
                 continue
             node_metrics = round_trip(round_, stage)
@@ -542,9 +420,9 @@ class DecentralizedStrategy(Strategy):
 
     def record_round(self, row: dict) -> None:
         """Log one metrics row and append it, naming the algorithm, to the run's files."""
-        log.info("[%s] %s", self.algorithm, format_round(row, self.config.num_rounds))
+        log.info("[%s] %s", self.routing.algorithm, format_round(row, self.config.num_rounds))
         if self.recorder is not None:
-            self.recorder.record({"algorithm": self.algorithm, **row})
+            self.recorder.record({"algorithm": self.routing.algorithm, **row})
 
 
 # Settings a resumed run may change: they do not change what the nodes compute.
@@ -719,7 +597,7 @@ def run_in_process(strategy: DecentralizedStrategy,
     config = strategy.config
     rules = {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
     strategy.summary()
-    resumed = strategy.open_run(initial_model if strategy.routes_initial_model else None,
+    resumed = strategy.open_run(initial_model if strategy.routing.routes_initial_model else None,
                                 lambda tensors: tensors)
     checkpoints = {pid: node_checkpoints({}, config.state_dir, strategy.run_key, pid)
                    for pid in rules}

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decentralized import DecentralizedStrategy, StateDict
 from .node import LINEAR, GossipNode, merge_models
+from .plan import RoutingPlan
+from .rule import StateDict
 from .spec import AlgorithmSpec
 
 
-class DPSGD(DecentralizedStrategy):
+class DPSGD(RoutingPlan):
     """Routing-only D-PSGD orchestrator."""
 
     algorithm = "dpsgd"

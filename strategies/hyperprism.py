@@ -29,14 +29,16 @@ from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_s
 from flwr_hyperprism.mirror import mirror_step
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
-from .decentralized import DecentralizedStrategy, NodeData, NodeState, NodeTask, StateDict
 from .node import (
     GossipNode,
+    NodeData,
     clone_tensors,
     load_optimizer_state,
     merge_models,
     optimizer_state,
 )
+from .plan import RoutingPlan
+from .rule import NodeState, NodeTask, StateDict
 from .spec import AlgorithmSpec
 
 TRACKER = "tracker"  # p-mode tracking: the gradient tracker, routed with the model
@@ -47,7 +49,7 @@ def flatten(tensors: StateDict, names: list[str]) -> Tensor:
     return torch.cat([tensors[n].reshape(-1) for n in names])
 
 
-class HyperPrism(DecentralizedStrategy):
+class HyperPrism(RoutingPlan):
     """Routing-only HyperPrism orchestrator (MH weights on a time-varying graph)."""
 
     algorithm = "hyperprism"

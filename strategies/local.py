@@ -12,12 +12,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .decentralized import DecentralizedStrategy, NodeTask, StateDict
 from .node import GossipNode, clone_tensors
+from .plan import RoutingPlan
+from .rule import NodeTask, StateDict
 from .spec import AlgorithmSpec
 
 
-class Local(DecentralizedStrategy):
+class Local(RoutingPlan):
     """An orchestrator that only schedules: no node is told of a neighbour."""
 
     algorithm = "local"

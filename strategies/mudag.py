@@ -30,7 +30,6 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -39,20 +38,21 @@ import torch
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import fastmix_momentum, fastmix_steps, gossip_matrix
 
-from .decentralized import DecentralizedStrategy, NodeState, NodeTask, StateDict
 from .node import Gradient, GradientNode, clone_tensors, mix_row
+from .plan import RoutingPlan
+from .rule import NodeState, NodeTask, StateDict
 from .spec import AlgorithmSpec
 
 
-class Mudag(DecentralizedStrategy):
+class Mudag(RoutingPlan):
     """Routing-only Mudag orchestrator: K(t) FastMix stages per round over Wm(t) = I - Wg(t)."""
 
     algorithm = "mudag"
     description = "Mudag"
     config_keys = ("smoothness", "strong_convexity", "mudag_gossip_factor", "mudag_max_gossip")
 
-    def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
-        super().__init__(config, run_dir)
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
         self._lambda2: dict[int, float] = {}  # round -> lambda2(Wm(t)), computed once
 
     def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar, Protocol
 
 import torch
@@ -25,18 +27,56 @@ from torch import Tensor
 from torch.func import functional_call
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.data import NUM_CLASSES
-from flwr_hyperprism.graphs import round_seed
+from flwr_hyperprism.data import NUM_CLASSES, Dataset, Split, dirichlet_partition, load_dataset
+from flwr_hyperprism.graphs import round_rng, round_seed
 from flwr_hyperprism.mirror import power_mean
 from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_group
 
-from .decentralized import NodeData, node_data, screen_neighbours
 from .rule import NodeState, NodeTask, StateDict
+from .screening import screen_neighbours
 
 log = logging.getLogger("flwr")
 
 EVAL_BATCH = 2048
 LINEAR = {REPRESENTATION: 1.0, DECISION: 1.0}  # p = 1 for both layer groups: plain averaging
+
+
+@dataclass(frozen=True)
+class NodeData:
+    train: Split  # this node's partition
+    test: Split  # the global test set
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+@lru_cache(maxsize=2)
+def _partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
+                 alpha: float, min_size: int) -> tuple[Dataset, tuple]:
+    data = load_dataset(dataset, data_dir, download, seed)
+    parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
+    return data, tuple(parts)
+
+
+def node_data(config: RunConfig, partition_id: int) -> NodeData:
+    """The node's training partition and the global test set (cached per process).
+
+    With ``eval_size`` > 0 the test set is a fixed random subset of that size (the same for
+    every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
+    """
+    if not 0 <= partition_id < config.num_nodes:
+        raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
+                         f"(num-nodes={config.num_nodes})")
+    data, parts = _partitioned(config.dataset, config.data_dir, config.download, config.seed,
+                               config.num_nodes, config.alpha, config.min_partition_size)
+    idx = torch.from_numpy(parts[partition_id])
+    test = data.test
+    if 0 < config.eval_size < len(test):
+        keep = torch.from_numpy(round_rng(config.seed, 0xE7A1).permutation(len(test))
+                                [:config.eval_size])
+        test = Split(test.x[keep], test.y[keep])
+    return NodeData(Split(data.train.x[idx], data.train.y[idx]), test)
 
 
 class LearningNode:

@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from flwr.app import ConfigRecord
 from torch import Tensor
 
 StateDict = dict[str, Tensor]
@@ -25,20 +24,6 @@ class NodeTask:
     train: bool = True  # False in the final round-trip: merge and evaluate only
     coefficients: Mapping[str, float] = field(default_factory=dict)  # algorithm constants
     stage: int = 0  # round-trip within the round (0: the evaluating one; see ``stages``)
-
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord({"round": self.round, "neighbours": list(self.neighbours),
-                             "weights": list(self.weights), "self-weight": self.self_weight,
-                             "train": self.train, "stage": self.stage,
-                             **{f"coef.{k}": v for k, v in self.coefficients.items()}})
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> NodeTask:
-        coefficients = {k[len("coef."):]: float(v) for k, v in record.items()
-                        if k.startswith("coef.")}
-        return cls(int(record["round"]), tuple(int(n) for n in record["neighbours"]),
-                   tuple(float(w) for w in record["weights"]), float(record["self-weight"]),
-                   bool(record["train"]), coefficients, int(record["stage"]))
 
     def without(self, dropped: Iterable[int]) -> NodeTask:
         """This task with some neighbours left out; their weight goes to the node itself, so

@@ -2,21 +2,21 @@
 
 Each algorithm module ends with ``SPEC = AlgorithmSpec(Orchestrator, NodeRule)``; the package
 collects every module's ``SPEC`` into ``strategies.ALGORITHMS`` (``strategies/__init__.py``),
-which the apps, plug-in mode, the sweeps and the test battery read. The orchestrator class
-carries the algorithm's name, display name and own config keys.
+which the apps, plug-in mode, the sweeps and the test battery read. The orchestrator (a
+``RoutingPlan``) carries the algorithm's name, display name and own config keys; the Flower
+strategy that carries the plan out is the same for every algorithm
+(``strategies.decentralized.make_strategy``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from flwr_hyperprism.config import RunConfig
 
+from .plan import RoutingPlan
 from .rule import NodeRule
-
-if TYPE_CHECKING:  # the orchestrator module imports Flower; the spec does not need it
-    from .decentralized import DecentralizedStrategy
 
 
 class NodeRuleFactory(Protocol):
@@ -30,7 +30,7 @@ class NodeRuleFactory(Protocol):
 class AlgorithmSpec:
     """One algorithm: the orchestrator that plans its rounds and the rule its nodes follow."""
 
-    orchestrator: type[DecentralizedStrategy]
+    orchestrator: type[RoutingPlan]
     node_rule: type[NodeRuleFactory]
 
     @property

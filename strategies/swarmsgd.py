@@ -15,12 +15,13 @@ from collections.abc import Iterable
 
 from flwr_hyperprism.graphs import random_maximal_matching, round_rng
 
-from .decentralized import DecentralizedStrategy, NodeTask
 from .dpsgd import DPSGDNode
+from .plan import RoutingPlan
+from .rule import NodeTask
 from .spec import AlgorithmSpec
 
 
-class SwarmSGD(DecentralizedStrategy):
+class SwarmSGD(RoutingPlan):
     """Routing-only SwarmSGD orchestrator: a random matching per round."""
 
     algorithm = "swarmsgd"

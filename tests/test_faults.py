@@ -18,8 +18,10 @@ from flwr.simulation import run_simulation
 from flwr_hyperprism.client_app import make_client_app
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.server_app import initial_model, make_server_app, run
-from strategies import ALGORITHMS, run_in_process, wait_for_partitions
-from strategies.decentralized import NEIGHBOUR_PREFIX, TASK_KEY, NodeTask
+from strategies import ALGORITHMS
+from strategies.decentralized import make_strategy, run_in_process, wait_for_partitions
+from strategies.protocol import NEIGHBOUR_PREFIX, TASK_KEY
+from strategies.rule import NodeTask
 from tests.harness import LocalGrid
 from tests.variants import MODEL_GROUPS, VARIANTS, make_config, metrics_rows, nodes_for
 
@@ -269,7 +271,7 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
                        mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)
     spec = ALGORITHMS[config.algorithm]
-    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+    strategy_cls, make_rule = make_strategy, spec.make_rule
     model = dict(initial_model(config).to_torch_state_dict())
     run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule, model)
     clean = metrics_rows(tmp_path / "clean")
@@ -322,7 +324,7 @@ def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed
     config = RunConfig(algorithm="dpsgd", num_nodes=4, num_rounds=4, eval_size=500,
                        output_dir=str(tmp_path), node_wait_timeout=5.0)
     spec = ALGORITHMS[config.algorithm]
-    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+    strategy_cls, make_rule = make_strategy, spec.make_rule
     run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule,
                    dict(initial_model(config).to_torch_state_dict()))
 

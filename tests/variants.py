@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 from flwr_hyperprism.config import RunConfig
-from strategies import ALGORITHMS, DecentralizedStrategy, NodeRule
+from strategies import ALGORITHMS, NodeRule
 from strategies.adom import ADOMNode
 from strategies.mudag import MudagNode
+from strategies.plan import RoutingPlan
 
 # name -> (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
 VARIANTS: dict[str, tuple[str, dict, float | None]] = {
@@ -41,8 +42,8 @@ def make_config(tmp_path: Path, variant: str, **changes: object) -> RunConfig:
     return RunConfig(**{**settings, **variant_changes, **changes})
 
 
-def nodes_for(config: RunConfig) -> tuple[DecentralizedStrategy, dict[int, NodeRule]]:
-    """The orchestrator of ``config`` and the node rule of every partition."""
+def nodes_for(config: RunConfig) -> tuple[RoutingPlan, dict[int, NodeRule]]:
+    """The plan of ``config``'s orchestrator and the node rule of every partition."""
     spec = ALGORITHMS[config.algorithm]
     return (spec.orchestrator(config),
             {pid: spec.make_rule(config, pid) for pid in range(config.num_nodes)})

@@ -11,7 +11,8 @@ from flwr_hyperprism.client_app import app as client_app
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.server_app import run
 from simulations.run import run_experiment
-from strategies import ALGORITHMS, wait_for_partitions
+from strategies import ALGORITHMS
+from strategies.decentralized import wait_for_partitions
 from tests.harness import LocalGrid
 from tests.variants import metrics_rows
 

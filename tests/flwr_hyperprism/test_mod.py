@@ -55,6 +55,7 @@ def test_example_app_learns_in_plug_in_mode(example_app, tmp_path, algorithm):
     torch.manual_seed(0)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
                             train_config=ConfigRecord({"lr": 0.05}), num_rounds=4)
+    assert sorted(result.train_metrics_clientapp) == list(range(5))  # num_rounds from start
     rows = [result.train_metrics_clientapp[r] for r in range(5)]
     assert [row["nodes_replied"] for row in rows] == [4] * 5
     assert all(math.isfinite(row["loss_mean"]) for row in rows)

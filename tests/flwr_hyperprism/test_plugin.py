@@ -16,7 +16,7 @@ from flwr_hyperprism.plugin import (
     parameter_groups,
     plugin_node,
 )
-from strategies.decentralized import NodeTask
+from strategies.rule import NodeTask
 
 NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 

@@ -8,7 +8,8 @@ import pytest
 
 from flwr_hyperprism.config import RunConfig, load_config
 from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS, run_in_process
+from strategies import ALGORITHMS
+from strategies.decentralized import make_strategy, run_in_process
 
 SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
 
@@ -20,7 +21,7 @@ def test_the_paper_preset_is_the_specified_hypernetwork_and_its_degrees_stay_put
         "hypernetwork", "soft", "gradient", 0.01)
     assert config.candidates == (1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0)
     spec = ALGORITHMS["hyperprism"]
-    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+    strategy_cls, make_rule = make_strategy, spec.make_rule
     rows = run_in_process(strategy_cls(config, None), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     # the paper-literal behaviour measured on MNIST: p stays at the near-uniform start (8);

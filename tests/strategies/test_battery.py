@@ -13,8 +13,9 @@ from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import fastmix_momentum, gossip_matrix
 from flwr_hyperprism.mirror import sign_power
 from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS, run_in_process
+from strategies import ALGORITHMS
 from strategies.adom import ADOM_VECTORS
+from strategies.decentralized import make_strategy, run_in_process
 from strategies.mudag import MudagNode
 from tests.variants import MODEL_GROUPS, VARIANTS, make_config, nodes_for
 
@@ -99,7 +100,7 @@ def test_identical_models_stay_identical_without_learning(tmp_path, variant,
 def test_degenerate_graphs_give_finite_models_and_metrics(tmp_path, variant, graph):
     config = make_config(tmp_path, variant, **graph)
     spec = ALGORITHMS[config.algorithm]
-    strategy, make_rule = spec.orchestrator, spec.make_rule
+    strategy, make_rule = make_strategy, spec.make_rule
     rows = run_in_process(strategy(config), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     for row in rows:
@@ -113,7 +114,7 @@ def test_runs_are_deterministic_under_a_seed(tmp_path, variant):
 
     def rows() -> list[dict]:
         spec = ALGORITHMS[config.algorithm]
-        strategy, make_rule = spec.orchestrator, spec.make_rule
+        strategy, make_rule = make_strategy, spec.make_rule
         result = run_in_process(strategy(config), make_rule,
                                 dict(initial_model(config).to_torch_state_dict()))
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result]
@@ -128,7 +129,7 @@ def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
         config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
                            algorithm=algorithm, **changes)
         spec = ALGORITHMS[algorithm]
-        strategy, make_rule = spec.orchestrator, spec.make_rule
+        strategy, make_rule = make_strategy, spec.make_rule
         result = run_in_process(strategy(config), make_rule,
                                 dict(initial_model(config).to_torch_state_dict()))
         drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean", "p_theta_std",
@@ -272,15 +273,15 @@ def test_mudag_without_gradients_stays_at_its_consensus_init(tmp_path, zero_lear
 def test_mudag_rounds_take_k_exchanges_and_rows_count_them(tmp_path):
     config = make_config(tmp_path, "mudag", num_nodes=6, num_rounds=3, topology="ring")
     spec = ALGORITHMS["mudag"]
-    strategy, make_rule = spec.orchestrator, spec.make_rule
-    strategy = strategy(config)
-    steps = [strategy.gossip_steps(t) for t in (1, 2, 3)]
+    plan = spec.orchestrator(config)
+    steps = [plan.gossip_steps(t) for t in (1, 2, 3)]
     assert steps == [5, 5, 5]  # ring of 6: lambda2(Wm) = 3/4, K = ceil(ln 10 / (1/2))
-    assert [strategy.stages(t) for t in (1, 2, 3, 4)] == steps + [1]
-    assert list(strategy.schedule()) == [(t, s) for t in (1, 2, 3) for s in range(5)] + [(4, 0)]
-    first = strategy.plan_round(1, range(6))
+    assert [plan.stages(t) for t in (1, 2, 3, 4)] == steps + [1]
+    assert list(plan.schedule()) == [(t, s) for t in (1, 2, 3) for s in range(5)] + [(4, 0)]
+    first = plan.plan_round(1, range(6))
     assert all(not t.neighbours and t.self_weight == 1.0 for t in first.values())
-    rows = run_in_process(strategy, make_rule, dict(initial_model(config).to_torch_state_dict()))
+    rows = run_in_process(make_strategy(config), spec.make_rule,
+                          dict(initial_model(config).to_torch_state_dict()))
     assert [row["exchanges"] for row in rows] == [0, 5, 10, 15]
     assert [row["round"] for row in rows] == [0, 1, 2, 3]
 

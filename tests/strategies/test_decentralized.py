@@ -7,7 +7,9 @@ import torch
 
 from flwr_hyperprism.config import RunConfig
 from strategies import NodeTask
-from strategies.decentralized import node_data, screen_neighbours
+from strategies.node import node_data
+from strategies.protocol import record_task, task_record
+from strategies.screening import screen_neighbours
 
 
 def test_eval_size_gives_every_node_the_same_fixed_test_subset():
@@ -27,7 +29,7 @@ def test_node_data_rejects_partition_ids_outside_the_federation():
 
 def test_node_task_survives_the_config_record_round_trip():
     task = NodeTask(7, (1, 4), (0.25, 0.2), 0.55, train=False, coefficients={"chi": 2.5})
-    assert NodeTask.from_record(task.to_record()) == task
+    assert record_task(task_record(task)) == task
 
 
 def test_leaving_out_neighbours_keeps_the_row_sum():

@@ -13,7 +13,8 @@ from flwr_hyperprism.degrees import scheduled_degree
 from flwr_hyperprism.graphs import metropolis_hastings_weights
 from flwr_hyperprism.mirror import inverse_sign_power, sign_power
 from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS, run_in_process
+from strategies import ALGORITHMS
+from strategies.decentralized import make_strategy, run_in_process
 from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismNode
 from strategies.node import load_optimizer_state, optimizer_state
 
@@ -160,7 +161,7 @@ def test_in_process_runs_are_deterministic_and_learn(tmp_path):
 
     def run() -> list[dict]:
         spec = ALGORITHMS[config.algorithm]
-        strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+        strategy_cls, make_rule = make_strategy, spec.make_rule
         rows = run_in_process(strategy_cls(config), make_rule,
                               dict(initial_model(config).to_torch_state_dict()))
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
@@ -202,7 +203,7 @@ def test_the_schedule_mode_merges_with_the_scheduled_degree_on_every_node(tmp_pa
                        p_schedule="linear", p_max=9.0, p_min=2.0, p_horizon=3,
                        output_dir=str(tmp_path))
     spec = ALGORITHMS["hyperprism"]
-    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+    strategy_cls, make_rule = make_strategy, spec.make_rule
     rows = run_in_process(strategy_cls(config, None), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     for row in rows:  # row r comes from round-trip r + 1
@@ -269,7 +270,7 @@ def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_
     config = RunConfig(num_nodes=8, num_rounds=12, eval_size=500, p_mode="tracking",
                        output_dir=str(tmp_path), run_name="run")
     spec = ALGORITHMS["hyperprism"]
-    strategy_cls, make_rule = spec.orchestrator, spec.make_rule
+    strategy_cls, make_rule = make_strategy, spec.make_rule
     rows = run_in_process(strategy_cls(config), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     assert set(rows[1]["p_phi"].values()) == {15.0}
