@@ -105,7 +105,6 @@ class DecentralizedStrategy(Strategy):
         self.joining: dict[str, int] = {}  # message id of a pending partition query -> node id
         self.in_sync: set[int] = set()  # partitions whose node holds the state ``latest`` has
         self.addressed: dict[str, int] = {}  # message id -> partition, of the last exchange
-        self.replies: list[Message] = []  # the replies of the last exchange
         self.node_metrics: dict[int, dict] = {}  # of the last aggregated round-trip
 
     # --- routing: the plan over the partitions that have a model to route -----------------
@@ -309,15 +308,15 @@ class DecentralizedStrategy(Strategy):
         def round_trip(round_: int, stage: int) -> dict[int, dict]:
             self.refresh_nodes(grid, round_)
             config = ConfigRecord({**(train_config or {}), STAGE_KEY: stage})
-            self.exchange(grid, self.configure_train(round_, arrays, config, grid),
-                          timeout, f"round-trip {round_}.{stage}")
-            self.aggregate_train(round_, self.replies)
+            replies = self.exchange(grid, self.configure_train(round_, arrays, config, grid),
+                                    timeout, f"round-trip {round_}.{stage}")
+            self.aggregate_train(round_, replies)  # keeps node_metrics; no global model
             if stage == 0:
                 evaluation = list(self.configure_evaluate(round_, arrays,
                                                           evaluate_config or ConfigRecord(), grid))
                 if evaluation:
-                    self.exchange(grid, evaluation, timeout, f"evaluation {round_}")
-                    self.aggregate_evaluate(round_, self.replies)
+                    replies = self.exchange(grid, evaluation, timeout, f"evaluation {round_}")
+                    self.aggregate_evaluate(round_, replies)
             return self.node_metrics
 
         for row in self.run_rounds(round_trip):
@@ -325,14 +324,16 @@ class DecentralizedStrategy(Strategy):
         return result
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float,
-                 label: str) -> None:
-        """Send ``messages`` to bound nodes; ``addressed`` and ``replies`` hold the outcome."""
+                 label: str) -> list[Message]:
+        """Send ``messages`` to bound nodes and return the replies; ``addressed`` maps each
+        sent message's id to its partition (the aggregate methods attribute replies by it)."""
         partition_of = {nid: pid for pid, nid in self.node_ids.items()}
-        sent, self.replies = send_and_receive(
+        sent, replies = send_and_receive(
             grid, messages, timeout, label=label,
             describe=lambda m: f"partition {partition_of.get(m.metadata.dst_node_id)}")
         self.addressed = {mid: partition_of[msg.metadata.dst_node_id]
                           for mid, msg in sent.items()}
+        return replies
 
     def open_run(self, initial: ArrayRecord | StateDict | None,
                  routed_form: Callable[[StateDict], ArrayRecord | StateDict]) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from flwr_hyperprism.config import RunConfig
 from strategies import ALGORITHMS, NodeRule
 from strategies.adom import ADOMNode
@@ -53,3 +55,44 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     """A run's metrics.jsonl rows without their timings (which differ between runs)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
+    """Initial states whose models are random (one common random model if ``identical``)."""
+    gen = torch.Generator().manual_seed(seed)
+    states = {}
+    template = None
+    for pid, rule in rules.items():
+        state = rule.init_state()
+        groups = MODEL_GROUPS.get(type(rule), ("shared",))
+        if template is None or not identical:
+            template = {k: torch.randn(v.shape, generator=gen)
+                        for k, v in state.tensors[groups[0]].items()}
+        for group in groups:
+            state.tensors[group] = {k: v.clone() for k, v in template.items()}
+        states[pid] = state
+    return states
+
+
+def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
+    """Round-trips of rounds 1..rounds; the stacked, flattened models (float64) at the start
+    and after the stage-0 round-trip of each round (for Mudag, round r's stage 0 completes
+    round r - 1)."""
+    group = MODEL_GROUPS.get(type(rules[0]), ("shared",))[0]
+    names = list(rules[0].init_state().tensors[group])  # the model (not what rides with it)
+
+    def stacked():
+        return torch.stack([torch.cat([states[p].tensors[group][n].reshape(-1) for n in names])
+                            for p in sorted(states)]).double()
+
+    history = [stacked()]
+    for round_, stage in strategy.schedule():
+        if round_ > rounds:
+            break
+        latest = {p: s.shared for p, s in states.items()}
+        for pid, task in strategy.plan_round(round_, latest, stage).items():
+            states[pid], _ = rules[pid].step(states[pid], task,
+                                             {j: latest[j] for j in task.neighbours})
+        if stage == 0:
+            history.append(stacked())
+    return history
