@@ -58,9 +58,10 @@ def test_wait_for_partitions_times_out_with_the_fix_in_the_message():
 
 
 # ADOM+ and Mudag take one stochastic gradient per round: they need more rounds to get going,
-# and ADOM+ on the synthetic task is still at 44% after 15 rounds (chance is 10%).
+# and ADOM+ on the synthetic task is still at 44% after 15 rounds (chance is 10%). Local
+# training sees only its own classes (alpha = 0.1): 38% after round 1, then flat.
 ROUNDS = {"adom": 15, "mudag": 12}
-MIN_ACCURACY = {"adom": 0.3}
+MIN_ACCURACY = {"adom": 0.3, "local": 0.25}
 
 
 @pytest.mark.slow
