@@ -95,9 +95,9 @@ class HyperPrismNode(GossipNode):
 
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
-        if self.config.p_mode == "tracking":  # p, and the last pseudo-gradient g^(t-1)
+        if self.config.p_mode == "tracking":  # p, and the last local update g^(t-1)
             extra["tracking"] = {"p": torch.tensor(self.config.p_max, dtype=torch.float64),
-                                 "gradient": torch.zeros(self.num_parameters)}
+                                 "local_update": torch.zeros(self.num_parameters)}
         if self.hypernet is not None:
             extra.update(hypernet=clone_tensors(self.initial_hypernet), hn_optimizer={})
         return extra
@@ -106,7 +106,7 @@ class HyperPrismNode(GossipNode):
         self.summary = state.tensors["grad_summary"]["summary"]
         if self.config.p_mode == "tracking":
             self.p = float(state.tensors["tracking"]["p"])
-            self.gradient = state.tensors["tracking"]["gradient"]
+            self.local_update = state.tensors["tracking"]["local_update"]
         if self.hypernet is not None:
             self.hypernet.load_state_dict(state.tensors["hypernet"])
             load_optimizer_state(self.hn_optimizer, state.tensors["hn_optimizer"])
@@ -115,7 +115,7 @@ class HyperPrismNode(GossipNode):
         extra = {"grad_summary": {"summary": self.summary}}
         if self.config.p_mode == "tracking":
             extra["tracking"] = {"p": torch.tensor(self.p, dtype=torch.float64),
-                                 "gradient": self.gradient.clone()}
+                                 "local_update": self.local_update.clone()}
         if self.hypernet is not None:
             extra.update(hypernet=clone_tensors(self.hypernet.state_dict()),
                          hn_optimizer=optimizer_state(self.hn_optimizer))
@@ -189,10 +189,11 @@ class HyperPrismNode(GossipNode):
         loss = super().train_locally(gen)
         self.summary = gradient_summary(p.grad for p in self.model.parameters())
         if self.config.p_mode == "tracking":  # y <- sum_j a_ij y_j + g^t - g^(t-1)
-            gradient = (merged - flatten(self.model.state_dict(), self.names)) / self.config.lr
+            # g, the local update as a gradient: (merged - trained) / lr
+            update = (merged - flatten(self.model.state_dict(), self.names)) / self.config.lr
             mixed = self.tracker_mixed if self.tracker_mixed is not None else 0.0
-            self.tracker = mixed + gradient - self.gradient
-            self.gradient = gradient
+            self.tracker = mixed + update - self.local_update
+            self.local_update = update
         return loss
 
     def _train_hypernet(self, merged: StateDict, gen: torch.Generator) -> float:

@@ -232,7 +232,7 @@ def test_the_trackers_average_is_the_average_of_the_latest_local_gradients(tmp_p
     for round_ in range(1, 5):
         train_and_gossip(strategy, rules, states, round_)
         trackers = torch.stack([states[p].shared[TRACKER] for p in states]).double()
-        gradients = torch.stack([states[p].tensors["tracking"]["gradient"]
+        gradients = torch.stack([states[p].tensors["tracking"]["local_update"]
                                  for p in states]).double()
         assert not torch.allclose(trackers, trackers.mean(0).expand_as(trackers))
         torch.testing.assert_close(trackers.mean(0), gradients.mean(0), rtol=0,
