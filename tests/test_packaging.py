@@ -22,10 +22,11 @@ def test_the_wheel_holds_only_the_library(tmp_path):
 
 
 def test_the_install_exposes_its_packages_and_not_the_repository(tmp_path):
-    # run from outside the repository, as a user's app would
+    # from outside the repository, as a user's app would run: isolated (-I), because a Ray run
+    # earlier in this test process puts the repository on PYTHONPATH
     probe = ("import importlib.util as u; "
              "print(*(u.find_spec(n) is not None for n in "
              "('flwr_hyperprism', 'strategies', 'tests', 'examples', 'simulations')))")
-    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                           text=True, check=True, timeout=120).stdout.split()
+    found = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path,
+                           capture_output=True, text=True, check=True, timeout=120).stdout.split()
     assert found == ["True", "True", "False", "False", "False"]
