@@ -176,9 +176,8 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
 
     config = RunConfig.from_run_config({**_typed(overrides), "num-nodes": num_nodes,
                                         "algorithm": algorithm, "num-rounds": rounds})
-    spec = algorithm_spec(algorithm)
-    strategy_cls, make_rule = make_strategy, spec.make_rule
-    strategy = strategy_cls(config)
+    make_rule = algorithm_spec(algorithm).make_rule
+    strategy = make_strategy(config)
     model = initial_model(config)
     strategy.node_ids = {pid: pid for pid in range(num_nodes)}
     strategy.latest = dict.fromkeys(range(num_nodes), model)

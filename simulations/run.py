@@ -33,9 +33,8 @@ def run_experiment(config: RunConfig, engine: str = "inprocess",
         from strategies import algorithm_spec
         from strategies.decentralized import make_strategy, run_in_process
 
-        spec = algorithm_spec(config.algorithm)
-        strategy_cls, make_rule = make_strategy, spec.make_rule
-        run_in_process(strategy_cls(config, run_dir), make_rule,
+        make_rule = algorithm_spec(config.algorithm).make_rule
+        run_in_process(make_strategy(config, run_dir), make_rule,
                        dict(initial_model(config).to_torch_state_dict()))
     else:
         from flwr.simulation import run_simulation

@@ -273,10 +273,9 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
     config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=4, eval_size=500,
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
                        mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)
-    spec = ALGORITHMS[config.algorithm]
-    strategy_cls, make_rule = make_strategy, spec.make_rule
+    make_rule = ALGORITHMS[config.algorithm].make_rule
     model = dict(initial_model(config).to_torch_state_dict())
-    run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule, model)
+    run_in_process(make_strategy(config, tmp_path / "clean"), make_rule, model)
     clean = metrics_rows(tmp_path / "clean")
 
     def interrupting_rule(cfg, pid):
@@ -292,14 +291,14 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
         return rule
 
     with pytest.raises(Interrupted):
-        run_in_process(strategy_cls(config, tmp_path / "again"), interrupting_rule, model)
+        run_in_process(make_strategy(config, tmp_path / "again"), interrupting_rule, model)
     assert len(metrics_rows(tmp_path / "again")) == 2
     with pytest.raises(FileExistsError, match="pass resume=true"):  # never overwritten
-        run_in_process(strategy_cls(config, tmp_path / "again"), make_rule, model)
+        run_in_process(make_strategy(config, tmp_path / "again"), make_rule, model)
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 -> 0.1\)"):
-        run_in_process(strategy_cls(config.replace(resume=True, lr=0.1), tmp_path / "again"),
+        run_in_process(make_strategy(config.replace(resume=True, lr=0.1), tmp_path / "again"),
                        make_rule, model)
-    run_in_process(strategy_cls(config.replace(resume=True), tmp_path / "again"), make_rule,
+    run_in_process(make_strategy(config.replace(resume=True), tmp_path / "again"), make_rule,
                    model)
     assert metrics_rows(tmp_path / "again") == clean
 
@@ -326,9 +325,8 @@ def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed
     # checkpoints, so even without node checkpoints the metrics are those of a clean run.
     config = RunConfig(algorithm="dpsgd", num_nodes=4, num_rounds=4, eval_size=500,
                        output_dir=str(tmp_path), node_wait_timeout=5.0)
-    spec = ALGORITHMS[config.algorithm]
-    strategy_cls, make_rule = make_strategy, spec.make_rule
-    run_in_process(strategy_cls(config, tmp_path / "clean"), make_rule,
+    make_rule = ALGORITHMS[config.algorithm].make_rule
+    run_in_process(make_strategy(config, tmp_path / "clean"), make_rule,
                    dict(initial_model(config).to_torch_state_dict()))
 
     class StoppingGrid(LocalGrid):

@@ -20,9 +20,8 @@ def test_the_paper_preset_is_the_specified_hypernetwork_and_its_degrees_stay_put
     assert (config.p_mode, config.p_select, config.hn_input, config.hn_lr) == (
         "hypernetwork", "soft", "gradient", 0.01)
     assert config.candidates == (1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0)
-    spec = ALGORITHMS["hyperprism"]
-    strategy_cls, make_rule = make_strategy, spec.make_rule
-    rows = run_in_process(strategy_cls(config, None), make_rule,
+    make_rule = ALGORITHMS["hyperprism"].make_rule
+    rows = run_in_process(make_strategy(config, None), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     # the paper-literal behaviour measured on MNIST: p stays at the near-uniform start (8);
     # it moves a little with the hypernetwork's gradient-summary input, not by learning

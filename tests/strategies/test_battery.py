@@ -52,9 +52,8 @@ def test_identical_models_stay_identical_without_learning(tmp_path, variant,
                          ids=["two-nodes", "no-edges"])
 def test_degenerate_graphs_give_finite_models_and_metrics(tmp_path, variant, graph):
     config = make_config(tmp_path, variant, **graph)
-    spec = ALGORITHMS[config.algorithm]
-    strategy, make_rule = make_strategy, spec.make_rule
-    rows = run_in_process(strategy(config), make_rule,
+    make_rule = ALGORITHMS[config.algorithm].make_rule
+    rows = run_in_process(make_strategy(config), make_rule,
                           dict(initial_model(config).to_torch_state_dict()))
     for row in rows:
         assert row["nodes_replied"] == config.num_nodes
@@ -66,9 +65,8 @@ def test_runs_are_deterministic_under_a_seed(tmp_path, variant):
     config = make_config(tmp_path, variant)
 
     def rows() -> list[dict]:
-        spec = ALGORITHMS[config.algorithm]
-        strategy, make_rule = make_strategy, spec.make_rule
-        result = run_in_process(strategy(config), make_rule,
+        make_rule = ALGORITHMS[config.algorithm].make_rule
+        result = run_in_process(make_strategy(config), make_rule,
                                 dict(initial_model(config).to_torch_state_dict()))
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result]
 

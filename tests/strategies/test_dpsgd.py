@@ -18,9 +18,8 @@ def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
     def rows(algorithm: str, **changes) -> list[dict]:
         config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
                            algorithm=algorithm, **changes)
-        spec = ALGORITHMS[algorithm]
-        strategy, make_rule = make_strategy, spec.make_rule
-        result = run_in_process(strategy(config), make_rule,
+        make_rule = ALGORITHMS[algorithm].make_rule
+        result = run_in_process(make_strategy(config), make_rule,
                                 dict(initial_model(config).to_torch_state_dict()))
         drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean", "p_theta_std",
                 "p_phi_std"}
