@@ -58,7 +58,6 @@ from .models import DECISION, REPRESENTATION
 log = logging.getLogger("flwr")
 
 
-
 class PluginStrategy(DecentralizedStrategy):
     """A ``DecentralizedStrategy`` that drives the user's handlers through the mod.
 
@@ -193,6 +192,7 @@ class PluginNode:
                                           EVALUATED: detached})
         trained = train({k: v.detach() for k, v in merged.items()})
         return self.learn(state, merged, trained, task.round, metrics)
+
     def merge(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
               metrics: dict[str, float]) -> StateDict:
         """The merged model (differentiable in the degrees when the hypernetwork learns).

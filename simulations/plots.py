@@ -27,10 +27,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flwr_hyperprism.config import RunConfig  # noqa: E402
-from flwr_hyperprism.data import dirichlet_partition, load_dataset  # noqa: E402
 from flwr_hyperprism.metrics import node_values  # noqa: E402
+from strategies.node import partitioned  # noqa: E402
 
 from .sweep_file import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
+
+DEGREES = (("p_theta", "p_θ (representation)"), ("p_phi", "p_φ (decision)"))  # row key, label
 
 
 def plot_sweep(sweep: Sweep, out: Path) -> list[Path]:
@@ -81,7 +83,7 @@ def plot_degrees(sweep: Sweep, out: Path) -> Path:
     for ax, value in zip(axes, sweep.values):
         cell = next(c for c in sweep.cells() if c.method == REFERENCE_METHOD and c.value == value)
         rows = [r for r in cell_rows(out, sweep, cell) if "p_theta" in r]
-        for key, label in (("p_theta", "p_θ (representation)"), ("p_phi", "p_φ (decision)")):
+        for key, label in DEGREES:
             degrees = np.array([node_values(r[key]) for r in rows])  # (rounds, nodes)
             # over nodes: the population std, as the rows' p_theta_std / p_phi_std
             mean, std = degrees.mean(axis=1), degrees.std(axis=1)
@@ -97,10 +99,9 @@ def plot_degrees(sweep: Sweep, out: Path) -> Path:
 
 def label_skew(config: RunConfig) -> list[float]:
     """Per partition: the share of its samples in its most frequent class (1/10 = balanced)."""
-    data = load_dataset(config.dataset, config.data_dir, config.download, config.seed)
+    data, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
+                              config.num_nodes, config.alpha, config.min_partition_size)
     labels = data.train.y.numpy()
-    parts = dirichlet_partition(labels, config.num_nodes, config.alpha, config.seed,
-                                config.min_partition_size)
     return [float(np.bincount(labels[idx]).max() / len(idx)) for idx in parts]
 
 
@@ -127,8 +128,7 @@ def plot_node_degrees(sweep: Sweep, out: Path, method: str, name: str) -> Path:
         rows = [r for r in cell_rows(out, sweep, cell) if "p_theta" in r]
         skew = label_skew(cell.config)
         rounds = [r["round"] for r in rows]
-        for row_index, (key, label) in enumerate((("p_theta", "p_θ (representation)"),
-                                                   ("p_phi", "p_φ (decision)"))):
+        for row_index, (key, label) in enumerate(DEGREES):
             ax = axes[row_index][column]
             degrees = np.array([node_values(r[key]) for r in rows])  # (rounds, nodes)
             for node in range(degrees.shape[1]):

@@ -88,7 +88,6 @@ class HyperPrismNode(GossipNode):
         super().__init__(config, partition_id, data)
         num_tensors = sum(len(names) for names in self.groups.values())
         self.names = [n for names in self.groups.values() for n in names]  # flattening order
-        self.num_parameters = sum(self.initial_model[n].numel() for n in self.names)
         self.summary = torch.zeros(SUMMARY_STATS * num_tensors)
         self.hypernet, self.hn_optimizer = node_hypernetwork(config, partition_id, num_tensors)
         self.initial_hypernet = initial_weights(self.hypernet)
@@ -97,7 +96,8 @@ class HyperPrismNode(GossipNode):
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
         if self.config.p_mode == "tracking":  # p, and the last local update g^(t-1)
             extra["tracking"] = {"p": torch.tensor(self.config.p_max, dtype=torch.float64),
-                                 "local_update": torch.zeros(self.num_parameters)}
+                                 "local_update": torch.zeros_like(
+                                     flatten(self.initial_model, self.names))}
         if self.hypernet is not None:
             extra.update(hypernet=clone_tensors(self.initial_hypernet), hn_optimizer={})
         return extra
@@ -134,18 +134,10 @@ class HyperPrismNode(GossipNode):
                 metrics: dict[str, float]) -> StateDict:
         """Power-mean merge with the node's degrees (``p-mode``), then, with the hypernetwork,
         one hypernetwork step."""
-        config = self.config
         if self.hypernet is not None:
             degrees = self.hypernet(self.summary)
-        elif config.p_mode == "schedule":
-            p = scheduled_degree(config.p_schedule, self.round, config.p_max, config.p_min,
-                                 config.p_horizon)
-            degrees = dict.fromkeys(self.groups, torch.tensor(p))
-        elif config.p_mode == "tracking":
-            degrees = dict.fromkeys(self.groups, torch.tensor(self._tracked_degree(models,
-                                                                                   weights)))
-        else:
-            degrees = dict.fromkeys(self.groups, torch.tensor(config.fixed_p))
+        else:  # one degree for both layer groups
+            degrees = dict.fromkeys(self.groups, torch.tensor(self._one_degree(models, weights)))
         self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
         metrics.update(p_theta=self.degrees[REPRESENTATION], p_phi=self.degrees[DECISION])
         train_hypernet = self.hypernet is not None and len(models) > 1  # else d loss/d p = 0
@@ -154,6 +146,16 @@ class HyperPrismNode(GossipNode):
             if train_hypernet:
                 metrics["hn_loss"] = self._train_hypernet(merged, gen)
         return {k: v.detach() for k, v in merged.items()}
+
+    def _one_degree(self, models: list[StateDict], weights: Tensor) -> float:
+        """The degree of p-mode schedule, tracking or fixed (the same for both groups)."""
+        config = self.config
+        if config.p_mode == "schedule":
+            return scheduled_degree(config.p_schedule, self.round, config.p_max, config.p_min,
+                                    config.p_horizon)
+        if config.p_mode == "tracking":
+            return self._tracked_degree(models, weights)
+        return config.fixed_p
 
     def _tracked_degree(self, models: list[StateDict], weights: Tensor) -> float:
         """p-mode tracking: step p against the sign of the tracked d loss / d p.

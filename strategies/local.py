@@ -7,14 +7,14 @@ evaluated on the global test set like them. Equal to D-PSGD on a graph without e
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
+import networkx as nx
+import numpy as np
 import torch
 from torch import Tensor
 
 from .node import GossipNode, clone_tensors
 from .plan import RoutingPlan
-from .rule import NodeTask, StateDict
+from .rule import StateDict
 from .spec import AlgorithmSpec
 
 
@@ -24,11 +24,9 @@ class Local(RoutingPlan):
     algorithm = "local"
     description = "Local (no communication)"
 
-    def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
-                   ) -> dict[int, NodeTask]:
-        """Every node alone; the round-trip after the last round evaluates without training."""
-        train = round_ <= self.config.num_rounds
-        return {i: NodeTask(round_, train=train) for i in range(self.config.num_nodes)}
+    def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:
+        """The identity: every node's row is its own model only, whatever G(t) is."""
+        return np.eye(graph.number_of_nodes())
 
 
 class LocalNode(GossipNode):

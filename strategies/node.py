@@ -52,8 +52,9 @@ class NodeData:
 
 
 @lru_cache(maxsize=2)
-def _partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
-                 alpha: float, min_size: int) -> tuple[Dataset, tuple]:
+def partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
+                alpha: float, min_size: int) -> tuple[Dataset, tuple]:
+    """The dataset and its Dirichlet partition (one index array per node; cached per process)."""
     data = load_dataset(dataset, data_dir, download, seed)
     parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
     return data, tuple(parts)
@@ -68,7 +69,7 @@ def node_data(config: RunConfig, partition_id: int) -> NodeData:
     if not 0 <= partition_id < config.num_nodes:
         raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
                          f"(num-nodes={config.num_nodes})")
-    data, parts = _partitioned(config.dataset, config.data_dir, config.download, config.seed,
+    data, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
                                config.num_nodes, config.alpha, config.min_partition_size)
     idx = torch.from_numpy(parts[partition_id])
     test = data.test

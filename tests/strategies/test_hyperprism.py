@@ -240,7 +240,7 @@ def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sig
     gen = torch.Generator().manual_seed(3)
     models = [{k: torch.randn(v.shape, generator=gen) for k, v in rule.initial_model.items()}
               for _ in range(3)]
-    tracker = torch.randn(rule.num_parameters, generator=gen)
+    tracker = torch.randn(sum(rule.initial_model[n].numel() for n in rule.names), generator=gen)
     for model in models:
         model[TRACKER] = sign * tracker
     weights = torch.tensor([0.5, 0.3, 0.2])
