@@ -18,7 +18,7 @@ from flwr.clientapp.typing import Mod
 
 from strategies import ALGORITHMS, NodeRule, NodeState, algorithm_spec
 from strategies.checkpoint import node_checkpoints, starting_state
-from strategies.node import node_data
+from strategies.learner import node_data
 from strategies.protocol import (
     NEIGHBOUR_PREFIX,
     OWN_KEY,

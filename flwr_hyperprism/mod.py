@@ -4,24 +4,24 @@ Add it to an existing ClientApp, ``ClientApp(mods=[hyperprism_mod])``. It answer
 marked by a plug-in orchestrator and passes every other message (e.g. FedAvg's) untouched:
 
 - partition-id requests: replies with ``node_config``'s partition-id and num-partitions;
-- train messages with a task: merges the routed neighbour models with the node's own model
-  (``context.state``), calls the user's train handler on the merged model, keeps the model it
-  returns, trains the hypernetwork from the pseudo-gradient, and replies with the new model and
-  the user's metrics plus its own (degrees, neighbours, dropped neighbours); for Mudag and
-  ADOM+ the handler is the gradient oracle instead (``flwr_hyperprism.plugin.PluginGradientNode``);
+- train messages with a task: runs the algorithm's node rule on the node's state
+  (``context.state``) and the routed neighbour models, with the user's train handler as its
+  learner (``flwr_hyperprism.plugin.HandlerLearner``), and replies with the new shared tensors
+  and the user's metrics plus the rule's own (degrees, neighbours, dropped neighbours);
 - evaluate messages marked by the orchestrator: call the user's evaluate handler on the node's
   model of the round (the merged model for the gossip algorithms).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from strategies import NodeState, algorithm_spec
 from strategies.checkpoint import node_checkpoints, starting_state
-from strategies.node import screen_and_log
+from strategies.node import GossipNode, LearningNode
 from strategies.protocol import (
     EVALUATE_KEY,
     INFO_KEY,
@@ -34,13 +34,7 @@ from strategies.rule import StateDict
 
 from .client_app import load_state, partition_info, routed_own, run_key, save_state
 from .config import RunConfig
-from .plugin import (
-    EVALUATED,
-    PluginGradientNode,
-    PluginNode,
-    plugin_node,
-    scalar_metrics,
-)
+from .plugin import EVALUATED, HandlerLearner, scalar_metrics
 
 
 def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -63,44 +57,62 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     config = RunConfig.from_run_config(content[RUN_KEY])
     task = record_task(content[TASK_KEY])
     partition_id = int(context.node_config["partition-id"])
-    held, own = load_state(context), routed_own(msg)
-    # round 1: the initial model the orchestrator sent; after a restart: the node's own model
-    # as last routed (or its checkpoint, see starting_state)
-    initial = (dict(content["arrays"].to_torch_state_dict()) if "arrays" in content.array_records
-               else None)
-    model = held.tensors[EVALUATED] if held is not None else own if own is not None else initial
-    if model is None:
-        raise ValueError(f"partition {partition_id} has no model to start round-trip "
-                         f"{task.round}.{task.stage} from (no state, no routed model)")
-    node = _node(config, partition_id, floating_names(model))
-    checkpoints = node_checkpoints(context.node_config, config.state_dir, run_key(msg),
-                                   partition_id)
-    state = starting_state(task, held, checkpoints, own, lambda: node.init_state(model),
-                           node.init_state, partition_id)
-    neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
-                  for key, record in content.array_records.items()
-                  if key.startswith(NEIGHBOUR_PREFIX)}
-    task, metrics = screen_and_log(state.shared, task, neighbours, config,
-                                   int(context.node_config["partition-id"]))
+    spec = algorithm_spec(config.algorithm)
 
-    def train(model: StateDict) -> StateDict:
+    def train(model: StateDict) -> tuple[StateDict, dict[str, float]]:
         msg.content = RecordDict({"arrays": ArrayRecord(model), "config": content["config"]})
         reply = call_next(msg, context)
         if reply.has_error():
             raise _HandlerFailed(reply)
-        if "metrics" in reply.content:
-            metrics.update(scalar_metrics(reply.content["metrics"]))
-        return reply.content["arrays"].to_torch_state_dict()
+        metrics = scalar_metrics(reply.content["metrics"]) if "metrics" in reply.content else {}
+        return dict(reply.content["arrays"].to_torch_state_dict()), metrics
 
+    def node(model: StateDict) -> LearningNode:
+        return spec.make_rule(config, partition_id, HandlerLearner(model, train, config.lr))
+
+    def init() -> NodeState:  # round 1: the initial model the orchestrator sent
+        if "arrays" not in content.array_records:
+            raise ValueError(f"partition {partition_id} has no model to start round-trip "
+                             f"{task.round}.{task.stage} from (no state, no routed model)")
+        return _evaluating(node, dict(content["arrays"].to_torch_state_dict()), None)
+
+    def restore(shared: StateDict) -> NodeState:  # a node without state: its routed model
+        if not issubclass(spec.node_rule, GossipNode):
+            raise ValueError(f"partition {partition_id} lost its state and {spec.display_name} "
+                             f"routes no model it could restart from: give the nodes a "
+                             f"state-dir (node config) so that they checkpoint")
+        return _evaluating(node, spec.node_rule.model_of(shared), shared)
+
+    checkpoints = node_checkpoints(context.node_config, config.state_dir, run_key(msg),
+                                   partition_id)
+    state = starting_state(task, load_state(context), checkpoints, routed_own(msg), init,
+                           restore, partition_id)
+    model = state.tensors[EVALUATED]
+    learner = HandlerLearner(model, train, config.lr)
+    rule = spec.make_rule(config, partition_id, learner)
+    neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
+                  for key, record in content.array_records.items()
+                  if key.startswith(NEIGHBOUR_PREFIX)}
     try:
-        state = node.round_trip(state, task, neighbours, train, metrics)
+        state, metrics = rule.round_trip(state, task, neighbours, rule.generator(task))
     except _HandlerFailed as failure:
         return failure.reply
+    state.tensors[EVALUATED] = learner.evaluated if learner.evaluated is not None else model
     save_state(context, state)
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
     return Message(RecordDict({"arrays": ArrayRecord(state.shared),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _evaluating(node: Callable[[StateDict], LearningNode], model: StateDict,
+                shared: StateDict | None) -> NodeState:
+    """The rule's initial state for ``model`` (restored to ``shared`` if given), with the
+    model the evaluate message scores."""
+    rule = node(model)
+    state = rule.init_state() if shared is None else rule.restore(shared)
+    state.tensors[EVALUATED] = model
+    return state
 
 
 class _HandlerFailed(Exception):
@@ -109,14 +121,3 @@ class _HandlerFailed(Exception):
     def __init__(self, reply: Message) -> None:
         super().__init__(reply.error.reason)
         self.reply = reply
-
-
-def floating_names(model: StateDict) -> tuple[str, ...]:
-    return tuple(k for k, v in model.items() if v.is_floating_point())
-
-
-@lru_cache(maxsize=64)
-def _node(config: RunConfig, partition_id: int, names: tuple[str, ...]
-          ) -> PluginNode | PluginGradientNode:
-    # Built once per process and model layout; learned weights (hypernetwork) live in the state.
-    return plugin_node(config, partition_id, names)

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from flwr_hyperprism.config import RunConfig  # noqa: E402
 from flwr_hyperprism.metrics import node_values  # noqa: E402
-from strategies.node import partitioned  # noqa: E402
+from strategies.learner import partitioned  # noqa: E402
 
 from .sweep_file import REFERENCE_METHOD, Sweep, cell_rows  # noqa: E402
 

@@ -14,7 +14,8 @@ from .rule import NodeRule, NodeState, NodeTask
 from .spec import AlgorithmSpec
 
 # the machinery every algorithm shares; any other module of the package is an algorithm
-_SHARED = {"checkpoint", "decentralized", "node", "plan", "protocol", "rule", "screening", "spec"}
+_SHARED = {"checkpoint", "decentralized", "learner", "node", "plan", "protocol", "rule",
+           "screening", "spec"}
 
 
 def _discover() -> dict[str, AlgorithmSpec]:

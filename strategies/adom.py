@@ -29,7 +29,8 @@ import torch
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import gossip_matrix
 
-from .node import Gradient, GradientNode, clone_tensors, mix_row
+from .learner import clone_tensors
+from .node import Gradient, GradientNode, mix_row
 from .plan import RoutingPlan
 from .rule import NodeState, NodeTask, StateDict
 from .spec import AlgorithmSpec
@@ -174,7 +175,7 @@ class ADOMUpdate:
 
 
 class ADOMNode(GradientNode):
-    """ADOM+ on the node's own model and data."""
+    """ADOM+ on the node's learner (its own model and data, or a train handler)."""
 
     method = ADOMUpdate
 

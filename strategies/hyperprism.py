@@ -18,9 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.degrees import scheduled_degree, tracked_degree_step
@@ -29,14 +27,8 @@ from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_s
 from flwr_hyperprism.mirror import mirror_step
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
-from .node import (
-    GossipNode,
-    NodeData,
-    clone_tensors,
-    load_optimizer_state,
-    merge_models,
-    optimizer_state,
-)
+from .learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, optimizer_state
+from .node import GossipNode, merge_models
 from .plan import RoutingPlan
 from .rule import NodeState, NodeTask, StateDict
 from .spec import AlgorithmSpec
@@ -82,22 +74,25 @@ def initial_weights(hypernet: HyperNetwork | None) -> StateDict:
 
 
 class HyperPrismNode(GossipNode):
-    """Mirror-space power-mean merges with degrees from a per-node hypernetwork."""
+    """Mirror-space power-mean merges with degrees from ``p-mode``."""
 
-    def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
-        super().__init__(config, partition_id, data)
-        num_tensors = sum(len(names) for names in self.groups.values())
+    riders = (TRACKER,)
+
+    def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
+        super().__init__(config, partition_id, learner)
         self.names = [n for names in self.groups.values() for n in names]  # flattening order
-        self.summary = torch.zeros(SUMMARY_STATS * num_tensors)
-        self.hypernet, self.hn_optimizer = node_hypernetwork(config, partition_id, num_tensors)
+        self.summary = torch.zeros(SUMMARY_STATS * len(self.names))
+        self.hypernet, self.hn_optimizer = node_hypernetwork(config, partition_id,
+                                                             len(self.names))
         self.initial_hypernet = initial_weights(self.hypernet)
+        self.pending: StateDict | None = None  # a merge whose hypernetwork step waits for training
 
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
         if self.config.p_mode == "tracking":  # p, and the last local update g^(t-1)
             extra["tracking"] = {"p": torch.tensor(self.config.p_max, dtype=torch.float64),
                                  "local_update": torch.zeros_like(
-                                     flatten(self.initial_model, self.names))}
+                                     flatten(self.learner.initial_model, self.names))}
         if self.hypernet is not None:
             extra.update(hypernet=clone_tensors(self.initial_hypernet), hn_optimizer={})
         return extra
@@ -133,7 +128,10 @@ class HyperPrismNode(GossipNode):
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
                 metrics: dict[str, float]) -> StateDict:
         """Power-mean merge with the node's degrees (``p-mode``), then, with the hypernetwork,
-        one hypernetwork step."""
+        one hypernetwork step: through the merge, with the gradient of a fresh minibatch at
+        the merged model (the learner's ``probe``), or, for a learner that knows gradients only
+        through training, with the local update's pseudo-gradient (``trained``)."""
+        self.pending = None
         if self.hypernet is not None:
             degrees = self.hypernet(self.summary)
         else:  # one degree for both layer groups
@@ -143,9 +141,15 @@ class HyperPrismNode(GossipNode):
         train_hypernet = self.hypernet is not None and len(models) > 1  # else d loss/d p = 0
         with torch.set_grad_enabled(train_hypernet):
             merged = merge_models(models, weights, degrees, self.groups)
-            if train_hypernet:
-                metrics["hn_loss"] = self._train_hypernet(merged, gen)
-        return {k: v.detach() for k, v in merged.items()}
+        detached = {k: v.detach() for k, v in merged.items()}
+        if train_hypernet:
+            probe = self.learner.probe(detached, gen)
+            if probe is None:
+                self.pending = merged
+            else:
+                metrics["hn_loss"], gradient = probe
+                self._step_hypernet(merged, gradient)
+        return detached
 
     def _one_degree(self, models: list[StateDict], weights: Tensor) -> float:
         """The degree of p-mode schedule, tracking or fixed (the same for both groups)."""
@@ -186,28 +190,29 @@ class HyperPrismNode(GossipNode):
         return {name: mirror_step(merged[name], step[name], self.degrees[group])
                 for group, names in self.groups.items() for name in names}
 
-    def train_locally(self, gen: torch.Generator) -> float:
-        merged = flatten(self.model.state_dict(), self.names)
-        loss = super().train_locally(gen)
-        self.summary = gradient_summary(p.grad for p in self.model.parameters())
-        if self.config.p_mode == "tracking":  # y <- sum_j a_ij y_j + g^t - g^(t-1)
-            # g, the local update as a gradient: (merged - trained) / lr
-            update = (merged - flatten(self.model.state_dict(), self.names)) / self.config.lr
+    def trained(self, start: StateDict, update: LocalUpdate) -> None:
+        """The next gradient summary, the pending hypernetwork step and, with p-mode tracking,
+        the tracker: y <- sum_j a_ij y_j + g^t - g^(t-1), with the local update as a gradient,
+        g = (start - trained) / lr."""
+        self.summary = gradient_summary(update.gradient.values())
+        if self.pending is not None:
+            self._step_hypernet(self.pending, {n: (start[n] - update.model[n]) / self.config.lr
+                                               for n in self.pending})
+            self.pending = None
+        if self.config.p_mode == "tracking":
+            g = (flatten(start, self.names) - flatten(update.model, self.names)) / self.config.lr
             mixed = self.tracker_mixed if self.tracker_mixed is not None else 0.0
-            self.tracker = mixed + update - self.local_update
-            self.local_update = update
-        return loss
+            self.tracker = mixed + g - self.local_update
+            self.local_update = g
 
-    def _train_hypernet(self, merged: StateDict, gen: torch.Generator) -> float:
-        """One SGD step on psi_i and v_i: loss of the merged model (a function of p)."""
-        train = self.data.train
-        idx = torch.randint(len(train), (min(self.config.batch_size, len(train)),), generator=gen)
-        loss = F.cross_entropy(functional_call(self.model, merged, (train.x[idx],)),
-                               train.y[idx])
+    def _step_hypernet(self, merged: StateDict, gradient: StateDict) -> None:
+        """One SGD step on psi_i and v_i along <gradient, d merged / d (psi_i, v_i)>: the
+        chain rule of the local loss through the merge, with ``gradient`` its gradient at the
+        merged model."""
         self.hn_optimizer.zero_grad()
-        loss.backward()
+        names = [n for n in gradient if merged[n].requires_grad]
+        torch.autograd.backward([merged[n] for n in names], [gradient[n] for n in names])
         self.hn_optimizer.step()
-        return float(loss.detach())
 
 
 SPEC = AlgorithmSpec(HyperPrism, HyperPrismNode)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .node import GossipNode, clone_tensors
+from .learner import clone_tensors
+from .node import GossipNode
 from .plan import RoutingPlan
 from .rule import StateDict
 from .spec import AlgorithmSpec

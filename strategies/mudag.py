@@ -38,7 +38,8 @@ import torch
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import fastmix_momentum, fastmix_steps, gossip_matrix
 
-from .node import Gradient, GradientNode, clone_tensors, mix_row
+from .learner import clone_tensors
+from .node import Gradient, GradientNode, mix_row
 from .plan import RoutingPlan
 from .rule import NodeState, NodeTask, StateDict
 from .spec import AlgorithmSpec
@@ -142,7 +143,7 @@ class MudagUpdate:
 
 
 class MudagNode(GradientNode):
-    """Mudag on the node's own model and data."""
+    """Mudag on the node's learner (its own model and data, or a train handler)."""
 
     method = MudagUpdate
 

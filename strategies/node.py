@@ -1,8 +1,11 @@
-"""The node machinery shared by the algorithms: local SGD, evaluation, state, merges.
+"""The node rules' shared machinery: a node that gossips models, a node driven by gradients.
 
-``LearningNode`` holds a node's model, optimizer and data (every algorithm's node rule builds on
-it). ``GossipNode`` is a node that mixes its model with its neighbours' and trains locally; the
-gossip algorithms subclass it and define how models are combined. Two orders (config ``order``):
+A node rule decides what a node merges, when it trains and what it keeps between round-trips;
+its ``Learner`` (``strategies.learner``) does the training and evaluation, natively on the
+node's own model and data, in plug-in mode through the user's train handler.
+
+``GossipNode`` mixes its model with its neighbours' and trains locally; the gossip algorithms
+subclass it and define how models are combined. Two orders (config ``order``):
 
 - ``atc`` (adapt then combine, the paper's Algorithm 1; default): in round-trip t the node
   combines its neighbours' freshly trained models with its own, evaluates the result (the model
@@ -10,6 +13,9 @@ gossip algorithms subclass it and define how models are combined. Two orders (co
 - ``cta`` (combine then adapt, Lian et al.'s D-PSGD): the node evaluates its own model (the model
   after round t-1), computes a local update from it, and applies that update to the combination
   of its own and its neighbours' models: w_i <- combine_j(w_j) + update_i(w_i).
+
+``GradientNode`` runs a ``GradientMethod`` (Mudag, ADOM+), which needs only gradients at points
+it chooses.
 """
 
 from __future__ import annotations
@@ -17,91 +23,47 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.data import NUM_CLASSES, Dataset, Split, dirichlet_partition, load_dataset
-from flwr_hyperprism.graphs import round_rng, round_seed
+from flwr_hyperprism.graphs import round_seed
 from flwr_hyperprism.mirror import power_mean
-from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_group
+from flwr_hyperprism.models import DECISION, REPRESENTATION
 
+from .learner import DataLearner, Learner, LocalUpdate, clone_tensors, node_data
 from .rule import NodeState, NodeTask, StateDict
 from .screening import screen_neighbours
 
 log = logging.getLogger("flwr")
 
-EVAL_BATCH = 2048
 LINEAR = {REPRESENTATION: 1.0, DECISION: 1.0}  # p = 1 for both layer groups: plain averaging
 
 
-@dataclass(frozen=True)
-class NodeData:
-    train: Split  # this node's partition
-    test: Split  # the global test set
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
-
-
-@lru_cache(maxsize=2)
-def partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
-                alpha: float, min_size: int) -> tuple[Dataset, tuple]:
-    """The dataset and its Dirichlet partition (one index array per node; cached per process)."""
-    data = load_dataset(dataset, data_dir, download, seed)
-    parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
-    return data, tuple(parts)
-
-
-def node_data(config: RunConfig, partition_id: int) -> NodeData:
-    """The node's training partition and the global test set (cached per process).
-
-    With ``eval_size`` > 0 the test set is a fixed random subset of that size (the same for
-    every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
-    """
-    if not 0 <= partition_id < config.num_nodes:
-        raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
-                         f"(num-nodes={config.num_nodes})")
-    data, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
-                               config.num_nodes, config.alpha, config.min_partition_size)
-    idx = torch.from_numpy(parts[partition_id])
-    test = data.test
-    if 0 < config.eval_size < len(test):
-        keep = torch.from_numpy(round_rng(config.seed, 0xE7A1).permutation(len(test))
-                                [:config.eval_size])
-        test = Split(test.x[keep], test.y[keep])
-    return NodeData(Split(data.train.x[idx], data.train.y[idx]), test)
-
-
 class LearningNode:
-    """A node rule for one partition: its model, SGD optimizer and data.
+    """A node rule of one partition around its ``Learner``.
 
     Stateless itself (the state lives in ``NodeState``); subclasses define ``init_state`` and
     ``round_trip``. ``step`` runs a round-trip single-threaded with the round's generator.
     """
 
-    def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
-        self.config, self.partition_id, self.data = config, partition_id, data
-        self.model = build_model(config.model, data.input_shape, NUM_CLASSES, config.seed)
-        # The model object is reused across round-trips (and runs, when the rule is cached):
-        # a new state must start from the seeded initial weights, not from its current ones.
-        self.initial_model = clone_tensors(self.model.state_dict())
-        names = [name for name, _ in self.model.named_parameters()]
-        self.groups = {g: [n for n in names if layer_group(n) == g]
-                       for g in (REPRESENTATION, DECISION)}
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
-                                         momentum=config.momentum)
+    def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
+        self.config, self.partition_id, self.learner = config, partition_id, learner
 
     @classmethod
     def for_partition(cls, config: RunConfig, partition_id: int) -> LearningNode:
-        return cls(config, partition_id, node_data(config, partition_id))
+        """The rule of ``partition_id`` with the native learner (its own model and data)."""
+        return cls(config, partition_id, cls.native_learner(config, partition_id))
+
+    @classmethod
+    def native_learner(cls, config: RunConfig, partition_id: int) -> DataLearner:
+        return DataLearner(config, node_data(config, partition_id))
+
+    @property
+    def groups(self) -> Mapping[str, list[str]]:
+        return self.learner.groups
 
     def init_state(self) -> NodeState:
         raise NotImplementedError
@@ -116,53 +78,31 @@ class LearningNode:
                    ) -> tuple[NodeState, dict[str, float]]:
         raise NotImplementedError
 
+    def generator(self, task: NodeTask) -> torch.Generator:
+        """The round's random generator, seeded by (run seed, partition, round)."""
+        return torch.Generator().manual_seed(round_seed(self.config.seed, self.partition_id,
+                                                        task.round))
+
     def step(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
              ) -> tuple[NodeState, dict[str, float]]:
         """One round-trip; ``neighbours`` maps partition ids to their shared tensors."""
-        gen = torch.Generator().manual_seed(round_seed(self.config.seed, self.partition_id,
-                                                       task.round))
         with _single_thread():
-            return self.round_trip(state, task, neighbours, gen)
+            return self.round_trip(state, task, neighbours, self.generator(task))
 
     def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
                ) -> tuple[NodeTask, dict[str, float]]:
         """Leave out unusable neighbours (logged); the task to use and the first metrics."""
         task, metrics = screen_and_log(state.shared, task, neighbours, self.config,
                                        self.partition_id)
-        return task, {**metrics, "num_examples": float(len(self.data.train))}
+        if self.learner.num_examples is not None:
+            metrics["num_examples"] = float(self.learner.num_examples)
+        return task, metrics
 
-    @property
-    def local_steps(self) -> int:
-        """Minibatch steps per round: ``local-steps``, else ``local-epochs`` passes."""
-        batches = -(-len(self.data.train) // self.config.batch_size)
-        return self.config.local_steps or self.config.local_epochs * batches
-
-    def train_locally(self, gen: torch.Generator) -> float:
-        """``local_steps`` SGD steps on shuffled minibatches; returns the mean loss."""
-        train, batch = self.data.train, self.config.batch_size
-        order = torch.empty(0, dtype=torch.int64)
-        losses = []
-        self.model.train()
-        for _ in range(self.local_steps):
-            if len(order) == 0:
-                order = torch.randperm(len(train), generator=gen)
-            idx, order = order[:batch], order[batch:]
-            self.optimizer.zero_grad()
-            loss = F.cross_entropy(self.model(train.x[idx]), train.y[idx])
-            loss.backward()
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
-        return sum(losses) / len(losses)
-
-    def gradient(self, params: StateDict, gen: torch.Generator) -> tuple[float, StateDict]:
-        """Loss and gradient of one random minibatch at ``params`` (the model's parameters)."""
-        train = self.data.train
-        idx = torch.randperm(len(train), generator=gen)[:self.config.batch_size]
-        params = {k: p.detach().requires_grad_() for k, p in params.items()}
-        loss = F.cross_entropy(functional_call(self.model, params, (train.x[idx],)),
-                               train.y[idx])
-        grads = torch.autograd.grad(loss, list(params.values()))
-        return float(loss.detach()), dict(zip(params, grads))
+    def full_model(self, tensors: Mapping[str, Tensor]) -> StateDict:
+        """The learner's model keys from ``tensors``, the rest (e.g. integer buffers) from
+        the initial model."""
+        initial = self.learner.initial_model
+        return {k: tensors[k] if k in tensors else v for k, v in initial.items()}
 
 
 Gradient = Callable[[StateDict], StateDict]
@@ -172,8 +112,8 @@ Gradient = Callable[[StateDict], StateDict]
 class GradientMethod(Protocol):
     """A node update that needs only gradients at points it chooses (Mudag, ADOM+).
 
-    Pure tensor arithmetic on parameter dicts: where the gradients come from (the node's own
-    model and data, or the user's train handler in plug-in mode) is the caller's business.
+    Pure tensor arithmetic on parameter dicts: where the gradients come from is the learner's
+    business.
     """
 
     def init_state(self, x: StateDict) -> NodeState:
@@ -187,17 +127,17 @@ class GradientMethod(Protocol):
 
 
 class GradientNode(LearningNode):
-    """A ``GradientMethod`` driven by the node's own model, minibatches and test set."""
+    """A ``GradientMethod`` whose gradients and evaluations come from the learner."""
 
     method: ClassVar[Callable[[RunConfig], GradientMethod]]
 
-    def __init__(self, config: RunConfig, partition_id: int, data: NodeData) -> None:
-        super().__init__(config, partition_id, data)
+    def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
+        super().__init__(config, partition_id, learner)
         self.update = self.method(config)
 
     def init_state(self) -> NodeState:
-        return self.update.init_state(
-            {k: self.initial_model[k].clone() for k, _ in self.model.named_parameters()})
+        initial = self.learner.initial_model
+        return self.update.init_state({n: initial[n].clone() for n in self.learner.names})
 
     def round_trip(self, state: NodeState, task: NodeTask,
                    neighbours: Mapping[int, StateDict], gen: torch.Generator
@@ -205,13 +145,13 @@ class GradientNode(LearningNode):
         task, metrics = self.screen(state, task, neighbours)
 
         def gradient(params: StateDict) -> StateDict:
-            metrics["train_loss"], grad = self.gradient(params, gen)
+            reported, grad = self.learner.gradient(params, gen)
+            metrics.update(reported)
             return grad
 
         state, evaluated = self.update.round_trip(state, task, neighbours, gradient)
         if evaluated is not None:
-            self.model.load_state_dict(evaluated)
-            metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
+            metrics.update(self.learner.evaluate(self.full_model(evaluated)))
         return state, metrics
 
 
@@ -219,13 +159,24 @@ class GossipNode(LearningNode):
     """A node that mixes its model with its neighbours' and trains locally.
 
     Subclasses implement ``combine`` and may extend the state (``init_extra``, ``load_extra``,
-    ``save_extra``), the local training (``train_locally``) and the update under ``cta``
-    (``combine_with_step``).
+    ``save_extra``), react to a local update (``trained``) and change the update under ``cta``
+    (``combine_with_step``). The shared tensors are the model plus the ``riders``, vectors an
+    algorithm routes with it (e.g. HyperPrism's gradient tracker).
     """
+
+    riders: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def model_of(cls, shared: Mapping[str, Tensor]) -> StateDict:
+        """The model in a node's shared tensors (without the riders)."""
+        return {k: v for k, v in shared.items() if k not in cls.riders}
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
                 metrics: dict[str, float]) -> StateDict:
-        """Merge k models (own first) with mixing weights (k,); may add to ``metrics``."""
+        """Merge k models (own first) with mixing weights (k,); may add to ``metrics``.
+
+        Returns the merged parameters (the learner's ``names``; other keys stay the node's).
+        """
         raise NotImplementedError
 
     def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
@@ -233,6 +184,9 @@ class GossipNode(LearningNode):
         """``cta``: the merge plus this node's local update ``step`` (primal by default)."""
         merged = self.combine(models, weights, gen, metrics)
         return {k: v + step[k] for k, v in merged.items()}
+
+    def trained(self, start: StateDict, update: LocalUpdate) -> None:
+        """Called after the learner trained ``start`` into ``update.model``."""
 
     def init_extra(self) -> dict[str, StateDict]:
         return {}
@@ -244,36 +198,43 @@ class GossipNode(LearningNode):
         return {}
 
     def init_state(self) -> NodeState:
-        return NodeState(0, {"shared": clone_tensors(self.initial_model), "optimizer": {},
+        return NodeState(0, {"shared": clone_tensors(self.learner.initial_model),
                              **self.init_extra()})
 
     def round_trip(self, state: NodeState, task: NodeTask,
                    neighbours: Mapping[int, StateDict], gen: torch.Generator
                    ) -> tuple[NodeState, dict[str, float]]:
         # the shared tensors are the model, plus what an algorithm routes with it
-        self.model.load_state_dict({k: state.shared[k] for k in self.initial_model})
-        load_optimizer_state(self.optimizer, state.tensors["optimizer"])
+        own = self.full_model(state.shared)
+        self.learner.load(state)
         self.load_extra(state)
         task, metrics = self.screen(state, task, neighbours)
         models = [state.shared] + [neighbours[j] for j in task.neighbours]
         weights = torch.tensor((task.self_weight,) + task.weights)
 
         if self.config.order == "atc":
-            self.model.load_state_dict(self.combine(models, weights, gen, metrics))
-            metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
+            model = self.full_model({**own, **self.combine(models, weights, gen, metrics)})
+            metrics.update(self.learner.evaluate(model))
             if task.train:
-                metrics["train_loss"] = self.train_locally(gen)
+                model = self._train(model, gen, metrics).model
         else:
-            metrics["accuracy"], metrics["loss"] = evaluate(self.model, self.data.test)
+            metrics.update(self.learner.evaluate(own))
+            model = own
             if task.train:
-                metrics["train_loss"] = self.train_locally(gen)
-                step = {k: v - state.shared[k] for k, v in self.model.state_dict().items()}
-                self.model.load_state_dict(
-                    self.combine_with_step(models, weights, step, gen, metrics))
+                trained = self._train(own, gen, metrics).model
+                step = {k: v - own[k] for k, v in trained.items()}
+                model = self.full_model(
+                    {**trained, **self.combine_with_step(models, weights, step, gen, metrics)})
 
-        tensors = {"shared": clone_tensors(self.model.state_dict()),
-                   "optimizer": optimizer_state(self.optimizer), **self.save_extra()}
+        tensors = {"shared": clone_tensors(model), **self.learner.save(), **self.save_extra()}
         return NodeState(task.round, tensors), metrics
+
+    def _train(self, start: StateDict, gen: torch.Generator, metrics: dict[str, float]
+               ) -> LocalUpdate:
+        update = self.learner.train(start, gen)
+        metrics.update(update.metrics)
+        self.trained(start, update)
+        return update
 
 
 def screen_and_log(own: StateDict, task: NodeTask, neighbours: Mapping[int, StateDict],
@@ -320,40 +281,6 @@ def merge_models(models: list[StateDict], weights: Tensor, degrees: Mapping[str,
         for name, chunk in zip(names, flat.split(sizes)):
             merged[name] = chunk.view_as(models[0][name])
     return merged
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, test) -> tuple[float, float]:
-    """Accuracy (fraction) and mean cross-entropy of ``model`` on a ``Split``."""
-    model.eval()
-    correct, loss = 0, 0.0
-    for start in range(0, len(test), EVAL_BATCH):
-        logits = model(test.x[start:start + EVAL_BATCH])
-        labels = test.y[start:start + EVAL_BATCH]
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == labels).sum())
-    return correct / len(test), loss / len(test)
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer) -> StateDict:
-    """The optimizer's per-parameter tensors as a flat dict ``"<index>.<name>"``."""
-    return {f"{index}.{name}": value.detach().clone()
-            for index, slots in optimizer.state_dict()["state"].items()
-            for name, value in slots.items() if torch.is_tensor(value)}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: StateDict) -> None:
-    """Inverse of ``optimizer_state`` (an empty dict resets the optimizer)."""
-    slots: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value.clone()
-    optimizer.load_state_dict({"state": slots,
-                               "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def clone_tensors(tensors: StateDict) -> StateDict:
-    return {k: v.detach().clone() for k, v in tensors.items()}
 
 
 @contextlib.contextmanager

@@ -11,19 +11,12 @@ strategy that carries the plan out is the same for every algorithm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 from flwr_hyperprism.config import RunConfig
 
+from .learner import Learner
+from .node import LearningNode
 from .plan import RoutingPlan
-from .rule import NodeRule
-
-
-class NodeRuleFactory(Protocol):
-    """A node rule class: builds the rule of one partition."""
-
-    @classmethod
-    def for_partition(cls, config: RunConfig, partition_id: int) -> NodeRule: ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +24,7 @@ class AlgorithmSpec:
     """One algorithm: the orchestrator that plans its rounds and the rule its nodes follow."""
 
     orchestrator: type[RoutingPlan]
-    node_rule: type[NodeRuleFactory]
+    node_rule: type[LearningNode]
 
     @property
     def name(self) -> str:
@@ -48,6 +41,10 @@ class AlgorithmSpec:
         """The RunConfig fields only this algorithm reads."""
         return self.orchestrator.config_keys
 
-    def make_rule(self, config: RunConfig, partition_id: int) -> NodeRule:
-        """The node rule of ``partition_id``."""
-        return self.node_rule.for_partition(config, partition_id)
+    def make_rule(self, config: RunConfig, partition_id: int,
+                  learner: Learner | None = None) -> LearningNode:
+        """The node rule of ``partition_id``, natively (its own model and data) or around
+        ``learner`` (plug-in mode's train handler)."""
+        if learner is None:
+            return self.node_rule.for_partition(config, partition_id)
+        return self.node_rule(config, partition_id, learner)

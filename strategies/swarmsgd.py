@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.graphs import random_maximal_matching, round_rng
 
 from .dpsgd import DPSGDNode
+from .learner import DataLearner, node_data
 from .plan import RoutingPlan
 from .rule import NodeTask
 from .spec import AlgorithmSpec
@@ -49,9 +51,9 @@ class SwarmSGD(RoutingPlan):
 class SwarmSGDNode(DPSGDNode):
     """D-PSGD's node with H local steps per round (weights 1/2 come from the plan)."""
 
-    @property
-    def local_steps(self) -> int:
-        return self.config.swarm_local_steps
+    @classmethod
+    def native_learner(cls, config: RunConfig, partition_id: int) -> DataLearner:
+        return DataLearner(config, node_data(config, partition_id), config.swarm_local_steps)
 
 
 SPEC = AlgorithmSpec(SwarmSGD, SwarmSGDNode)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.node import LearningNode
+from strategies.learner import DataLearner
 
 
 @pytest.fixture
@@ -14,6 +14,6 @@ def zero_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
 
     def zero_gradient(self, params, gen):
-        return 0.0, {k: torch.zeros_like(v) for k, v in params.items()}
+        return {"train_loss": 0.0}, {k: torch.zeros_like(v) for k, v in params.items()}
 
-    monkeypatch.setattr(LearningNode, "gradient", zero_gradient)
+    monkeypatch.setattr(DataLearner, "gradient", zero_gradient)

@@ -7,7 +7,7 @@ import torch
 
 from flwr_hyperprism.config import RunConfig
 from strategies import NodeTask
-from strategies.node import node_data
+from strategies.learner import node_data
 from strategies.protocol import record_task, task_record
 from strategies.screening import screen_neighbours
 

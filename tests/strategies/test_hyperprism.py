@@ -16,7 +16,6 @@ from flwr_hyperprism.server_app import initial_model
 from strategies import ALGORITHMS
 from strategies.decentralized import make_strategy, run_in_process
 from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismNode
-from strategies.node import load_optimizer_state, optimizer_state
 
 
 def small_config(tmp_path, **changes) -> RunConfig:
@@ -166,19 +165,6 @@ def test_in_process_runs_learn_and_the_last_round_trip_only_merges(tmp_path):
     assert "train_loss_mean" not in rows[-1]
 
 
-def test_optimizer_state_round_trips(tmp_path):
-    config = small_config(tmp_path, momentum=0.9)
-    rule = HyperPrismNode.for_partition(config, 0)
-    state = rule.init_state()
-    state, _ = rule.step(state, HyperPrism(config).plan_round(1, [])[0], {})
-    buffers = state.tensors["optimizer"]
-    assert buffers and all(torch.count_nonzero(v) > 0 for v in buffers.values())
-    load_optimizer_state(rule.optimizer, buffers)
-    assert optimizer_state(rule.optimizer).keys() == buffers.keys()
-    for key, value in optimizer_state(rule.optimizer).items():
-        assert torch.equal(value, buffers[key])
-
-
 def test_a_non_finite_neighbour_does_not_poison_the_node(tmp_path):
     config = small_config(tmp_path, topology="complete")
     rule = HyperPrismNode.for_partition(config, 0)
@@ -238,9 +224,9 @@ def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sig
     config = small_config(tmp_path, p_mode="tracking", p_step=0.5)
     rule = HyperPrismNode.for_partition(config, 0)
     gen = torch.Generator().manual_seed(3)
-    models = [{k: torch.randn(v.shape, generator=gen) for k, v in rule.initial_model.items()}
+    models = [{k: torch.randn(v.shape, generator=gen) for k, v in rule.learner.initial_model.items()}
               for _ in range(3)]
-    tracker = torch.randn(sum(rule.initial_model[n].numel() for n in rule.names), generator=gen)
+    tracker = torch.randn(sum(rule.learner.initial_model[n].numel() for n in rule.names), generator=gen)
     for model in models:
         model[TRACKER] = sign * tracker
     weights = torch.tensor([0.5, 0.3, 0.2])

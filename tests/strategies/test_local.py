@@ -38,7 +38,7 @@ def test_local_training_is_d_psgd_on_a_graph_without_edges(tmp_path):
 
 def test_a_node_keeps_exactly_its_own_model():
     rule = LocalNode.for_partition(RunConfig(algorithm="local", num_nodes=3, eval_size=100), 1)
-    own = {k: torch.randn(v.shape) for k, v in rule.initial_model.items()}
+    own = {k: torch.randn(v.shape) for k, v in rule.learner.initial_model.items()}
     merged = rule.combine([own], torch.tensor([1.0]), torch.Generator(), {})
     assert all(torch.equal(merged[k], own[k]) and merged[k] is not own[k] for k in own)
 

@@ -1,0 +1,244 @@
+"""Where a node's training, gradients and evaluation come from: its ``Learner``.
+
+A node rule (``strategies.node`` and the algorithm modules) decides what to merge, when to
+train and what to keep; its learner does the learning. ``DataLearner`` is the native one: the
+node's own model (``flwr_hyperprism.models``), its Dirichlet partition, local SGD and the global
+test set. Plug-in mode's learner is the user's train handler
+(``flwr_hyperprism.plugin.HandlerLearner``), so every algorithm runs the same node rule in both
+modes. Pure torch, no Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.data import NUM_CLASSES, Dataset, Split, dirichlet_partition, load_dataset
+from flwr_hyperprism.graphs import round_rng
+from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_group
+
+from .rule import NodeState, StateDict
+
+EVAL_BATCH = 2048
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What one local training of a model gives back.
+
+    Attributes
+    ----------
+    model : the trained model (every key of the learner's ``initial_model``)
+    metrics : what the training reports (natively ``train_loss``; a handler's own metrics)
+    gradient : {parameter name: tensor}, an estimate of the local gradient: the last
+        minibatch's gradient for the node's own SGD, the pseudo-gradient (start - trained) / lr
+        for a train handler
+    """
+
+    model: StateDict
+    metrics: dict[str, float]
+    gradient: StateDict
+
+
+class Learner(Protocol):
+    """A node's model, training, gradients and evaluation, as the node rules use them.
+
+    Attributes
+    ----------
+    initial_model : the model a new node state starts from (all keys, integer buffers too)
+    names : the floating-point parameters, in model order: what the algorithms merge
+    groups : {layer group: parameter names}, a partition of ``names`` (``theta`` / ``phi``)
+    num_examples : the size of the node's training data, when the learner knows it
+    """
+
+    initial_model: StateDict
+    names: tuple[str, ...]
+    groups: Mapping[str, list[str]]
+    num_examples: int | None
+
+    def load(self, state: NodeState) -> None:
+        """Take the learner's own state (e.g. optimizer momentum) from a node state; a state
+        without it starts the learner afresh."""
+
+    def save(self) -> dict[str, StateDict]:
+        """The learner's own state, as node state groups."""
+        ...
+
+    def evaluate(self, model: StateDict) -> dict[str, float]:
+        """Metrics of ``model`` after a merge (natively ``accuracy`` and ``loss``)."""
+        ...
+
+    def train(self, model: StateDict, gen: torch.Generator) -> LocalUpdate:
+        """Train ``model`` locally (one round's worth)."""
+        ...
+
+    def gradient(self, params: StateDict, gen: torch.Generator
+                 ) -> tuple[dict[str, float], StateDict]:
+        """Metrics and a stochastic gradient of the local loss at ``params``."""
+        ...
+
+    def probe(self, model: StateDict, gen: torch.Generator) -> tuple[float, StateDict] | None:
+        """Loss and gradient of a fresh minibatch at ``model``, before training; None when
+        only training reveals a gradient (a train handler): the caller then uses
+        ``LocalUpdate.gradient``."""
+        ...
+
+
+@dataclass(frozen=True)
+class NodeData:
+    train: Split  # this node's partition
+    test: Split  # the global test set
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+@lru_cache(maxsize=2)
+def partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
+                alpha: float, min_size: int) -> tuple[Dataset, tuple[np.ndarray, ...]]:
+    """The dataset and its Dirichlet partition (one index array per node; cached per process)."""
+    data = load_dataset(dataset, data_dir, download, seed)
+    parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
+    return data, tuple(parts)
+
+
+def node_data(config: RunConfig, partition_id: int) -> NodeData:
+    """The node's training partition and the global test set (cached per process).
+
+    With ``eval_size`` > 0 the test set is a fixed random subset of that size (the same for
+    every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
+    """
+    if not 0 <= partition_id < config.num_nodes:
+        raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
+                         f"(num-nodes={config.num_nodes})")
+    data, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
+                              config.num_nodes, config.alpha, config.min_partition_size)
+    idx = torch.from_numpy(parts[partition_id])
+    test = data.test
+    if 0 < config.eval_size < len(test):
+        keep = torch.from_numpy(round_rng(config.seed, 0xE7A1).permutation(len(test))
+                                [:config.eval_size])
+        test = Split(test.x[keep], test.y[keep])
+    return NodeData(Split(data.train.x[idx], data.train.y[idx]), test)
+
+
+class DataLearner:
+    """The native learner: the node's seeded model, SGD on its partition, the global test set.
+
+    ``local_steps`` (default: ``config.local_steps``, else ``local_epochs`` passes) minibatch
+    steps per ``train``. The optimizer's state is the node state group ``optimizer``.
+    """
+
+    def __init__(self, config: RunConfig, data: NodeData, local_steps: int = 0) -> None:
+        self.config, self.data = config, data
+        self.model = build_model(config.model, data.input_shape, NUM_CLASSES, config.seed)
+        # The model object is reused across round-trips (and runs, when the rule is cached):
+        # a new state must start from the seeded initial weights, not from its current ones.
+        self.initial_model = clone_tensors(self.model.state_dict())
+        self.names = tuple(name for name, _ in self.model.named_parameters())
+        self.groups = {g: [n for n in self.names if layer_group(n) == g]
+                       for g in (REPRESENTATION, DECISION)}
+        self.num_examples = len(data.train)
+        batches = -(-len(data.train) // config.batch_size)
+        self.local_steps = local_steps or config.local_steps or config.local_epochs * batches
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
+                                         momentum=config.momentum)
+
+    def load(self, state: NodeState) -> None:
+        """The optimizer's state; a state without one (a new node) resets it."""
+        load_optimizer_state(self.optimizer, state.tensors.get("optimizer", {}))
+
+    def save(self) -> dict[str, StateDict]:
+        return {"optimizer": optimizer_state(self.optimizer)}
+
+    def evaluate(self, model: StateDict) -> dict[str, float]:
+        self.model.load_state_dict(model)
+        accuracy, loss = evaluate(self.model, self.data.test)
+        return {"accuracy": accuracy, "loss": loss}
+
+    def train(self, model: StateDict, gen: torch.Generator) -> LocalUpdate:
+        """``local_steps`` SGD steps on shuffled minibatches; metric ``train_loss`` (mean)."""
+        self.model.load_state_dict(model)
+        train, batch = self.data.train, self.config.batch_size
+        order = torch.empty(0, dtype=torch.int64)
+        losses = []
+        self.model.train()
+        for _ in range(self.local_steps):
+            if len(order) == 0:
+                order = torch.randperm(len(train), generator=gen)
+            idx, order = order[:batch], order[batch:]
+            self.optimizer.zero_grad()
+            loss = F.cross_entropy(self.model(train.x[idx]), train.y[idx])
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        last_gradient = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()
+                         if p.grad is not None}
+        return LocalUpdate(clone_tensors(self.model.state_dict()),
+                           {"train_loss": sum(losses) / len(losses)}, last_gradient)
+
+    def gradient(self, params: StateDict, gen: torch.Generator
+                 ) -> tuple[dict[str, float], StateDict]:
+        """Gradient of one random minibatch (``batch-size``, without replacement)."""
+        train = self.data.train
+        idx = torch.randperm(len(train), generator=gen)[:self.config.batch_size]
+        loss, grads = self._loss_gradient(params, train.x[idx], train.y[idx])
+        return {"train_loss": loss}, grads
+
+    def probe(self, model: StateDict, gen: torch.Generator) -> tuple[float, StateDict]:
+        """Loss and gradient of ``min(batch-size, n)`` examples drawn with replacement."""
+        train = self.data.train
+        idx = torch.randint(len(train), (min(self.config.batch_size, len(train)),),
+                            generator=gen)
+        return self._loss_gradient(model, train.x[idx], train.y[idx])
+
+    def _loss_gradient(self, params: StateDict, x: Tensor, y: Tensor
+                       ) -> tuple[float, StateDict]:
+        params = {k: p.detach().requires_grad_() for k, p in params.items()}
+        loss = F.cross_entropy(functional_call(self.model, params, (x,)), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return float(loss.detach()), dict(zip(params, grads))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, test: Split) -> tuple[float, float]:
+    """Accuracy (fraction) and mean cross-entropy of ``model`` on a ``Split``."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(test), EVAL_BATCH):
+        logits = model(test.x[start:start + EVAL_BATCH])
+        labels = test.y[start:start + EVAL_BATCH]
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    return correct / len(test), loss / len(test)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> StateDict:
+    """The optimizer's per-parameter tensors as a flat dict ``"<index>.<name>"``."""
+    return {f"{index}.{name}": value.detach().clone()
+            for index, slots in optimizer.state_dict()["state"].items()
+            for name, value in slots.items() if torch.is_tensor(value)}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: StateDict) -> None:
+    """Inverse of ``optimizer_state`` (an empty dict resets the optimizer)."""
+    slots: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value.clone()
+    optimizer.load_state_dict({"state": slots,
+                               "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def clone_tensors(tensors: Mapping[str, Tensor]) -> StateDict:
+    return {k: v.detach().clone() for k, v in tensors.items()}
