@@ -224,9 +224,10 @@ def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sig
     config = small_config(tmp_path, p_mode="tracking", p_step=0.5)
     rule = HyperPrismNode.for_partition(config, 0)
     gen = torch.Generator().manual_seed(3)
-    models = [{k: torch.randn(v.shape, generator=gen) for k, v in rule.learner.initial_model.items()}
+    initial = rule.learner.initial_model
+    models = [{k: torch.randn(v.shape, generator=gen) for k, v in initial.items()}
               for _ in range(3)]
-    tracker = torch.randn(sum(rule.learner.initial_model[n].numel() for n in rule.names), generator=gen)
+    tracker = torch.randn(sum(initial[n].numel() for n in rule.names), generator=gen)
     for model in models:
         model[TRACKER] = sign * tracker
     weights = torch.tensor([0.5, 0.3, 0.2])
