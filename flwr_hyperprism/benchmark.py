@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -51,7 +52,7 @@ def main() -> None:
         print(f"weighted average, one gemv:        {gemv * 1e3:8.2f} ms")
         print(f"weighted average, sum_j a_j x_j:   {loop * 1e3:8.2f} ms")
         for p in args.p:
-            wpm = median_seconds(lambda p=p: power_mean(x, weights, p), args.repeats)
+            wpm = median_seconds(partial(power_mean, x, weights, p), args.repeats)
             print(f"power mean, p = {p:<6}:            {wpm * 1e3:8.2f} ms   ratio "
                   f"{wpm / gemv:5.2f} vs gemv, {wpm / loop:5.2f} vs sum")
 

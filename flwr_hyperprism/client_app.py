@@ -10,7 +10,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
@@ -25,6 +24,8 @@ from strategies.protocol import (
     RUN_KEY,
     SESSION_KEY,
     TASK_KEY,
+    metric_record,
+    record_int,
     record_task,
 )
 from strategies.rule import StateDict
@@ -43,9 +44,9 @@ def info(msg: Message, context: Context) -> Message:
     """
     record = partition_info(context)
     if RUN_KEY in msg.content:
-        config = RunConfig.from_run_config(msg.content[RUN_KEY])
+        config = RunConfig.from_run_config(msg.content.config_records[RUN_KEY])
         try:
-            node_data(config, int(record["partition-id"]))
+            node_data(config, record_int(record, "partition-id"))
         except (OSError, ValueError) as err:
             record["error"] = f"{type(err).__name__}: {err}"
     return Message(RecordDict({"info": record}), reply_to=msg)
@@ -65,10 +66,10 @@ def _train(msg: Message, context: Context) -> Message:
     last routed (``OWN_KEY``), else from the initial state (``starting_state``). With a state
     directory the new state is checkpointed before the reply goes out.
     """
-    config = RunConfig.from_run_config(msg.content[RUN_KEY])
+    config = RunConfig.from_run_config(msg.content.config_records[RUN_KEY])
     partition_id = int(context.node_config["partition-id"])
     rule = _node_rule(config, partition_id)
-    task = record_task(msg.content[TASK_KEY])
+    task = record_task(msg.content.config_records[TASK_KEY])
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in msg.content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
@@ -81,7 +82,7 @@ def _train(msg: Message, context: Context) -> Message:
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
     return Message(RecordDict({"arrays": ArrayRecord(state.shared),
-                               "metrics": MetricRecord(metrics)}), reply_to=msg)
+                               "metrics": metric_record(metrics)}), reply_to=msg)
 
 
 def run_key(msg: Message) -> str:
@@ -127,4 +128,4 @@ def load_state(context: Context) -> NodeState | None:
     tensors = {key[len(STATE_PREFIX):]: dict(record.to_torch_state_dict())
                for key, record in context.state.array_records.items()
                if key.startswith(STATE_PREFIX)}
-    return NodeState(int(context.state[ROUND_KEY]["round"]), tensors)
+    return NodeState(record_int(context.state.config_records[ROUND_KEY], "round"), tensors)

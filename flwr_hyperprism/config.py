@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -115,7 +116,7 @@ class RunConfig:
             value = getattr(self, f.name)
             if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
-            elif not _has_type(value, f.type):
+            elif not _has_type(value, str(f.type)):
                 raise ValueError(f"config key {_key(f.name)!r} must be a {f.type}, "
                                  f"got {value!r} ({type(value).__name__})")
         self._validate()
@@ -180,19 +181,20 @@ class RunConfig:
     # --- conversions -------------------------------------------------------------------------
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Scalar]) -> RunConfig:
+    def from_run_config(cls, run_config: Mapping[str, object]) -> RunConfig:
         """Build from Flower's flat run config (kebab-case keys); unknown keys are an error."""
         known = {_key(f.name): f.name for f in fields(cls)}
         unknown = sorted(set(run_config) - set(known))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(known)}")
-        return cls(**{known[k]: v for k, v in run_config.items()})
+        settings: dict[str, Any] = {known[k]: v for k, v in run_config.items()}
+        return cls(**settings)  # __post_init__ checks every value's type
 
     def to_run_config(self) -> dict[str, Scalar]:
         """Flat kebab-case mapping, as in ``[tool.flwr.app.config]``."""
         return {_key(k): v for k, v in dataclasses.asdict(self).items()}
 
-    def replace(self, **changes: Scalar) -> RunConfig:
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -222,11 +224,11 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             key = getattr(err, "full_key", None)
             raise ValueError(f"invalid configuration in {source}: config key {key!r}: "
                              f"{str(err).splitlines()[0]}") from err
-    values = OmegaConf.to_container(merged)
+    values = cast(dict[str, Any], OmegaConf.to_container(merged))
     for key in ("data_dir", "output_dir", "state_dir"):
         if values[key]:
             values[key] = str(Path(values[key]).expanduser().resolve())
-    return RunConfig(**values)  # type: ignore[arg-type]
+    return RunConfig(**values)
 
 
 def _read_yaml(path: str | Path) -> DictConfig:

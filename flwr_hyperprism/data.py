@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,7 +139,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> Dataset:
                    _to_split(test.data, test.targets, mean, std))
 
 
-def _to_split(images, labels, mean: tuple[float, ...], std: tuple[float, ...]) -> Split:
+def _to_split(images: Any, labels: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Split:
     x = torch.as_tensor(np.asarray(images)).float().div_(255.0)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (n, C, H, W)
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,8 @@ class HyperNetwork(nn.Module):
     uniform (p about the candidates' mean); ``p_init`` starts them near that degree instead.
     """
 
+    candidates: Tensor  # (C,) the candidate degrees (a buffer)
+
     def __init__(self, summary_dim: int, candidates: Sequence[float], embedding_dim: int = 32,
                  hidden: int = 64, select: str = "soft", p_init: float | None = None) -> None:
         super().__init__()
@@ -63,9 +66,10 @@ class HyperNetwork(nn.Module):
             if not min(candidates) <= p_init <= max(candidates):
                 raise ValueError(f"hn-p-init={p_init} must lie within the candidate degrees "
                                  f"[{min(candidates)}, {max(candidates)}] (or be 0: uniform)")
+            bias = -_P_INIT_SHARPNESS * (self.candidates - p_init).abs()
             with torch.no_grad():
                 for head in self.heads.values():
-                    head.bias.copy_(-_P_INIT_SHARPNESS * (self.candidates - p_init).abs())
+                    cast(nn.Linear, head).bias.copy_(bias)
 
     def forward(self, summary: Tensor) -> dict[str, Tensor]:
         """Degrees for each layer group: {"theta": p_theta, "phi": p_phi}, 0-d tensors.

@@ -7,14 +7,18 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .config import RunConfig
+
+Row = dict[str, Any]
+"""One metrics.jsonl row (or summary.json): JSON values by key."""
 
 # Per-node values kept in every metrics.jsonl row, keyed by partition id.
 PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
 
 
-def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> dict:
+def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> Row:
     """One metrics row (without ``seconds``) from each replying node's metrics.
 
     Every numeric key K becomes ``K_mean`` over nodes; ``PER_NODE_KEYS`` (accuracy and the
@@ -22,7 +26,7 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
     {partition id (str, as JSON keys are): value}: a node that did not reply is missing there.
     """
     nodes = sorted(node_metrics)
-    row: dict = {"round": round_, "nodes_replied": len(nodes)}
+    row: Row = {"round": round_, "nodes_replied": len(nodes)}
     keys = sorted({k for m in node_metrics.values() for k in m})
     for key in keys:
         values = {n: float(node_metrics[n][key]) for n in nodes if key in node_metrics[n]}
@@ -43,7 +47,7 @@ def node_values(per_node: Mapping[str, float] | list[float]) -> list[float]:
     return list(per_node)
 
 
-def format_round(row: Mapping, num_rounds: int) -> str:
+def format_round(row: Mapping[str, Any], num_rounds: int) -> str:
     """The per-round log line."""
     degrees = "".join(f"  {key} {row[f'{key}_mean']:.2f}" for key in ("p_theta", "p_phi")
                       if f"{key}_mean" in row)  # algorithms with power degrees only
@@ -54,7 +58,7 @@ def format_round(row: Mapping, num_rounds: int) -> str:
             f"  {row['seconds']:.2f}s")
 
 
-def _listed(row: Mapping, key: str) -> str:
+def _listed(row: Mapping[str, Any], key: str) -> str:
     """`` (missing [2, 5])`` for a non-empty list ``row[key]``; else nothing."""
     values = row.get(key)
     return f" ({key.removeprefix('partitions_')} {values})" if values else ""
@@ -81,22 +85,22 @@ class RunRecorder:
         if keep_rows is not None and len(lines) < keep_rows:
             raise ValueError(f"cannot resume {self.run_dir}: its checkpoint covers {keep_rows} "
                              f"rows but metrics.jsonl has {len(lines)}")
-        self.rows: list[dict] = [json.loads(line) for line in lines[:keep_rows or 0]]
+        self.rows: list[Row] = [json.loads(line) for line in lines[:keep_rows or 0]]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config.to_run_config(), indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
-    def record(self, row: dict) -> None:
+    def record(self, row: Row) -> None:
         self.rows.append(row)
         with open(self.run_dir / "metrics.jsonl", "a") as out:
             out.write(json.dumps(row) + "\n")
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
-    def summary(self) -> dict:
+    def summary(self) -> Row:
         return {**summarise_run(self.rows, self.config), "algorithm_name": self.description}
 
 
-def summarise_run(rows: list[dict], config: RunConfig) -> dict:
+def summarise_run(rows: list[Row], config: RunConfig) -> Row:
     """Max accuracy (and its round) and the first round reaching the target accuracy.
 
     Rounds and exchanges (neighbour round-trips, several per round for Mudag) are both given.

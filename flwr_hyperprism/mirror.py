@@ -13,6 +13,7 @@ terms that are negligible next to the largest one.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,13 +71,14 @@ def power_mean(x: Tensor, weights: Tensor, p: float | Tensor) -> Tensor:
     p_tensor = _check_inputs(x, weights, p)
     weights = weights.to(dtype=x.dtype)
     if not p_tensor.requires_grad and float(p_tensor) == 1.0:
-        return torch.tensordot(weights, x, dims=1)
+        return torch.tensordot(weights, x, dims=1)  # type: ignore[no-any-return]
     # Rows with zero weight must not set the scale: a huge unweighted value would push every
     # weighted term into underflow.
     positive = weights > 0
     if not bool(positive.all()):
         x, weights = x[positive], weights[positive]
-    return _ScaledPowerMean.apply(x, weights, p_tensor.to(dtype=x.dtype))
+    mean: Tensor = _ScaledPowerMean.apply(x, weights, p_tensor.to(dtype=x.dtype))
+    return mean
 
 
 def _check_inputs(x: Tensor, weights: Tensor, p: float | Tensor) -> Tensor:
@@ -127,7 +129,7 @@ class _ScaledPowerMean(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weights: Tensor, p: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weights: Tensor, p: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
         k, n = flat.shape
         # The backward needs every mirrored value; without it one cache-sized block is reused
@@ -148,7 +150,7 @@ class _ScaledPowerMean(torch.autograd.Function):
         return (t * scale).reshape(x.shape[1:])
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         flat, mirrored, weights, p, scale, s, t = ctx.saved_tensors
         grad_out = grad_out.reshape(-1)
         eps, tiny = torch.finfo(flat.dtype).eps, torch.finfo(flat.dtype).tiny

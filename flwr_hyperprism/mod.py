@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from strategies import NodeState, algorithm_spec
@@ -28,13 +28,15 @@ from strategies.protocol import (
     NEIGHBOUR_PREFIX,
     RUN_KEY,
     TASK_KEY,
+    metric_record,
     record_task,
+    scalar_metrics,
 )
 from strategies.rule import StateDict
 
 from .client_app import load_state, partition_info, routed_own, run_key, save_state
 from .config import RunConfig
-from .plugin import EVALUATED, HandlerLearner, scalar_metrics
+from .plugin import EVALUATED, HandlerLearner
 
 
 def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -47,25 +49,31 @@ def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return _round_trip(msg, context, call_next)
     if EVALUATE_KEY in msg.content:
         state = load_state(context)
+        if state is None:
+            raise ValueError(f"partition {context.node_config['partition-id']} was asked to "
+                             f"evaluate before its first train round-trip")
         msg.content = RecordDict({"arrays": ArrayRecord(state.tensors[EVALUATED]),
-                                  "config": msg.content["config"]})
+                                  "config": msg.content.config_records["config"]})
     return call_next(msg, context)
 
 
 def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     content = msg.content
-    config = RunConfig.from_run_config(content[RUN_KEY])
-    task = record_task(content[TASK_KEY])
+    config = RunConfig.from_run_config(content.config_records[RUN_KEY])
+    task = record_task(content.config_records[TASK_KEY])
     partition_id = int(context.node_config["partition-id"])
     spec = algorithm_spec(config.algorithm)
 
     def train(model: StateDict) -> tuple[StateDict, dict[str, float]]:
-        msg.content = RecordDict({"arrays": ArrayRecord(model), "config": content["config"]})
+        msg.content = RecordDict({"arrays": ArrayRecord(model),
+                                  "config": content.config_records["config"]})
         reply = call_next(msg, context)
         if reply.has_error():
             raise _HandlerFailed(reply)
-        metrics = scalar_metrics(reply.content["metrics"]) if "metrics" in reply.content else {}
-        return dict(reply.content["arrays"].to_torch_state_dict()), metrics
+        records = reply.content
+        metrics = (scalar_metrics(records.metric_records["metrics"])
+                   if "metrics" in records.metric_records else {})
+        return dict(records.array_records["arrays"].to_torch_state_dict()), metrics
 
     def node(model: StateDict) -> LearningNode:
         return spec.make_rule(config, partition_id, HandlerLearner(model, train, config.lr))
@@ -74,7 +82,7 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
         if "arrays" not in content.array_records:
             raise ValueError(f"partition {partition_id} has no model to start round-trip "
                              f"{task.round}.{task.stage} from (no state, no routed model)")
-        return _evaluating(node, dict(content["arrays"].to_torch_state_dict()), None)
+        return _evaluating(node, dict(content.array_records["arrays"].to_torch_state_dict()), None)
 
     def restore(shared: StateDict) -> NodeState:  # a node without state: its routed model
         if not issubclass(spec.node_rule, GossipNode):
@@ -102,7 +110,7 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
     return Message(RecordDict({"arrays": ArrayRecord(state.shared),
-                               "metrics": MetricRecord(metrics)}), reply_to=msg)
+                               "metrics": metric_record(metrics)}), reply_to=msg)
 
 
 def _evaluating(node: Callable[[StateDict], LearningNode], model: StateDict,

@@ -25,7 +25,7 @@ of the round (Mudag: x; ADOM+: x_f).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from strategies import algorithm_spec
 from strategies.decentralized import DecentralizedStrategy, flat_metrics
 from strategies.learner import LocalUpdate
-from strategies.protocol import EVALUATE_KEY, STAGE_KEY
+from strategies.protocol import EVALUATE_KEY, STAGE_KEY, record_int, scalar_metrics
 from strategies.rule import NodeState, StateDict
 
 from .config import RunConfig
@@ -66,7 +66,7 @@ class PluginStrategy(DecentralizedStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if server_round == 1 and int(config.get(STAGE_KEY, 0)) == 0:
+        if server_round == 1 and (STAGE_KEY not in config or record_int(config, STAGE_KEY) == 0):
             for message in messages:
                 message.content["arrays"] = arrays
         return messages
@@ -90,12 +90,12 @@ class PluginStrategy(DecentralizedStrategy):
                 log.warning("round %s: no evaluation from partition %s: %s", server_round, pid,
                             reply.error.reason if reply.has_error() else "no metrics")
                 continue
-            metrics = scalar_metrics(reply.content["metrics"])
+            metrics = scalar_metrics(reply.content.metric_records["metrics"])
             for ours, theirs in (("accuracy", self.accuracy_metric), ("loss", self.loss_metric)):
                 if theirs in metrics:
                     metrics[ours] = metrics[theirs]
             self.node_metrics[pid].update(metrics)
-        return MetricRecord(flat_metrics(summarise_round(server_round - 1, self.node_metrics)))
+        return flat_metrics(summarise_round(server_round - 1, self.node_metrics))
 
 
 def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: str = "accuracy",
@@ -115,11 +115,6 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: st
     strategy = PluginStrategy(algorithm_spec(algorithm).orchestrator(config), run_dir)
     strategy.accuracy_metric, strategy.loss_metric = accuracy_metric, loss_metric
     return strategy
-
-
-def scalar_metrics(record: Mapping) -> dict[str, float]:
-    """The int/float entries of a MetricRecord (lists are left out of the round summary)."""
-    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
 def parameter_groups(names: list[str]) -> dict[str, list[str]]:

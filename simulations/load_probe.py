@@ -167,7 +167,6 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
     """
     from flwr.app import ConfigRecord
     from flwr.common.serde import recorddict_to_proto
-    from flwr.supercore.task_identity import TaskIdentity  # private API: no run here
 
     from flwr_hyperprism.config import RunConfig
     from flwr_hyperprism.server_app import initial_model
@@ -181,13 +180,13 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
     model = initial_model(config)
     strategy.node_ids = {pid: pid for pid in range(num_nodes)}
     strategy.latest = dict.fromkeys(range(num_nodes), model)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    strategy.in_sync = set(range(num_nodes))  # steady state: no node needs its own model sent
     per_round, links = [], []
     for round_ in range(1, rounds + 1):
-        messages = strategy.configure_train(round_, model, ConfigRecord(), grid=None)
-        per_round.append(sum(recorddict_to_proto(m.content).ByteSize() for m in messages))
-        links.append(sum(len(task.neighbours)
-                         for task in strategy.plan_round(round_, range(num_nodes)).values()))
+        contents = strategy.train_contents(round_, 0, ConfigRecord()).values()
+        per_round.append(sum(recorddict_to_proto(content).ByteSize() for content in contents))
+        tasks = strategy.routing.plan_round(round_, range(num_nodes))
+        links.append(sum(len(task.neighbours) for task in tasks.values()))
     state = make_rule(config, 0).init_state()
     state_bytes = sum(t.numel() * t.element_size() for group in state.tensors.values()
                       for t in group.values())

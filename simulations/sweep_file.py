@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 
@@ -35,7 +36,7 @@ class Sweep:
     def load(cls, path: str | Path, overrides: Sequence[str] = (),
              seeds: Sequence[int] | None = None) -> Sweep:
         path = Path(path)
-        spec = OmegaConf.to_container(OmegaConf.load(path))
+        spec = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
         unknown = sorted(set(spec) - {"name", "title", "configs", "methods", "sweep", "seeds"})
         if unknown:
             raise ValueError(f"unknown keys {unknown} in sweep file {path}; valid: name, title, "

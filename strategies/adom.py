@@ -140,7 +140,7 @@ class ADOMUpdate:
 
         # W applied to the shared vectors: own row entry plus the neighbours'
         mixed = mix_row(task, state.shared, neighbours)
-        new = {name: {} for name in ADOM_VECTORS}
+        new: dict[str, StateDict] = {name: {} for name in ADOM_VECTORS}
         x_g = {k: c.tau1 * v["x"][k] + (1 - c.tau1) * v["x_f"][k] for k in v["x"]}
         grad = gradient(x_g)
         for k in v["x"]:

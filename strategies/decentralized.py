@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from uuid import uuid4
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -42,6 +42,9 @@ from .protocol import (
     SESSION_KEY,
     STAGE_KEY,
     TASK_KEY,
+    record_int,
+    run_record,
+    scalar_metrics,
     task_record,
 )
 from .rule import NodeRule, NodeState, NodeTask, StateDict
@@ -94,7 +97,8 @@ class DecentralizedStrategy(Strategy):
         self.run_key = ""  # names the nodes' checkpoints of this run (``open_run``)
         self.next_exchange = 0  # index in ``schedule()`` of the next round-trip
         # routing state (checkpointed): partition id -> latest shared tensors and their round
-        self.latest: dict[int, ArrayRecord | StateDict] = {}
+        # (ArrayRecords in a Flower run, the state dicts themselves in ``run_in_process``)
+        self.latest: dict[int, Any] = {}
         self.received: dict[int, int] = {}
         self.dropped: dict[int, float] = {}  # neighbours dropped in stages > 0, per node
         self.stale: list[int] = []  # partitions left out of the last round-trip as too old
@@ -133,12 +137,20 @@ class DecentralizedStrategy(Strategy):
         ``config[STAGE_KEY]`` (default 0) selects the stage of round ``server_round``; the rest
         of ``config`` is passed on as the message's "config" record.
         """
-        run = ConfigRecord(self.config.to_run_config())
-        session = ConfigRecord({"run-key": self.run_key})
-        stage = int(config.get(STAGE_KEY, 0))
+        stage = record_int(config, STAGE_KEY) if STAGE_KEY in config else 0
         passed_on = ConfigRecord({k: v for k, v in config.items() if k != STAGE_KEY})
-        messages = []
-        for pid, task in self.plan(server_round, stage).items():
+        return [Message(content, dst_node_id=self.node_ids[pid],
+                        message_type=self.train_message_type,
+                        group_id=f"{server_round}.{stage}")
+                for pid, content in self.train_contents(server_round, stage, passed_on).items()]
+
+    def train_contents(self, round_: int, stage: int, passed_on: ConfigRecord
+                       ) -> dict[int, RecordDict]:
+        """The content of each bound partition's train message (see ``configure_train``)."""
+        run = run_record(self.config)
+        session = ConfigRecord({"run-key": self.run_key})
+        contents = {}
+        for pid, task in self.plan(round_, stage).items():
             if pid not in self.node_ids:
                 continue
             content = RecordDict({TASK_KEY: task_record(task), RUN_KEY: run, SESSION_KEY: session,
@@ -147,10 +159,8 @@ class DecentralizedStrategy(Strategy):
                 content[f"{NEIGHBOUR_PREFIX}{j}"] = self.latest[j]
             if pid not in self.in_sync and pid in self.latest:
                 content[OWN_KEY] = self.latest[pid]
-            messages.append(Message(content, dst_node_id=self.node_ids[pid],
-                                    message_type=self.train_message_type,
-                                    group_id=f"{server_round}.{stage}"))
-        return messages
+            contents[pid] = content
+        return contents
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -177,9 +187,9 @@ class DecentralizedStrategy(Strategy):
                           self.node_ids.get(pid), pid, fault)
                 failed.append(pid)
                 continue
-            self.latest[pid] = reply.content["arrays"]
+            self.latest[pid] = reply.content.array_records["arrays"]
             self.received[pid] = server_round
-            node_metrics[pid] = dict(reply.content["metrics"])
+            node_metrics[pid] = scalar_metrics(reply.content.metric_records["metrics"])
         addressed = set(self.addressed.values())
         silent = sorted(addressed - set(node_metrics) - set(failed))
         if silent:
@@ -191,7 +201,7 @@ class DecentralizedStrategy(Strategy):
                         sorted(set(range(self.config.num_nodes)) - set(node_metrics)))
         self.in_sync = (self.in_sync - addressed) | set(node_metrics)
         self.node_metrics = node_metrics
-        return None, MetricRecord(flat_metrics(summarise_round(server_round - 1, node_metrics)))
+        return None, flat_metrics(summarise_round(server_round - 1, node_metrics))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -227,12 +237,12 @@ class DecentralizedStrategy(Strategy):
         node that replies stays idle (a duplicate), with one warning.
         """
         online = set(grid.get_node_ids())
-        for pid, nid in sorted(self.node_ids.items()):
+        for partition, nid in sorted(self.node_ids.items()):
             if nid not in online:
                 log.warning("round %s: partition %s lost its node %s (disconnected)", round_,
-                            pid, nid)
-                del self.node_ids[pid]
-                self.in_sync.discard(pid)
+                            partition, nid)
+                del self.node_ids[partition]
+                self.in_sync.discard(partition)
         self.claims = {nid: pid for nid, pid in self.claims.items() if nid in online}
         self._read_partition_answers(grid, round_)
         asking = set(self.joining.values())
@@ -320,7 +330,7 @@ class DecentralizedStrategy(Strategy):
             return self.node_metrics
 
         for row in self.run_rounds(round_trip):
-            result.train_metrics_clientapp[row["round"]] = MetricRecord(flat_metrics(row))
+            result.train_metrics_clientapp[row["round"]] = flat_metrics(row)
         return result
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float,
@@ -347,22 +357,23 @@ class DecentralizedStrategy(Strategy):
         ``resume`` that is an error, as is resuming with other settings.
         """
         self.latest, self.received, self.dropped, self.next_exchange = {}, {}, {}, 0
-        checkpoint = None
+        checkpoint, run_dir = None, self.run_dir
         if self.config.resume:
-            if self.run_dir is None:
+            if run_dir is None:
                 raise ValueError("resume=true needs a run directory (output-dir/run-name) "
                                  "to resume from")
-            checkpoint = RoutingCheckpoint.load(self.run_dir)
+            checkpoint = RoutingCheckpoint.load(run_dir)
             if checkpoint is None:
                 log.warning("resume=true, but %s holds no routing checkpoint: starting at "
-                            "round 0", self.run_dir)
+                            "round 0", run_dir)
         if checkpoint is None:
             self.run_key = f"{self.run_dir.name if self.run_dir else 'run'}-{uuid4().hex[:8]}"
             if initial is not None:
                 self.latest = dict.fromkeys(range(self.config.num_nodes), initial)
                 self.received = dict.fromkeys(range(self.config.num_nodes), 0)
         else:
-            check_resumable(checkpoint.config, self.config, self.run_dir)
+            assert run_dir is not None  # only a resumed run has a checkpoint
+            check_resumable(checkpoint.config, self.config, run_dir)
             self.run_key, self.next_exchange = checkpoint.run_key, checkpoint.next_exchange
             self.latest = {pid: routed_form(tensors) for pid, tensors in checkpoint.latest.items()}
             self.received, self.dropped = checkpoint.received, checkpoint.dropped
@@ -449,15 +460,15 @@ def as_state_dict(model: ArrayRecord | StateDict) -> StateDict:
     return model
 
 
-def flat_metrics(row: Mapping) -> dict:
-    """A metrics row as MetricRecord values: per-node dicts become ``<key>.<partition>``."""
-    flat: dict = {}
+def flat_metrics(row: Mapping[str, Any]) -> MetricRecord:
+    """A metrics row as a MetricRecord: per-node dicts become ``<key>.<partition>``."""
+    flat: dict[str, Any] = {}
     for key, value in row.items():
         if isinstance(value, Mapping):
             flat.update({f"{key}.{pid}": v for pid, v in value.items()})
         elif not isinstance(value, str):
             flat[key] = value
-    return flat
+    return MetricRecord(flat)
 
 
 def reply_fault(reply: Message) -> str | None:
@@ -510,10 +521,10 @@ def partition_query(node_id: int, message_type: str, run_config: RunConfig | Non
                     ) -> Message:
     """A request for a node's partition id (with the run config, so that the node can check
     that it can load its data)."""
-    content = {INFO_KEY: ConfigRecord()}
+    content = RecordDict({INFO_KEY: ConfigRecord()})
     if run_config is not None:
-        content[RUN_KEY] = ConfigRecord(run_config.to_run_config())
-    return Message(RecordDict(content), dst_node_id=node_id, message_type=message_type)
+        content[RUN_KEY] = run_record(run_config)
+    return Message(content, dst_node_id=node_id, message_type=message_type)
 
 
 def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
@@ -567,8 +578,8 @@ def partition_answer(reply: Message, num_nodes: int) -> int:
     """The partition id in a node's answer to ``partition_query``; RuntimeError if the node
     belongs to another federation or cannot load its data."""
     try:
-        info = reply.content["info"]
-        pid, total = int(info["partition-id"]), int(info["num-partitions"])
+        info = reply.content.config_records["info"]
+        pid, total = record_int(info, "partition-id"), record_int(info, "num-partitions")
     except (KeyError, TypeError, ValueError) as err:
         raise RuntimeError(f"node {reply.metadata.src_node_id} answered the partition query "
                            f"without a partition-id and num-partitions ({err!r})") from None
@@ -581,7 +592,7 @@ def partition_answer(reply: Message, num_nodes: int) -> int:
         )
     if "error" in info:
         raise RuntimeError(f"partition {pid} (node {reply.metadata.src_node_id}) cannot start: "
-                           f"{info['error']}")
+                           f"{str(info['error'])}")
     return pid
 
 
@@ -613,8 +624,9 @@ def run_in_process(strategy: DecentralizedStrategy,
                                    rule.init_state, rule.restore, pid)
             states[pid], metrics[pid] = rule.step(
                 state, task, {j: strategy.latest[j] for j in task.neighbours})
-            if checkpoints[pid] is not None:
-                checkpoints[pid].save(states[pid], stage)
+            saver = checkpoints[pid]
+            if saver is not None:
+                saver.save(states[pid], stage)
         strategy.latest.update((pid, state.shared) for pid, state in states.items())
         strategy.received.update(dict.fromkeys(states, round_))
         return metrics

@@ -51,26 +51,43 @@ class HyperPrism(RoutingPlan):
                    "hn_p_init")
 
 
-def node_hypernetwork(config: RunConfig, partition_id: int, num_tensors: int
-                      ) -> tuple[HyperNetwork | None, torch.optim.SGD | None]:
-    """The node's hypernetwork (seeded per node) and its SGD optimizer; None with fixed p.
+class NodeHypernetwork:
+    """A node's hypernetwork HN_i (seeded per node) and its SGD optimizer (p-mode hypernetwork).
 
+    The module and optimizer are reused across round-trips (and runs, when the node rule is
+    cached); their weights travel in the node state groups ``hypernet`` and ``hn_optimizer``.
     ``num_tensors``: how many parameter tensors the gradient summary describes.
     """
-    if config.p_mode != "hypernetwork":
-        return None, None
-    summary_dim = SUMMARY_STATS * num_tensors if config.hn_input == "gradient" else 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
-        hypernet = HyperNetwork(summary_dim, config.candidates, config.embedding_dim,
-                                config.hn_hidden, config.p_select, config.hn_p_init or None)
-    return hypernet, torch.optim.SGD(hypernet.parameters(), lr=config.hn_lr)
 
+    def __init__(self, config: RunConfig, partition_id: int, num_tensors: int) -> None:
+        summary_dim = SUMMARY_STATS * num_tensors if config.hn_input == "gradient" else 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
+            self.module = HyperNetwork(summary_dim, config.candidates, config.embedding_dim,
+                                       config.hn_hidden, config.p_select,
+                                       config.hn_p_init or None)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=config.hn_lr)
+        self.initial = clone_tensors(self.module.state_dict())  # every new state starts here
 
-def initial_weights(hypernet: HyperNetwork | None) -> StateDict:
-    """A copy of a freshly built hypernetwork's weights (what every new node state starts
-    from; the module itself is reused and overwritten by each round-trip's state)."""
-    return clone_tensors(hypernet.state_dict()) if hypernet is not None else {}
+    def init_state(self) -> dict[str, StateDict]:
+        return {"hypernet": clone_tensors(self.initial), "hn_optimizer": {}}
+
+    def load(self, state: NodeState) -> None:
+        self.module.load_state_dict(state.tensors["hypernet"])
+        load_optimizer_state(self.optimizer, state.tensors["hn_optimizer"])
+
+    def save(self) -> dict[str, StateDict]:
+        return {"hypernet": clone_tensors(self.module.state_dict()),
+                "hn_optimizer": optimizer_state(self.optimizer)}
+
+    def step(self, merged: StateDict, gradient: StateDict) -> None:
+        """One SGD step on psi_i and v_i along <gradient, d merged / d (psi_i, v_i)>: the
+        chain rule of the local loss through the merge, with ``gradient`` its gradient at the
+        merged model."""
+        self.optimizer.zero_grad()
+        names = [n for n in gradient if merged[n].requires_grad]
+        torch.autograd.backward([merged[n] for n in names], [gradient[n] for n in names])
+        self.optimizer.step()
 
 
 class HyperPrismNode(GossipNode):
@@ -82,9 +99,8 @@ class HyperPrismNode(GossipNode):
         super().__init__(config, partition_id, learner)
         self.names = [n for names in self.groups.values() for n in names]  # flattening order
         self.summary = torch.zeros(SUMMARY_STATS * len(self.names))
-        self.hypernet, self.hn_optimizer = node_hypernetwork(config, partition_id,
-                                                             len(self.names))
-        self.initial_hypernet = initial_weights(self.hypernet)
+        self.hypernet = (NodeHypernetwork(config, partition_id, len(self.names))
+                         if config.p_mode == "hypernetwork" else None)
         self.pending: StateDict | None = None  # a merge whose hypernetwork step waits for training
 
     def init_extra(self) -> dict[str, StateDict]:
@@ -94,7 +110,7 @@ class HyperPrismNode(GossipNode):
                                  "local_update": torch.zeros_like(
                                      flatten(self.learner.initial_model, self.names))}
         if self.hypernet is not None:
-            extra.update(hypernet=clone_tensors(self.initial_hypernet), hn_optimizer={})
+            extra.update(self.hypernet.init_state())
         return extra
 
     def load_extra(self, state: NodeState) -> None:
@@ -103,8 +119,7 @@ class HyperPrismNode(GossipNode):
             self.p = float(state.tensors["tracking"]["p"])
             self.local_update = state.tensors["tracking"]["local_update"]
         if self.hypernet is not None:
-            self.hypernet.load_state_dict(state.tensors["hypernet"])
-            load_optimizer_state(self.hn_optimizer, state.tensors["hn_optimizer"])
+            self.hypernet.load(state)
 
     def save_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": self.summary}}
@@ -112,8 +127,7 @@ class HyperPrismNode(GossipNode):
             extra["tracking"] = {"p": torch.tensor(self.p, dtype=torch.float64),
                                  "local_update": self.local_update.clone()}
         if self.hypernet is not None:
-            extra.update(hypernet=clone_tensors(self.hypernet.state_dict()),
-                         hn_optimizer=optimizer_state(self.hn_optimizer))
+            extra.update(self.hypernet.save())
         return extra
 
     def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
@@ -133,22 +147,22 @@ class HyperPrismNode(GossipNode):
         through training, with the local update's pseudo-gradient (``trained``)."""
         self.pending = None
         if self.hypernet is not None:
-            degrees = self.hypernet(self.summary)
+            degrees = self.hypernet.module(self.summary)
         else:  # one degree for both layer groups
             degrees = dict.fromkeys(self.groups, torch.tensor(self._one_degree(models, weights)))
         self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
         metrics.update(p_theta=self.degrees[REPRESENTATION], p_phi=self.degrees[DECISION])
-        train_hypernet = self.hypernet is not None and len(models) > 1  # else d loss/d p = 0
-        with torch.set_grad_enabled(train_hypernet):
+        trained_hypernet = self.hypernet if len(models) > 1 else None  # alone: d loss/d p = 0
+        with torch.set_grad_enabled(trained_hypernet is not None):
             merged = merge_models(models, weights, degrees, self.groups)
         detached = {k: v.detach() for k, v in merged.items()}
-        if train_hypernet:
+        if trained_hypernet is not None:
             probe = self.learner.probe(detached, gen)
             if probe is None:
                 self.pending = merged
             else:
                 metrics["hn_loss"], gradient = probe
-                self._step_hypernet(merged, gradient)
+                trained_hypernet.step(merged, gradient)
         return detached
 
     def _one_degree(self, models: list[StateDict], weights: Tensor) -> float:
@@ -196,23 +210,14 @@ class HyperPrismNode(GossipNode):
         g = (start - trained) / lr."""
         self.summary = gradient_summary(update.gradient.values())
         if self.pending is not None:
-            self._step_hypernet(self.pending, {n: (start[n] - update.model[n]) / self.config.lr
-                                               for n in self.pending})
+            assert self.hypernet is not None  # only its merges wait
+            self.hypernet.step(self.pending, {n: (start[n] - update.model[n]) / self.config.lr
+                                              for n in self.pending})
             self.pending = None
         if self.config.p_mode == "tracking":
             g = (flatten(start, self.names) - flatten(update.model, self.names)) / self.config.lr
             mixed = self.tracker_mixed if self.tracker_mixed is not None else 0.0
             self.tracker = mixed + g - self.local_update
             self.local_update = g
-
-    def _step_hypernet(self, merged: StateDict, gradient: StateDict) -> None:
-        """One SGD step on psi_i and v_i along <gradient, d merged / d (psi_i, v_i)>: the
-        chain rule of the local loss through the merge, with ``gradient`` its gradient at the
-        merged model."""
-        self.hn_optimizer.zero_grad()
-        names = [n for n in gradient if merged[n].requires_grad]
-        torch.autograd.backward([merged[n] for n in names], [gradient[n] for n in names])
-        self.hn_optimizer.step()
-
 
 SPEC = AlgorithmSpec(HyperPrism, HyperPrismNode)

@@ -50,20 +50,27 @@ class LocalUpdate:
 
 
 class Learner(Protocol):
-    """A node's model, training, gradients and evaluation, as the node rules use them.
+    """A node's model, training, gradients and evaluation, as the node rules use them."""
 
-    Attributes
-    ----------
-    initial_model : the model a new node state starts from (all keys, integer buffers too)
-    names : the floating-point parameters, in model order: what the algorithms merge
-    groups : {layer group: parameter names}, a partition of ``names`` (``theta`` / ``phi``)
-    num_examples : the size of the node's training data, when the learner knows it
-    """
+    @property
+    def initial_model(self) -> StateDict:
+        """The model a new node state starts from (all keys, integer buffers too)."""
+        ...
 
-    initial_model: StateDict
-    names: tuple[str, ...]
-    groups: Mapping[str, list[str]]
-    num_examples: int | None
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The floating-point parameters, in model order: what the algorithms merge."""
+        ...
+
+    @property
+    def groups(self) -> Mapping[str, list[str]]:
+        """{layer group: parameter names}, a partition of ``names`` (``theta`` / ``phi``)."""
+        ...
+
+    @property
+    def num_examples(self) -> int | None:
+        """The size of the node's training data, when the learner knows it."""
+        ...
 
     def load(self, state: NodeState) -> None:
         """Take the learner's own state (e.g. optimizer momentum) from a node state; a state

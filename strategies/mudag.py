@@ -57,7 +57,8 @@ class Mudag(RoutingPlan):
         self._lambda2: dict[int, float] = {}  # round -> lambda2(Wm(t)), computed once
 
     def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:
-        return np.eye(graph.number_of_nodes()) - gossip_matrix(graph)
+        matrix: np.ndarray = np.eye(graph.number_of_nodes()) - gossip_matrix(graph)
+        return matrix
 
     def lambda2(self, round_: int) -> float:
         """Second largest eigenvalue of Wm(t) (1 when G(t) is disconnected)."""

@@ -116,6 +116,8 @@ class GradientMethod(Protocol):
     business.
     """
 
+    def __init__(self, config: RunConfig) -> None: ...
+
     def init_state(self, x: StateDict) -> NodeState:
         """The state at the initial parameters ``x``."""
         ...
@@ -129,7 +131,7 @@ class GradientMethod(Protocol):
 class GradientNode(LearningNode):
     """A ``GradientMethod`` whose gradients and evaluations come from the learner."""
 
-    method: ClassVar[Callable[[RunConfig], GradientMethod]]
+    method: ClassVar[type[GradientMethod]]
 
     def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
         super().__init__(config, partition_id, learner)
@@ -257,14 +259,15 @@ def mix_row(task: NodeTask, own: StateDict, neighbours: Mapping[int, StateDict])
             for key, value in own.items()}
 
 
-def merge_models(models: list[StateDict], weights: Tensor, degrees: Mapping[str, Tensor],
+def merge_models(models: list[StateDict], weights: Tensor,
+                 degrees: Mapping[str, Tensor] | Mapping[str, float],
                  groups: Mapping[str, list[str]]) -> StateDict:
     """Weighted power mean of k models, per layer group with that group's degree.
 
     Args:
         models: k state dicts with identical keys and shapes (own model first).
         weights: (k,) mixing weights summing to 1.
-        degrees: {group: p} with p >= 1 (0-d tensors; gradients flow to them).
+        degrees: {group: p} with p >= 1 (floats, or 0-d tensors that gradients flow to).
         groups: {group: parameter names}.
     Returns:
         The merged state dict (one power mean over each group's concatenated parameters).

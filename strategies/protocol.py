@@ -6,7 +6,12 @@ and its mod read them from this module.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord
+
+from flwr_hyperprism.config import RunConfig
 
 from .rule import NodeTask
 
@@ -30,8 +35,34 @@ def task_record(task: NodeTask) -> ConfigRecord:
 
 def record_task(record: ConfigRecord) -> NodeTask:
     """The NodeTask a ``task_record`` encodes."""
-    coefficients = {k[len("coef."):]: float(v) for k, v in record.items()
+    values: Mapping[str, Any] = record  # the types task_record wrote
+    coefficients = {k[len("coef."):]: float(v) for k, v in values.items()
                     if k.startswith("coef.")}
-    return NodeTask(int(record["round"]), tuple(int(n) for n in record["neighbours"]),
-                    tuple(float(w) for w in record["weights"]), float(record["self-weight"]),
-                    bool(record["train"]), coefficients, int(record["stage"]))
+    return NodeTask(int(values["round"]), tuple(int(n) for n in values["neighbours"]),
+                    tuple(float(w) for w in values["weights"]), float(values["self-weight"]),
+                    bool(values["train"]), coefficients, int(values["stage"]))
+
+
+def run_record(config: RunConfig) -> ConfigRecord:
+    """The run config as the ConfigRecord a message carries under ``RUN_KEY``."""
+    values: dict[str, Any] = config.to_run_config()
+    return ConfigRecord(values)
+
+
+def metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+    """A node's scalar metrics as the reply's MetricRecord."""
+    values: dict[str, Any] = dict(metrics)
+    return MetricRecord(values)
+
+
+def scalar_metrics(record: MetricRecord) -> dict[str, float]:
+    """The int/float entries of a MetricRecord (lists are left out of the round summary)."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def record_int(record: ConfigRecord, key: str) -> int:
+    """``record[key]`` as an int; KeyError if absent, TypeError if it is not a number."""
+    value = record[key]
+    if not isinstance(value, int | float | str):
+        raise TypeError(f"config record key {key!r} is {value!r}, not a number")
+    return int(value)
