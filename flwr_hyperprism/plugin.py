@@ -28,17 +28,16 @@ import logging
 from collections.abc import Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import algorithm_spec
-from strategies.decentralized import DecentralizedStrategy, flat_metrics
+from strategies.decentralized import DecentralizedStrategy
 from strategies.learner import LocalUpdate
 from strategies.protocol import EVALUATE_KEY, STAGE_KEY, record_int, scalar_metrics
 from strategies.rule import NodeState, StateDict
 
 from .config import RunConfig
-from .metrics import summarise_round
 from .models import DECISION, REPRESENTATION
 
 log = logging.getLogger("flwr")
@@ -73,20 +72,22 @@ class PluginStrategy(DecentralizedStrategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """An evaluate message to each node that completed this round-trip's training."""
+        """An evaluate message to each node that replied to this round's training."""
         marker = ConfigRecord({"round": server_round})
+        trained = sorted(pid for pid, round_ in self.received.items() if round_ == server_round)
         return [Message(RecordDict({EVALUATE_KEY: marker, "config": config}),
                         dst_node_id=self.node_ids[pid], message_type="evaluate",
                         group_id=f"{server_round}.evaluate")
-                for pid in sorted(self.node_metrics) if pid in self.node_ids]
+                for pid in trained if pid in self.node_ids]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        """Add each node's evaluation metrics to its metrics of this round."""
+    def collect_evaluation(self, server_round: int, replies: Iterable[Message]
+                           ) -> dict[int, dict[str, float]]:
+        """Each node's evaluation metrics, the user's accuracy and loss metrics also as
+        ``accuracy`` and ``loss``."""
+        evaluated = {}
         for reply in replies:
             pid = self.addressed.get(reply.metadata.reply_to_message_id)
-            if pid not in self.node_metrics or reply.has_error() or \
-                    "metrics" not in reply.content:
+            if pid is None or reply.has_error() or "metrics" not in reply.content.metric_records:
                 log.warning("round %s: no evaluation from partition %s: %s", server_round, pid,
                             reply.error.reason if reply.has_error() else "no metrics")
                 continue
@@ -94,8 +95,8 @@ class PluginStrategy(DecentralizedStrategy):
             for ours, theirs in (("accuracy", self.accuracy_metric), ("loss", self.loss_metric)):
                 if theirs in metrics:
                     metrics[ours] = metrics[theirs]
-            self.node_metrics[pid].update(metrics)
-        return flat_metrics(summarise_round(server_round - 1, self.node_metrics))
+            evaluated[pid] = metrics
+        return evaluated
 
 
 def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: str = "accuracy",

@@ -109,7 +109,6 @@ class DecentralizedStrategy(Strategy):
         self.joining: dict[str, int] = {}  # message id of a pending partition query -> node id
         self.in_sync: set[int] = set()  # partitions whose node holds the state ``latest`` has
         self.addressed: dict[str, int] = {}  # message id -> partition, of the last exchange
-        self.node_metrics: dict[int, dict] = {}  # of the last aggregated round-trip
 
     # --- routing: the plan over the partitions that have a model to route -----------------
 
@@ -164,13 +163,19 @@ class DecentralizedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Store each node's new model for routing and its metrics (``node_metrics``).
+        """``collect_train``; no global model: None arrays, and the metrics summarised over the
+        nodes that replied."""
+        node_metrics = self.collect_train(server_round, replies)
+        return None, flat_metrics(summarise_round(server_round - 1, node_metrics))
+
+    def collect_train(self, server_round: int, replies: Iterable[Message]
+                      ) -> dict[int, dict[str, float]]:
+        """Store each node's new shared tensors for routing; each replying partition's metrics.
 
         Replies are attributed to the partition their message went to (``addressed``, by
         ``reply_to_message_id``), so error replies the SuperLink writes for an unreachable
         node count too. A node that failed (error reply) or did not reply in time is logged;
-        its last model stays routed and it gets its next task as usual. No global model:
-        returns None arrays and the metrics summarised over the nodes that replied.
+        its last model stays routed and it gets its next task as usual.
         """
         node_metrics = {}
         failed = []
@@ -200,22 +205,28 @@ class DecentralizedStrategy(Strategy):
                         "routed model", server_round, len(node_metrics), self.config.num_nodes,
                         sorted(set(range(self.config.num_nodes)) - set(node_metrics)))
         self.in_sync = (self.in_sync - addressed) | set(node_metrics)
-        self.node_metrics = node_metrics
-        return None, flat_metrics(summarise_round(server_round - 1, node_metrics))
+        return node_metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """No evaluation round-trip: nodes evaluate inside the training reply.
 
         (``start`` sends what this returns after each round's stage-0 train round-trip and
-        hands the replies to ``aggregate_evaluate``.)
+        adds ``collect_evaluation`` of the replies to the round's metrics.)
         """
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Nothing to aggregate (see ``configure_evaluate``)."""
-        return None
+        """``collect_evaluation`` summarised over the nodes (None: no evaluation)."""
+        node_metrics = self.collect_evaluation(server_round, replies)
+        return flat_metrics(summarise_round(server_round - 1, node_metrics)) \
+            if node_metrics else None
+
+    def collect_evaluation(self, server_round: int, replies: Iterable[Message]
+                           ) -> dict[int, dict[str, float]]:
+        """Each partition's metrics from the replies to ``configure_evaluate`` (none here)."""
+        return {}
 
     def summary(self) -> None:
         log.info("%s: %s nodes, %s graph (density %s), %s rounds, dataset %s, model %s",
@@ -320,14 +331,16 @@ class DecentralizedStrategy(Strategy):
             config = ConfigRecord({**(train_config or {}), STAGE_KEY: stage})
             replies = self.exchange(grid, self.configure_train(round_, arrays, config, grid),
                                     timeout, f"round-trip {round_}.{stage}")
-            self.aggregate_train(round_, replies)  # keeps node_metrics; no global model
+            node_metrics = self.collect_train(round_, replies)
             if stage == 0:
                 evaluation = list(self.configure_evaluate(round_, arrays,
                                                           evaluate_config or ConfigRecord(), grid))
                 if evaluation:
                     replies = self.exchange(grid, evaluation, timeout, f"evaluation {round_}")
-                    self.aggregate_evaluate(round_, replies)
-            return self.node_metrics
+                    for pid, metrics in self.collect_evaluation(round_, replies).items():
+                        if pid in node_metrics:
+                            node_metrics[pid].update(metrics)
+            return node_metrics
 
         for row in self.run_rounds(round_trip):
             result.train_metrics_clientapp[row["round"]] = flat_metrics(row)

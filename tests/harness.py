@@ -1,4 +1,11 @@
-"""A Ray-free Flower Grid for fast wiring tests: calls the ClientApp object directly."""
+"""A Ray-free Flower Grid for fast wiring tests: calls the ClientApp object directly.
+
+Flower has no public API to give a message its id, its sender or the process's task identity:
+its own grids and runtimes set them the way ``stamp`` and ``LocalGrid`` do (e.g.
+``flwr.superlink.grid.inmemory_grid`` writes ``metadata.__dict__["_message_id"]``,
+``flwr.server.compat.app`` sets ``TaskIdentity``). These two places are the only ones in the
+tests that do.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,16 @@ from uuid import uuid4
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import (
-    TaskIdentity,  # private API: set outside a real run
-)
+from flwr.supercore.task_identity import TaskIdentity
+
+
+def stamp(msg: Message, *, message_id: str | None = None, src_node_id: int | None = None
+          ) -> None:
+    """Set what a grid sets on a message it delivers (no public API: see the module doc)."""
+    if message_id is not None:
+        msg.metadata.__dict__["_message_id"] = message_id
+    if src_node_id is not None:
+        msg.metadata.__dict__["_src_node_id"] = src_node_id
 
 
 class LocalGrid(Grid):
@@ -53,14 +67,13 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex
-            msg.metadata.__dict__["_src_node_id"] = 0
+            stamp(msg, message_id=uuid4().hex, src_node_id=0)
             context = self.contexts[msg.metadata.dst_node_id]
             try:
                 reply = self.client_app(msg, context)
             except Exception as err:  # noqa: BLE001 - mirrors Flower's error replies
                 reply = Message(Error(2, repr(err)), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+            stamp(reply, src_node_id=msg.metadata.dst_node_id)
             self.replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
@@ -113,10 +126,10 @@ class ElasticGrid(LocalGrid):
             if msg.metadata.dst_node_id in self.contexts:
                 ids.extend(super().push_messages([msg]))
                 continue
-            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            stamp(msg, message_id=uuid4().hex)
             reply = Message(Error(3, "Node Unavailable: the destination node failed to report "
                                      "a heartbeat"), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            stamp(reply, src_node_id=SUPERLINK_NODE_ID)
             self.replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids

@@ -22,7 +22,7 @@ from strategies import ALGORITHMS
 from strategies.decentralized import make_strategy, run_in_process, wait_for_partitions
 from strategies.protocol import NEIGHBOUR_PREFIX, TASK_KEY
 from strategies.rule import NodeTask
-from tests.harness import LocalGrid
+from tests.harness import LocalGrid, stamp
 from tests.variants import MODEL_GROUPS, VARIANTS, make_config, metrics_rows, nodes_for
 
 
@@ -175,12 +175,12 @@ class FaultyGrid(LocalGrid):
                 int(k[len(NEIGHBOUR_PREFIX):]): v for k, v in msg.content.array_records.items()
                 if k.startswith(NEIGHBOUR_PREFIX)}))
             if round_ in self.silent.get(pid, ()):
-                msg.metadata.__dict__["_message_id"] = f"silent-{round_}-{pid}"
+                stamp(msg, message_id=f"silent-{round_}-{pid}")
                 ids.append(msg.metadata.message_id)  # never answered
             elif round_ in self.failing.get(pid, ()):
                 [mid] = super().push_messages([msg])
                 self.replies[mid] = Message(Error(2, "injected failure"), reply_to=msg)
-                self.replies[mid].metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+                stamp(self.replies[mid], src_node_id=msg.metadata.dst_node_id)
                 ids.append(mid)
             else:
                 ids.extend(super().push_messages([msg]))
