@@ -244,22 +244,6 @@ def test_a_raising_and_a_hanging_client_app_in_a_real_simulation(tmp_path, caplo
     assert rows[-1]["accuracy_mean"] > 0.5
 
 
-# --- a node without neighbours keeps training alone --------------------------------------
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_a_node_without_neighbours_keeps_training_alone(tmp_path, variant):
-    config = make_config(tmp_path, variant, num_nodes=2)
-    strategy, rules = nodes_for(config)
-    state = rules[0].init_state()
-    task = NodeTask(1, coefficients=strategy.coefficients(1))
-    after, metrics = rules[0].step(state, task, {})
-    assert metrics["neighbours"] == 0.0 and "train_loss" in metrics
-    moved = [not torch.equal(after.shared[k], v) for k, v in state.shared.items()]
-    assert any(moved)
-    assert all(bool(torch.isfinite(v).all()) for g in after.tensors.values() for v in g.values())
-
-
 # --- interrupt, resume: same metrics -----------------------------------------------------
 
 
