@@ -8,20 +8,18 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from strategies import learner
 from strategies.decentralized import make_strategy
 
 from .config import RunConfig
-from .data import INPUT_SHAPES, NUM_CLASSES
 from .metrics import default_run_dir
-from .models import build_model
 
 log = logging.getLogger("flwr")
 
 
 def initial_model(config: RunConfig) -> ArrayRecord:
-    """The common initial model every node starts from (a function of model, dataset, seed)."""
-    model = build_model(config.model, INPUT_SHAPES[config.dataset], NUM_CLASSES, config.seed)
-    return ArrayRecord(model.state_dict())
+    """The common initial model every node starts from (``strategies.learner.initial_model``)."""
+    return ArrayRecord(learner.initial_model(config))
 
 
 def run(grid: Grid, config: RunConfig) -> Result:

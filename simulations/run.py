@@ -29,13 +29,9 @@ def run_experiment(config: RunConfig, engine: str = "inprocess",
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     run_dir = run_dir or default_run_dir(config)
     if engine == "inprocess":
-        from flwr_hyperprism.server_app import initial_model
-        from strategies import algorithm_spec
         from strategies.decentralized import make_strategy, run_in_process
 
-        make_rule = algorithm_spec(config.algorithm).make_rule
-        run_in_process(make_strategy(config, run_dir), make_rule,
-                       dict(initial_model(config).to_torch_state_dict()))
+        run_in_process(make_strategy(config, run_dir))
     else:
         from flwr.simulation import run_simulation
 

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 
-from . import algorithm_spec
+from . import algorithm_spec, learner
 from .checkpoint import RoutingCheckpoint, node_checkpoints, starting_state
 from .plan import RoutingPlan
 from .protocol import (
@@ -609,10 +609,13 @@ def partition_answer(reply: Message, num_nodes: int) -> int:
     return pid
 
 
-def run_in_process(strategy: DecentralizedStrategy,
-                   make_rule: Callable[[RunConfig, int], NodeRule],
-                   initial_model: StateDict) -> list[dict]:
+def run_in_process(strategy: DecentralizedStrategy, *,
+                   make_rule: Callable[[RunConfig, int], NodeRule] | None = None,
+                   initial_model: StateDict | None = None) -> list[dict]:
     """Drive ``strategy``'s plan and the node rules for all rounds in this process.
+
+    ``make_rule`` defaults to the algorithm's registered node rule, ``initial_model`` to
+    ``strategies.learner.initial_model`` of the config.
 
     Same plan, node rules and metrics as a Flower run (models are passed by reference instead
     of messages), so the same seed and config give the same metrics.jsonl rows. With
@@ -620,6 +623,9 @@ def run_in_process(strategy: DecentralizedStrategy,
     continues an interrupted run with the same metrics.
     """
     config = strategy.config
+    make_rule = make_rule or algorithm_spec(config.algorithm).make_rule
+    if initial_model is None:
+        initial_model = learner.initial_model(config)
     rules = {pid: make_rule(config, pid) for pid in range(config.num_nodes)}
     strategy.summary()
     resumed = strategy.open_run(initial_model if strategy.routing.routes_initial_model else None,

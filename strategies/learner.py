@@ -22,7 +22,14 @@ from torch import Tensor
 from torch.func import functional_call
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.data import NUM_CLASSES, Dataset, Split, dirichlet_partition, load_dataset
+from flwr_hyperprism.data import (
+    INPUT_SHAPES,
+    NUM_CLASSES,
+    Dataset,
+    Split,
+    dirichlet_partition,
+    load_dataset,
+)
 from flwr_hyperprism.graphs import round_rng
 from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_group
 
@@ -98,6 +105,12 @@ class Learner(Protocol):
         only training reveals a gradient (a train handler): the caller then uses
         ``LocalUpdate.gradient``."""
         ...
+
+
+def initial_model(config: RunConfig) -> StateDict:
+    """The common initial model every node starts from (a function of model, dataset, seed)."""
+    model = build_model(config.model, INPUT_SHAPES[config.dataset], NUM_CLASSES, config.seed)
+    return clone_tensors(model.state_dict())
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from flwr.simulation import run_simulation
 
 from flwr_hyperprism.client_app import make_client_app
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.server_app import initial_model, make_server_app, run
+from flwr_hyperprism.server_app import make_server_app, run
 from strategies import ALGORITHMS
 from strategies.decentralized import make_strategy, run_in_process, wait_for_partitions
 from strategies.protocol import NEIGHBOUR_PREFIX, TASK_KEY
@@ -258,8 +258,7 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
                        mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)
     make_rule = ALGORITHMS[config.algorithm].make_rule
-    model = dict(initial_model(config).to_torch_state_dict())
-    run_in_process(make_strategy(config, tmp_path / "clean"), make_rule, model)
+    run_in_process(make_strategy(config, tmp_path / "clean"))
     clean = metrics_rows(tmp_path / "clean")
 
     def interrupting_rule(cfg, pid):
@@ -275,15 +274,13 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
         return rule
 
     with pytest.raises(Interrupted):
-        run_in_process(make_strategy(config, tmp_path / "again"), interrupting_rule, model)
+        run_in_process(make_strategy(config, tmp_path / "again"), make_rule=interrupting_rule)
     assert len(metrics_rows(tmp_path / "again")) == 2
     with pytest.raises(FileExistsError, match="pass resume=true"):  # never overwritten
-        run_in_process(make_strategy(config, tmp_path / "again"), make_rule, model)
+        run_in_process(make_strategy(config, tmp_path / "again"))
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 -> 0.1\)"):
-        run_in_process(make_strategy(config.replace(resume=True, lr=0.1), tmp_path / "again"),
-                       make_rule, model)
-    run_in_process(make_strategy(config.replace(resume=True), tmp_path / "again"), make_rule,
-                   model)
+        run_in_process(make_strategy(config.replace(resume=True, lr=0.1), tmp_path / "again"))
+    run_in_process(make_strategy(config.replace(resume=True), tmp_path / "again"))
     assert metrics_rows(tmp_path / "again") == clean
 
     # the Flower path: a run stopped by a failing grid, then a fresh federation (new contexts)
@@ -309,9 +306,7 @@ def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed
     # checkpoints, so even without node checkpoints the metrics are those of a clean run.
     config = RunConfig(algorithm="dpsgd", num_nodes=4, num_rounds=4, eval_size=500,
                        output_dir=str(tmp_path), node_wait_timeout=5.0)
-    make_rule = ALGORITHMS[config.algorithm].make_rule
-    run_in_process(make_strategy(config, tmp_path / "clean"), make_rule,
-                   dict(initial_model(config).to_torch_state_dict()))
+    run_in_process(make_strategy(config, tmp_path / "clean"))
 
     class StoppingGrid(LocalGrid):
         def push_messages(self, messages):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from flwr_hyperprism.mirror import sign_power
-from flwr_hyperprism.server_app import initial_model
 from strategies import ALGORITHMS
 from strategies.decentralized import make_strategy, run_in_process
 from strategies.rule import NodeTask
@@ -52,9 +51,7 @@ def test_identical_models_stay_identical_without_learning(tmp_path, variant,
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_nodes_give_finite_models_and_metrics(tmp_path, variant):
     config = make_config(tmp_path, variant, num_nodes=2)
-    make_rule = ALGORITHMS[config.algorithm].make_rule
-    rows = run_in_process(make_strategy(config), make_rule,
-                          dict(initial_model(config).to_torch_state_dict()))
+    rows = run_in_process(make_strategy(config))
     for row in rows:
         assert row["nodes_replied"] == config.num_nodes
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float))
@@ -65,9 +62,7 @@ def test_runs_are_deterministic_under_a_seed(tmp_path, variant):
     config = make_config(tmp_path, variant)
 
     def rows() -> list[dict]:
-        make_rule = ALGORITHMS[config.algorithm].make_rule
-        result = run_in_process(make_strategy(config), make_rule,
-                                dict(initial_model(config).to_torch_state_dict()))
+        result = run_in_process(make_strategy(config))
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result]
 
     assert rows() == rows()

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS
 from strategies.decentralized import make_strategy, run_in_process
 from tests.variants import drive, make_config, nodes_for, spread_states
 
@@ -18,9 +16,7 @@ def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
     def rows(algorithm: str, **changes) -> list[dict]:
         config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
                            algorithm=algorithm, **changes)
-        make_rule = ALGORITHMS[algorithm].make_rule
-        result = run_in_process(make_strategy(config), make_rule,
-                                dict(initial_model(config).to_torch_state_dict()))
+        result = run_in_process(make_strategy(config))
         drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean", "p_theta_std",
                 "p_phi_std"}
         return [{k: v for k, v in row.items() if k not in drop} for row in result]

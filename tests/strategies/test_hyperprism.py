@@ -12,8 +12,6 @@ from flwr_hyperprism.config import RunConfig
 from flwr_hyperprism.degrees import scheduled_degree
 from flwr_hyperprism.graphs import metropolis_hastings_weights
 from flwr_hyperprism.mirror import inverse_sign_power, sign_power
-from flwr_hyperprism.server_app import initial_model
-from strategies import ALGORITHMS
 from strategies.decentralized import make_strategy, run_in_process
 from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismNode
 
@@ -158,8 +156,7 @@ def test_at_consensus_the_hypernetwork_gets_no_gradient(tmp_path):
 def test_in_process_runs_learn_and_the_last_round_trip_only_merges(tmp_path):
     # (determinism under a seed: the battery, for every algorithm)
     config = small_config(tmp_path, num_rounds=4, momentum=0.5)
-    rows = run_in_process(make_strategy(config), ALGORITHMS[config.algorithm].make_rule,
-                          dict(initial_model(config).to_torch_state_dict()))
+    rows = run_in_process(make_strategy(config))
     assert [row["round"] for row in rows] == [0, 1, 2, 3, 4]
     assert rows[-1]["accuracy_mean"] > rows[0]["accuracy_mean"] + 0.3
     assert "train_loss_mean" not in rows[-1]
@@ -181,9 +178,7 @@ def test_the_schedule_mode_merges_with_the_scheduled_degree_on_every_node(tmp_pa
     config = RunConfig(num_nodes=4, num_rounds=5, eval_size=200, p_mode="schedule",
                        p_schedule="linear", p_max=9.0, p_min=2.0, p_horizon=3,
                        output_dir=str(tmp_path))
-    make_rule = ALGORITHMS["hyperprism"].make_rule
-    rows = run_in_process(make_strategy(config, None), make_rule,
-                          dict(initial_model(config).to_torch_state_dict()))
+    rows = run_in_process(make_strategy(config, None))
     for row in rows:  # row r comes from round-trip r + 1
         expected = scheduled_degree("linear", row["round"] + 1, 9.0, 2.0, 3)
         assert row["p_phi"] == pytest.approx(dict.fromkeys(map(str, range(4)), expected))
@@ -248,9 +243,7 @@ def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_
     # (README, "HyperPrism's degrees"): every node starts at p-max and lowers its own p.
     config = RunConfig(num_nodes=8, num_rounds=12, eval_size=500, p_mode="tracking",
                        output_dir=str(tmp_path), run_name="run")
-    make_rule = ALGORITHMS["hyperprism"].make_rule
-    rows = run_in_process(make_strategy(config), make_rule,
-                          dict(initial_model(config).to_torch_state_dict()))
+    rows = run_in_process(make_strategy(config))
     assert set(rows[1]["p_phi"].values()) == {15.0}
     final = rows[-1]["p_phi"]
     assert max(final.values()) < 15.0 and sum(final.values()) / len(final) < 12.0

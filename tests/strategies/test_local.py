@@ -5,16 +5,12 @@ from __future__ import annotations
 import torch
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.server_app import initial_model
-from strategies import algorithm_spec
 from strategies.decentralized import make_strategy, run_in_process
 from strategies.local import Local, LocalNode
 
 
 def run(config: RunConfig) -> list[dict]:
-    spec = algorithm_spec(config.algorithm)
-    rows = run_in_process(make_strategy(config), spec.make_rule,
-                          dict(initial_model(config).to_torch_state_dict()))
+    rows = run_in_process(make_strategy(config))
     return [{k: v for k, v in row.items() if k not in ("seconds", "algorithm")} for row in rows]
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from flwr_hyperprism.graphs import fastmix_momentum
-from flwr_hyperprism.server_app import initial_model
 from strategies import ALGORITHMS
 from strategies.decentralized import make_strategy, run_in_process
 from strategies.mudag import MudagNode
@@ -86,8 +85,7 @@ def test_mudag_rounds_take_k_exchanges_and_rows_count_them(tmp_path):
     assert list(plan.schedule()) == [(t, s) for t in (1, 2, 3) for s in range(5)] + [(4, 0)]
     first = plan.plan_round(1, range(6))
     assert all(not t.neighbours and t.self_weight == 1.0 for t in first.values())
-    rows = run_in_process(make_strategy(config), spec.make_rule,
-                          dict(initial_model(config).to_torch_state_dict()))
+    rows = run_in_process(make_strategy(config))
     assert [row["exchanges"] for row in rows] == [0, 5, 10, 15]
     assert [row["round"] for row in rows] == [0, 1, 2, 3]
 
