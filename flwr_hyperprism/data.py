@@ -56,18 +56,22 @@ def dirichlet_partition(
     drawn from Dirichlet(alpha * 1). Every index is assigned exactly once. Draws are repeated
     until every partition has at least ``min_size`` samples.
 
-    Args:
-        labels: (n,) integer class labels.
-        num_partitions: number of partitions m >= 1.
-        alpha: concentration > 0; small alpha = strong skew, large alpha = near-uniform labels.
-        seed: the draw is a pure function of (seed, labels, m, alpha, min_size).
-        min_size: minimum number of samples per partition.
+    Parameters
+    ----------
+    labels : (n,) integer class labels
+    num_partitions : number of partitions m >= 1
+    alpha : concentration > 0; small alpha = strong skew, large alpha = near-uniform labels
+    seed : the draw is a pure function of (seed, labels, m, alpha, min_size)
+    min_size : minimum number of samples per partition
 
-    Returns:
-        m sorted int64 index arrays.
+    Returns
+    -------
+    m sorted int64 index arrays
 
-    Raises:
-        ValueError: bad arguments, or ``min_size`` not met within ``max_attempts`` draws.
+    Raises
+    ------
+    ValueError
+        bad arguments, or ``min_size`` not met within ``max_attempts`` draws
     """
     labels = np.asarray(labels)
     n = len(labels)

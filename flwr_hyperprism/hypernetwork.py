@@ -74,8 +74,9 @@ class HyperNetwork(nn.Module):
     def forward(self, summary: Tensor) -> dict[str, Tensor]:
         """Degrees for each layer group: {"theta": p_theta, "phi": p_phi}, 0-d tensors.
 
-        Args:
-            summary: (summary_dim,) gradient summary; ignored when summary_dim is 0.
+        Parameters
+        ----------
+        summary : (summary_dim,) gradient summary; ignored when summary_dim is 0
         """
         inputs = self.embedding if self.summary_dim == 0 else torch.cat([self.embedding, summary])
         hidden = self.trunk(inputs)

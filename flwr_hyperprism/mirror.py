@@ -54,19 +54,23 @@ def mirror_step(w: Tensor, step: Tensor, p: float) -> Tensor:
 def power_mean(x: Tensor, weights: Tensor, p: float | Tensor) -> Tensor:
     """Weighted power mean ``s_p^{-1}(sum_j a_j s_p(x_j))`` over the first axis.
 
-    Args:
-        x: shape (k, *shape), k stacked models or tensors (floating point).
-        weights: shape (k,), non-negative, summing to 1 (e.g. one row of a mixing matrix).
-        p: the power degree, ``p >= 1``; a Python number or a 0-d tensor (may require grad).
+    Parameters
+    ----------
+    x : shape (k, *shape), k stacked models or tensors (floating point)
+    weights : shape (k,), non-negative, summing to 1 (e.g. one row of a mixing matrix)
+    p : the power degree, ``p >= 1``; a Python number or a 0-d tensor (may require grad)
 
-    Returns:
-        A tensor of shape ``shape`` and the dtype of ``x``. With ``p == 1`` it is the weighted
-        arithmetic mean. Differentiable in ``x``, ``weights`` and ``p``, with finite gradients
-        also where parameters are exactly zero.
+    Returns
+    -------
+    A tensor of shape ``shape`` and the dtype of ``x``. With ``p == 1`` it is the weighted
+    arithmetic mean. Differentiable in ``x``, ``weights`` and ``p``, with finite gradients also
+    where parameters are exactly zero.
 
-    Raises:
-        ValueError: if ``p < 1`` or not finite, ``weights`` is not a (k,) vector of
-            non-negative values summing to 1, or the shapes of ``x`` and ``weights`` disagree.
+    Raises
+    ------
+    ValueError
+        if ``p < 1`` or not finite, ``weights`` is not a (k,) vector of non-negative values
+        summing to 1, or the shapes of ``x`` and ``weights`` disagree
     """
     p_tensor = _check_inputs(x, weights, p)
     weights = weights.to(dtype=x.dtype)

@@ -264,13 +264,16 @@ def merge_models(models: list[StateDict], weights: Tensor,
                  groups: Mapping[str, list[str]]) -> StateDict:
     """Weighted power mean of k models, per layer group with that group's degree.
 
-    Args:
-        models: k state dicts with identical keys and shapes (own model first).
-        weights: (k,) mixing weights summing to 1.
-        degrees: {group: p} with p >= 1 (floats, or 0-d tensors that gradients flow to).
-        groups: {group: parameter names}.
-    Returns:
-        The merged state dict (one power mean over each group's concatenated parameters).
+    Parameters
+    ----------
+    models : k state dicts with identical keys and shapes (own model first)
+    weights : (k,) mixing weights summing to 1
+    degrees : {group: p} with p >= 1 (floats, or 0-d tensors that gradients flow to)
+    groups : {group: parameter names}
+
+    Returns
+    -------
+    The merged parameters (one power mean over each group's concatenated parameters).
     """
     merged: StateDict = {}
     for group, names in groups.items():
