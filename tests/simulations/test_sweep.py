@@ -150,8 +150,10 @@ def test_the_command_line_takes_overrides_and_seeds(tmp_path, tiny_sweep, capsys
 
 @pytest.mark.slow
 def test_the_flower_engine_gives_the_in_process_metrics(tmp_path, tiny_sweep):
-    sweep = Sweep.load(tmp_path / "tiny.yaml", TINY_SETTINGS + ["node_wait_timeout=120"],
-                       seeds=[0])
+    (tmp_path / "one.yaml").write_text(TINY.replace("  D-PSGD: {algorithm: dpsgd}\n", "")
+                                       .replace("alpha: [0.1, 10.0]", "alpha: [0.1]"))
+    sweep = Sweep.load(tmp_path / "one.yaml", TINY_SETTINGS + ["node_wait_timeout=120"],
+                       seeds=[0])  # one cell: each Ray start costs about 10 s
     run_sweep(sweep, tmp_path / "flower", "flower")
     run_sweep(sweep, tmp_path / "inprocess", "inprocess")
 
