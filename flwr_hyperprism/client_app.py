@@ -15,12 +15,15 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from strategies import ALGORITHMS, NodeRule, NodeState, algorithm_spec
+from strategies import ALGORITHMS, NodeState, algorithm_spec
 from strategies.checkpoint import node_checkpoints, starting_state
 from strategies.learner import node_data
+from strategies.node import LearningNode
 from strategies.protocol import (
+    MODEL_KEY,
     NEIGHBOUR_PREFIX,
     OWN_KEY,
+    REPORT_KEY,
     RUN_KEY,
     SESSION_KEY,
     TASK_KEY,
@@ -81,8 +84,18 @@ def _train(msg: Message, context: Context) -> Message:
     save_state(context, state)
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
-    return Message(RecordDict({"arrays": ArrayRecord(state.shared),
-                               "metrics": metric_record(metrics)}), reply_to=msg)
+    report = REPORT_KEY in msg.content
+    return train_reply(msg, state, metrics, rule.learner.evaluated if report else None)
+
+
+def train_reply(msg: Message, state: NodeState, metrics: dict[str, float],
+                model: StateDict | None) -> Message:
+    """The reply to a train message: the node's shared tensors, its metrics and ``model``, its
+    model of the round, when the orchestrator asked for it (``REPORT_KEY``)."""
+    content = RecordDict({"arrays": ArrayRecord(state.shared), "metrics": metric_record(metrics)})
+    if model is not None:
+        content[MODEL_KEY] = ArrayRecord(model)
+    return Message(content, reply_to=msg)
 
 
 def run_key(msg: Message) -> str:
@@ -110,7 +123,7 @@ app = make_client_app()
 
 
 @lru_cache(maxsize=256)
-def _node_rule(config: RunConfig, partition_id: int) -> NodeRule:
+def _node_rule(config: RunConfig, partition_id: int) -> LearningNode:
     return algorithm_spec(config.algorithm).make_rule(config, partition_id)
 
 

@@ -103,6 +103,10 @@ class RunConfig:
     # a partition's model is no longer routed to its neighbours once it has missed more than
     # this many rounds (its node failed, was silent or left)
     max_staleness: int = 5
+    # a Strategy.start evaluate_fn scores the nodes' models every this many rounds (and the
+    # final ones), each of them or a fixed seeded sample of this many (0: all)
+    server_eval_every: int = 1
+    server_eval_nodes: int = 0
     output_dir: str = "runs"  # relative paths resolve against the ServerApp's working dir
     run_name: str = ""  # default: <algorithm>-<dataset>-seed<seed>-<UTC time>
     resume: bool = False  # continue the run <output-dir>/<run-name> from its last round-trip
@@ -144,6 +148,8 @@ class RunConfig:
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
             ("max_neighbour_ratio", 1.0, None, ">= 1 (and finite)"),
             ("max_staleness", 0, None, "an integer >= 0"),
+            ("server_eval_every", 1, None, "an integer >= 1"),
+            ("server_eval_nodes", 0, None, "an integer >= 0 (0: every node)"),
             ("p_min", 1.0, None, ">= 1"), ("p_max", self.p_min, None, ">= p-min"),
             ("p_horizon", 1, None, "an integer >= 1"),
         ]

@@ -14,7 +14,8 @@ from .config import RunConfig
 Row = dict[str, Any]
 """One metrics.jsonl row (or summary.json): JSON values by key."""
 
-# Per-node values kept in every metrics.jsonl row, keyed by partition id.
+# Per-node values kept in every metrics.jsonl row, keyed by partition id: these and every
+# ``server_*`` metric (a Strategy.start evaluate_fn's, per node).
 PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
 
 
@@ -22,8 +23,9 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
     """One metrics row (without ``seconds``) from each replying node's metrics.
 
     Every numeric key K becomes ``K_mean`` over nodes; ``PER_NODE_KEYS`` (accuracy and the
-    degrees) also get ``K_std`` (population std over nodes) and are kept per node as
-    {partition id (str, as JSON keys are): value}: a node that did not reply is missing there.
+    degrees) and ``server_*`` keys also get ``K_std`` (population std over nodes) and are
+    kept per node as {partition id (str, as JSON keys are): value}: a node that did not reply
+    is missing there.
     """
     nodes = sorted(node_metrics)
     row: Row = {"round": round_, "nodes_replied": len(nodes)}
@@ -32,7 +34,7 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
         values = {n: float(node_metrics[n][key]) for n in nodes if key in node_metrics[n]}
         mean = math.fsum(values.values()) / len(values)
         row[f"{key}_mean"] = mean
-        if key in PER_NODE_KEYS:
+        if key in PER_NODE_KEYS or key.startswith("server_"):
             row[f"{key}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values.values())
                                           / len(values))
             row[key] = {str(n): v for n, v in values.items()}

@@ -26,15 +26,22 @@ from strategies.protocol import (
     EVALUATE_KEY,
     INFO_KEY,
     NEIGHBOUR_PREFIX,
+    REPORT_KEY,
     RUN_KEY,
     TASK_KEY,
-    metric_record,
     record_task,
     scalar_metrics,
 )
 from strategies.rule import StateDict
 
-from .client_app import load_state, partition_info, routed_own, run_key, save_state
+from .client_app import (
+    load_state,
+    partition_info,
+    routed_own,
+    run_key,
+    save_state,
+    train_reply,
+)
 from .config import RunConfig
 from .plugin import EVALUATED, HandlerLearner
 
@@ -109,8 +116,8 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     save_state(context, state)
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
-    return Message(RecordDict({"arrays": ArrayRecord(state.shared),
-                               "metrics": metric_record(metrics)}), reply_to=msg)
+    return train_reply(msg, state, metrics,
+                       learner.evaluated if REPORT_KEY in content else None)
 
 
 def _evaluating(node: Callable[[StateDict], LearningNode], model: StateDict,

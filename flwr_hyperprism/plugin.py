@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import algorithm_spec
-from strategies.decentralized import DecentralizedStrategy
+from strategies.decentralized import DecentralizedStrategy, RoundCallback
 from strategies.learner import LocalUpdate
 from strategies.protocol import EVALUATE_KEY, STAGE_KEY, record_int, scalar_metrics
 from strategies.rule import NodeState, StateDict
@@ -70,6 +71,9 @@ class PluginStrategy(DecentralizedStrategy):
                 message.content["arrays"] = arrays
         return messages
 
+    def check_evaluate_config(self, evaluate_config: ConfigRecord | None) -> None:
+        """Used: it is the "config" of the evaluate messages to the user's handler."""
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """An evaluate message to each node that replied to this round's training."""
@@ -101,19 +105,23 @@ class PluginStrategy(DecentralizedStrategy):
 
 def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: str = "accuracy",
                            loss_metric: str = "loss", run_dir: str | None = None,
-                           **settings) -> DecentralizedStrategy:
+                           on_round: RoundCallback | None = None,
+                           **settings: Any) -> DecentralizedStrategy:
     """The plug-in orchestrator for ``algorithm``, configured by ``RunConfig`` keywords.
 
     ``settings`` are RunConfig fields (e.g. ``num_nodes=10, lr=0.1, density=0.5``, HyperPrism's
-    ``p_mode``); ``lr`` must be the step size of the user's local optimizer (see the module
-    docstring). Metrics rows go to the log and, with ``run_dir``, to metrics.jsonl /
-    summary.json there.
+    ``p_mode``, ``server_eval_every``); ``lr`` must be the step size of the user's local
+    optimizer (see the module docstring). Metrics rows go to the log and, with ``run_dir``, to
+    metrics.jsonl / summary.json there. ``on_round(row, models)`` runs after every row (what a
+    FedAvg subclass does per round: checkpoint the best model, log to W&B, write results):
+    ``models`` are the nodes' models of the round in the rounds the nodes send them
+    (``server_eval_every``, and the last), else empty.
     """
     config = RunConfig(algorithm=algorithm, **settings)
     if config.order != "atc":
         raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
                          f"handler trains the merged model): use order='atc'")
-    strategy = PluginStrategy(algorithm_spec(algorithm).orchestrator(config), run_dir)
+    strategy = PluginStrategy(algorithm_spec(algorithm).orchestrator(config), run_dir, on_round)
     strategy.accuracy_metric, strategy.loss_metric = accuracy_metric, loss_metric
     return strategy
 

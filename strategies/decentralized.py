@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 from uuid import uuid4
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.graphs import round_rng
 from flwr_hyperprism.metrics import RunRecorder, format_round, summarise_round
 
 from . import algorithm_spec, learner
@@ -36,8 +38,10 @@ from .checkpoint import RoutingCheckpoint, node_checkpoints, starting_state
 from .plan import RoutingPlan
 from .protocol import (
     INFO_KEY,
+    MODEL_KEY,
     NEIGHBOUR_PREFIX,
     OWN_KEY,
+    REPORT_KEY,
     RUN_KEY,
     SESSION_KEY,
     STAGE_KEY,
@@ -50,6 +54,10 @@ from .protocol import (
 from .rule import NodeRule, NodeState, NodeTask, StateDict
 
 log = logging.getLogger("flwr")
+
+RoundCallback = Callable[[dict[str, Any], dict[int, ArrayRecord]], None]
+"""``on_round(row, models)``: called after each metrics row is recorded, with the row and the
+nodes' models of that round ({partition id: model}; empty in rounds that use none)."""
 
 
 
@@ -90,8 +98,10 @@ class DecentralizedStrategy(Strategy):
         """Train messages go to the ClientApp's ``train.<algorithm>`` handler."""
         return f"train.{self.routing.algorithm}"
 
-    def __init__(self, routing: RoutingPlan, run_dir: str | Path | None = None) -> None:
+    def __init__(self, routing: RoutingPlan, run_dir: str | Path | None = None,
+                 on_round: RoundCallback | None = None) -> None:
         self.routing = routing  # the algorithm's plan: who hears from whom, with what weights
+        self.on_round = on_round
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.recorder: RunRecorder | None = None  # made when the run opens (``open_run``)
         self.run_key = ""  # names the nodes' checkpoints of this run (``open_run``)
@@ -109,6 +119,9 @@ class DecentralizedStrategy(Strategy):
         self.joining: dict[str, int] = {}  # message id of a pending partition query -> node id
         self.in_sync: set[int] = set()  # partitions whose node holds the state ``latest`` has
         self.addressed: dict[str, int] = {}  # message id -> partition, of the last exchange
+        # the nodes' models of the round (MODEL_KEY replies), when the exchange asked for them
+        self.reported: dict[int, ArrayRecord] = {}
+        self.final_models: dict[int, ArrayRecord] = {}  # each partition's model after the run
 
     # --- routing: the plan over the partitions that have a model to route -----------------
 
@@ -137,15 +150,18 @@ class DecentralizedStrategy(Strategy):
         of ``config`` is passed on as the message's "config" record.
         """
         stage = record_int(config, STAGE_KEY) if STAGE_KEY in config else 0
-        passed_on = ConfigRecord({k: v for k, v in config.items() if k != STAGE_KEY})
+        passed_on = ConfigRecord({k: v for k, v in config.items()
+                                  if k not in (STAGE_KEY, REPORT_KEY)})
         return [Message(content, dst_node_id=self.node_ids[pid],
                         message_type=self.train_message_type,
                         group_id=f"{server_round}.{stage}")
-                for pid, content in self.train_contents(server_round, stage, passed_on).items()]
+                for pid, content in self.train_contents(server_round, stage, passed_on,
+                                                        REPORT_KEY in config).items()]
 
-    def train_contents(self, round_: int, stage: int, passed_on: ConfigRecord
-                       ) -> dict[int, RecordDict]:
-        """The content of each bound partition's train message (see ``configure_train``)."""
+    def train_contents(self, round_: int, stage: int, passed_on: ConfigRecord,
+                       report: bool = False) -> dict[int, RecordDict]:
+        """The content of each bound partition's train message (see ``configure_train``);
+        with ``report`` the nodes are asked for their model of the round (``MODEL_KEY``)."""
         run = run_record(self.config)
         session = ConfigRecord({"run-key": self.run_key})
         contents = {}
@@ -158,6 +174,8 @@ class DecentralizedStrategy(Strategy):
                 content[f"{NEIGHBOUR_PREFIX}{j}"] = self.latest[j]
             if pid not in self.in_sync and pid in self.latest:
                 content[OWN_KEY] = self.latest[pid]
+            if report:
+                content[REPORT_KEY] = ConfigRecord()
             contents[pid] = content
         return contents
 
@@ -194,6 +212,8 @@ class DecentralizedStrategy(Strategy):
                 continue
             self.latest[pid] = reply.content.array_records["arrays"]
             self.received[pid] = server_round
+            if MODEL_KEY in reply.content.array_records:
+                self.reported[pid] = reply.content.array_records[MODEL_KEY]
             node_metrics[pid] = scalar_metrics(reply.content.metric_records["metrics"])
         addressed = set(self.addressed.values())
         silent = sorted(addressed - set(node_metrics) - set(failed))
@@ -305,9 +325,17 @@ class DecentralizedStrategy(Strategy):
         """Run the decentralized rounds; same signature as ``Strategy.start``.
 
         ``initial_arrays`` (the common initial model) is routed as every node's latest model
-        in round 1. ``evaluate_fn``/``evaluate_config`` do not apply: there is no global model.
-        ``result.train_metrics_clientapp[r]`` holds round r's aggregates, r = 0..num_rounds
-        (per-node values as ``<key>.<partition id>``).
+        in round 1. There is no global model: ``evaluate_fn(round, arrays)`` scores each
+        node's model of the round instead (every ``server-eval-every`` rounds and after the
+        last, each node or a fixed sample of ``server-eval-nodes``), the paper's per-device
+        metric; its metrics go into the rows per node as ``server_<name>`` (mean, std and per
+        partition) and their means into ``result.evaluate_metrics_serverapp``. The nodes send
+        those models only in the rounds that use them. ``result.train_metrics_clientapp[r]``
+        holds round r's aggregates, r = 0..num_rounds (per-node values as
+        ``<key>.<partition id>``). ``result.arrays`` is the network average of the nodes'
+        final models (reported, never routed to a node); ``final_models`` has each of them.
+        ``evaluate_config`` goes to the evaluate messages of ``configure_evaluate``; this
+        strategy sends none (its nodes evaluate in their train reply) and warns if given one.
         """
         if num_rounds is not None and num_rounds != self.config.num_rounds:
             self.config = self.config.replace(num_rounds=num_rounds)
@@ -325,13 +353,28 @@ class DecentralizedStrategy(Strategy):
         self.in_sync = set() if resumed else set(self.node_ids)
         result = Result()
         arrays = initial_arrays or ArrayRecord()
+        self.check_evaluate_config(evaluate_config)
+        wants_models = evaluate_fn is not None or self.on_round is not None
 
         def round_trip(round_: int, stage: int) -> dict[int, dict]:
             self.refresh_nodes(grid, round_)
             config = ConfigRecord({**(train_config or {}), STAGE_KEY: stage})
+            report = stage == 0 and (round_ == self.config.num_rounds + 1 or wants_models and
+                                     (round_ - 1) % self.config.server_eval_every == 0)
+            if report:
+                config[REPORT_KEY] = True
+            self.reported = {}
             replies = self.exchange(grid, self.configure_train(round_, arrays, config, grid),
                                     timeout, f"round-trip {round_}.{stage}")
             node_metrics = self.collect_train(round_, replies)
+            if evaluate_fn is not None:
+                for pid in self.server_eval_sample(self.reported):
+                    scored = evaluate_fn(round_ - 1, self.reported[pid])
+                    if scored is not None and pid in node_metrics:
+                        node_metrics[pid].update(
+                            (f"server_{k}", v) for k, v in scalar_metrics(scored).items())
+            if round_ == self.config.num_rounds + 1:
+                self.final_models = dict(self.reported)
             if stage == 0:
                 evaluation = list(self.configure_evaluate(round_, arrays,
                                                           evaluate_config or ConfigRecord(), grid))
@@ -344,7 +387,30 @@ class DecentralizedStrategy(Strategy):
 
         for row in self.run_rounds(round_trip):
             result.train_metrics_clientapp[row["round"]] = flat_metrics(row)
+            server = {k[len("server_"):-len("_mean")]: v for k, v in row.items()
+                      if k.startswith("server_") and k.endswith("_mean")}
+            if server:
+                result.evaluate_metrics_serverapp[row["round"]] = MetricRecord(server)
+        if self.final_models:
+            result.arrays = network_average(self.final_models)
         return result
+
+    def server_eval_sample(self, reported: Mapping[int, ArrayRecord]) -> list[int]:
+        """The partitions ``evaluate_fn`` scores among those that reported a model: all, or
+        the same seeded sample of ``server-eval-nodes`` partitions every round."""
+        wanted = self.config.server_eval_nodes
+        if wanted == 0 or wanted >= self.config.num_nodes:
+            return sorted(reported)
+        sample = round_rng(self.config.seed, 0, 0x5E).choice(self.config.num_nodes, wanted,
+                                                            replace=False)
+        return sorted(int(pid) for pid in sample if int(pid) in reported)
+
+    def check_evaluate_config(self, evaluate_config: ConfigRecord | None) -> None:
+        """Warn that ``evaluate_config`` has no use here (no evaluate messages are sent)."""
+        if evaluate_config:
+            log.warning("evaluate_config %s is not used: %s nodes evaluate in their train "
+                        "reply (use train_config for settings they need)", dict(evaluate_config),
+                        self.routing.description)
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float,
                  label: str) -> list[Message]:
@@ -437,6 +503,8 @@ class DecentralizedStrategy(Strategy):
                              "partitions_stale": list(self.stale),
                              "exchanges": exchanges, "seconds": time.perf_counter() - started})
                 self.record_round(rows[-1])
+                if self.on_round is not None:
+                    self.on_round(rows[-1], dict(self.reported))
                 started = time.perf_counter()
                 self.dropped.clear()
             self.next_exchange = exchanges + 1
@@ -464,6 +532,20 @@ def check_resumable(saved: Mapping[str, object], config: RunConfig, run_dir: Pat
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume {run_dir} with other settings ({detail}); resume "
                          f"with the run's own settings or start a new run-name")
+
+
+def network_average(models: Mapping[int, ArrayRecord]) -> ArrayRecord:
+    """The mean of the nodes' models: floating-point tensors averaged (in float64, cast
+    back), the others (e.g. BatchNorm's counters) taken from the lowest partition id."""
+    states = [models[pid].to_torch_state_dict() for pid in sorted(models)]
+    mean = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            total = torch.stack([s[key].double() for s in states]).mean(dim=0)
+            mean[key] = total.to(first.dtype)
+        else:
+            mean[key] = first
+    return ArrayRecord(mean)
 
 
 def as_state_dict(model: ArrayRecord | StateDict) -> StateDict:

@@ -86,6 +86,7 @@ class LearningNode:
     def step(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
              ) -> tuple[NodeState, dict[str, float]]:
         """One round-trip; ``neighbours`` maps partition ids to their shared tensors."""
+        self.learner.evaluated = None  # the learner is reused: only this round-trip's counts
         with _single_thread():
             return self.round_trip(state, task, neighbours, self.generator(task))
 

@@ -21,6 +21,8 @@ RUN_KEY = "hyperprism.run"  # the run config record of a train message
 INFO_KEY = "hyperprism.info"  # marks a request for the node's partition id
 OWN_KEY = "hyperprism.own"  # the partition's own latest routed model, for a node without state
 SESSION_KEY = "hyperprism.session"  # {"run-key": ...}: names the run's node checkpoints
+REPORT_KEY = "hyperprism.report"  # asks a node to reply with the model it evaluated, as MODEL_KEY
+MODEL_KEY = "model"  # a reply's record of the node's evaluated model (the model after the round)
 STAGE_KEY = "stage"  # train-config key of configure_train: the round-trip's stage in its round
 EVALUATE_KEY = "hyperprism.evaluate"  # plug-in mode: marks the evaluate messages the mod answers
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ConfigRecord, MetricRecord
 
 from flwr_hyperprism.client_app import app as client_app
 from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.data import INPUT_SHAPES, NUM_CLASSES
+from flwr_hyperprism.models import build_model
 from flwr_hyperprism.server_app import initial_model, run
 from simulations.run import run_experiment
 from strategies import ALGORITHMS
-from strategies.decentralized import wait_for_partitions
+from strategies.decentralized import make_strategy, wait_for_partitions
+from strategies.learner import evaluate, node_data
 from strategies.protocol import NEIGHBOUR_PREFIX, TASK_KEY
 from tests.harness import LocalGrid
 from tests.variants import metrics_rows
@@ -131,3 +136,31 @@ def test_simulation_runtime_run_learns_and_equals_in_process_run(tmp_path, algor
     assert rows == metrics_rows(tmp_path / "inprocess")
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["algorithm_name"] == ALGORITHMS[algorithm].orchestrator.description
+
+
+@pytest.mark.parametrize("algorithm", ["hyperprism", "adom"])
+def test_a_native_run_scores_node_models_on_the_server_and_returns_the_final_ones(
+        tmp_path, caplog, algorithm):
+    config = tiny_config(tmp_path, "grid", algorithm=algorithm, eval_size=300)
+    test = node_data(config, 0).test  # the nodes' own (shared) test subset
+    model = build_model(config.model, INPUT_SHAPES[config.dataset], NUM_CLASSES, config.seed)
+
+    def evaluate_fn(server_round, arrays):
+        model.load_state_dict(arrays.to_torch_state_dict())
+        accuracy, loss = evaluate(model, test)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    strategy = make_strategy(config, tmp_path / "grid")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.start(LocalGrid.with_nodes(client_app, config.num_nodes),
+                                initial_model(config), evaluate_fn=evaluate_fn,
+                                evaluate_config=ConfigRecord({"batch": 8}))
+    assert any("evaluate_config {'batch': 8} is not used" in r.getMessage()
+               for r in caplog.records)
+    rows = metrics_rows(tmp_path / "grid")
+    for row in rows:  # the server scores exactly the model each node evaluated
+        assert row["server_accuracy"] == pytest.approx(row["accuracy"], abs=1e-9)
+    # ADOM+'s shared vectors are not a model: the final models are what the nodes evaluated
+    assert sorted(strategy.final_models) == list(range(config.num_nodes))
+    assert result.arrays.to_torch_state_dict().keys() == model.state_dict().keys()
+    model.load_state_dict(result.arrays.to_torch_state_dict())

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr_hyperprism import decentralized_strategy
 from flwr_hyperprism.mod import hyperprism_mod
 from tests.harness import ElasticGrid, LocalGrid
+from tests.variants import metrics_rows
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart-pytorch"
 
@@ -101,3 +102,82 @@ def test_a_plug_in_node_that_dies_and_comes_back_rejoins_from_its_routed_model(
     restarts = [r.getMessage() for r in caplog.records
                 if "partition 2 has no state of its own" in r.getMessage()]
     assert len(restarts) == 1
+
+
+@pytest.fixture
+def example_task(example_app):
+    from quickstart_pytorch import task
+
+    return task
+
+
+def test_evaluate_fn_scores_every_nodes_model_of_the_round(example_app, example_task, tmp_path):
+    # the paper's metric without nodes holding the test set: each device's model, scored by
+    # the ServerApp's evaluate_fn; here the same global test set the nodes' handler uses, so
+    # the server's and the nodes' accuracies must agree node by node
+    app, net = example_app
+    _, test_loader = example_task.load_data(0, 4)
+    calls = []
+
+    def evaluate_fn(server_round, arrays):
+        model = net()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = example_task.test(model, test_loader)
+        calls.append(server_round)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    seen = []
+    grid = LocalGrid.with_nodes(app, 4, {"local-epochs": 1})
+    strategy = decentralized_strategy("dpsgd", num_nodes=4, lr=0.05, run_dir=tmp_path,
+                                      server_eval_every=2, accuracy_metric="eval_acc",
+                                      on_round=lambda row, models: seen.append((row, models)))
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
+                            train_config=ConfigRecord({"lr": 0.05}), num_rounds=4,
+                            evaluate_fn=evaluate_fn)
+    rows = metrics_rows(tmp_path)
+    assert sorted(set(calls)) == [0, 2, 4] and len(calls) == 3 * 4  # every 2nd round + last
+    for row in rows:
+        if row["round"] in (0, 2, 4):
+            assert row["server_accuracy"] == pytest.approx(row["accuracy"], abs=1e-6)
+            assert row["server_accuracy_std"] >= 0
+        else:
+            assert "server_accuracy_mean" not in row
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 2, 4]
+    assert result.evaluate_metrics_serverapp[4]["accuracy"] == rows[4]["server_accuracy_mean"]
+    # the round callback: every row, the models in the rounds that have them
+    assert [row["round"] for row, _ in seen] == [0, 1, 2, 3, 4]
+    assert [sorted(models) for _, models in seen] == [[0, 1, 2, 3], [], [0, 1, 2, 3], [],
+                                                      [0, 1, 2, 3]]
+
+
+def test_the_result_holds_the_network_average_of_the_final_models(example_app, tmp_path):
+    app, net = example_app
+    grid = LocalGrid.with_nodes(app, 4, {"local-epochs": 1})
+    strategy = decentralized_strategy("hyperprism", num_nodes=4, lr=0.05, run_dir=tmp_path)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
+                            train_config=ConfigRecord({"lr": 0.05}), num_rounds=2)
+    finals = {pid: m.to_torch_state_dict() for pid, m in strategy.final_models.items()}
+    assert sorted(finals) == [0, 1, 2, 3]
+    average = result.arrays.to_torch_state_dict()
+    assert average.keys() == net().state_dict().keys()  # the model, no tracker
+    for key, value in average.items():
+        torch.testing.assert_close(value, torch.stack([f[key] for f in finals.values()]).mean(0))
+    model = net()
+    model.load_state_dict(average)  # loads into the user's model as FedAvg's result does
+    assert not all(torch.equal(finals[0][k], finals[1][k]) for k in average)  # no consensus
+
+
+def test_server_eval_nodes_scores_a_fixed_sample(example_app, tmp_path):
+    app, net = example_app
+    scored = []
+
+    def evaluate_fn(server_round, arrays):
+        scored.append((server_round, arrays))
+        return MetricRecord({"accuracy": 0.5})
+
+    grid = LocalGrid.with_nodes(app, 4, {"local-epochs": 1})
+    strategy = decentralized_strategy("dpsgd", num_nodes=4, lr=0.05, server_eval_nodes=2)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
+                   train_config=ConfigRecord({"lr": 0.05}), num_rounds=2,
+                   evaluate_fn=evaluate_fn)
+    assert [r for r, _ in scored] == [0, 0, 1, 1, 2, 2]
