@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,9 @@ class RunConfig:
     local_steps: int = 0  # > 0: exactly this many minibatch steps per round instead of epochs
     momentum: float = 0.0
     order: str = "atc"  # adapt then combine (Algorithm 1); 'cta': combine then adapt (Lian)
+    # personal layers: comma-separated name patterns (fnmatch, e.g. 'classifier.*' or 'fc2.*')
+    # of tensors a node keeps as its own: never merged, not in the (pseudo-)gradients
+    local_layers: str = ""
     # communication graph
     topology: str = "erdos-renyi"
     density: float = 0.5
@@ -183,6 +187,15 @@ class RunConfig:
     @property
     def candidates(self) -> tuple[float, ...]:
         return parse_candidates(self.p_candidates)
+
+    @property
+    def local_patterns(self) -> tuple[str, ...]:
+        """The ``local-layers`` name patterns."""
+        return tuple(p.strip() for p in self.local_layers.split(",") if p.strip())
+
+    def is_local(self, name: str) -> bool:
+        """Whether tensor ``name`` is a personal layer (``local-layers``)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.local_patterns)
 
     # --- conversions -------------------------------------------------------------------------
 

@@ -75,9 +75,12 @@ class RunRecorder:
     """
 
     def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "",
-                 keep_rows: int | None = None) -> None:
+                 keep_rows: int | None = None,
+                 settings: Mapping[str, object] | None = None) -> None:
+        """``settings``: what config.json holds (default: every RunConfig field)."""
         self.run_dir = Path(run_dir)
         self.config, self.description = config, description or config.algorithm
+        self.settings = dict(settings) if settings is not None else config.to_run_config()
         metrics = self.run_dir / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.is_file() else []
         if keep_rows is None and lines:
@@ -89,7 +92,7 @@ class RunRecorder:
                              f"rows but metrics.jsonl has {len(lines)}")
         self.rows: list[Row] = [json.loads(line) for line in lines[:keep_rows or 0]]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(config.to_run_config(), indent=2))
+        (self.run_dir / "config.json").write_text(json.dumps(self.settings, indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
     def record(self, row: Row) -> None:
@@ -99,7 +102,9 @@ class RunRecorder:
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
     def summary(self) -> Row:
-        return {**summarise_run(self.rows, self.config), "algorithm_name": self.description}
+        summary = {**summarise_run(self.rows, self.config), "algorithm_name": self.description}
+        return {k: v for k, v in summary.items()  # no dataset or model a run did not use
+                if k not in ("dataset", "model") or k in self.settings}
 
 
 def summarise_run(rows: list[Row], config: RunConfig) -> Row:

@@ -83,7 +83,7 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return dict(records.array_records["arrays"].to_torch_state_dict()), metrics
 
     def node(model: StateDict) -> LearningNode:
-        return spec.make_rule(config, partition_id, HandlerLearner(model, train, config.lr))
+        return spec.make_rule(config, partition_id, HandlerLearner(model, train, config))
 
     def init() -> NodeState:  # round 1: the initial model the orchestrator sent
         if "arrays" not in content.array_records:
@@ -103,7 +103,9 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     state = starting_state(task, load_state(context), checkpoints, routed_own(msg), init,
                            restore, partition_id)
     model = state.tensors[EVALUATED]
-    learner = HandlerLearner(model, train, config.lr)
+    previous = (spec.node_rule.model_of(state.shared) if issubclass(spec.node_rule, GossipNode)
+                else None)
+    learner = HandlerLearner(model, train, config, previous, partition_id)
     rule = spec.make_rule(config, partition_id, learner)
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
                   for key, record in content.array_records.items()

@@ -25,7 +25,10 @@ of the round (Mudag: x; ADOM+: x_f).
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import algorithm_spec
-from strategies.decentralized import DecentralizedStrategy, RoundCallback
+from strategies.decentralized import DecentralizedStrategy, RoundCallback, federation_size
 from strategies.learner import LocalUpdate
 from strategies.protocol import EVALUATE_KEY, STAGE_KEY, record_int, scalar_metrics
 from strategies.rule import NodeState, StateDict
@@ -42,6 +45,15 @@ from .config import RunConfig
 from .models import DECISION, REPRESENTATION
 
 log = logging.getLogger("flwr")
+
+NATIVE_ONLY = ("dataset", "data_dir", "download", "model", "alpha", "min_partition_size",
+               "batch_size", "local_epochs", "local_steps", "momentum", "eval_size",
+               "swarm_local_steps")
+"""RunConfig fields only the native apps read: in plug-in mode the user's app owns its data,
+model and training, so passing one is an error and config.json leaves them out."""
+
+TrainConfigFn = Callable[[int], ConfigRecord]
+"""``train_config_fn(round)``: the train config of a round (e.g. a learning-rate schedule)."""
 
 
 class PluginStrategy(DecentralizedStrategy):
@@ -57,6 +69,36 @@ class PluginStrategy(DecentralizedStrategy):
     train_message_type = "train"
     accuracy_metric: str = "accuracy"
     loss_metric: str = "loss"
+    num_nodes_from_federation = False  # num_nodes was not given: the nodes' num-partitions
+    lr_key: str | None = None  # lr was not given: each round's train config[lr_key]
+    train_config_fn: TrainConfigFn | None = None
+
+    def prepare(self, grid: Grid, train_config: ConfigRecord | None) -> None:
+        """num-nodes from the federation when it was not given."""
+        if self.num_nodes_from_federation:
+            total = federation_size(grid, self.config.node_wait_timeout, self.info_message_type)
+            log.info("num-nodes=%s: the federation's num-partitions", total)
+            self.routing = type(self.routing)(self.config.replace(num_nodes=total))
+
+    def round_config(self, passed_on: ConfigRecord) -> RunConfig:
+        """With ``lr`` from the train config: the run config with this round's lr."""
+        if self.lr_key is None:
+            return self.config
+        if self.lr_key not in passed_on:
+            raise ValueError(f"the learning rate is unknown: pass lr=<your optimizer's step "
+                             f"size> to decentralized_strategy, or put {self.lr_key!r} in "
+                             f"train_config (or train_config_fn's records)")
+        return self.config.replace(lr=float(passed_on[self.lr_key]))  # type: ignore[arg-type]
+
+    def described_settings(self) -> dict[str, object]:
+        """The settings a plug-in run uses; the user's app decides data, model, training."""
+        settings: dict[str, object] = {k: v for k, v in self.config.to_run_config().items()
+                                       if k.replace("-", "_") not in NATIVE_ONLY}
+        settings.update({"mode": "plug-in", "accuracy-metric": self.accuracy_metric,
+                         "loss-metric": self.loss_metric})
+        if self.lr_key is not None:
+            settings["lr"] = f"train config {self.lr_key!r}, per round"
+        return settings
 
     def summary(self) -> None:
         log.info("%s (plug-in mode: the app's own model, data and training): %s nodes, %s "
@@ -65,6 +107,8 @@ class PluginStrategy(DecentralizedStrategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        if self.train_config_fn is not None:
+            config = ConfigRecord({**config, **self.train_config_fn(server_round)})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if server_round == 1 and (STAGE_KEY not in config or record_int(config, STAGE_KEY) == 0):
             for message in messages:
@@ -104,26 +148,50 @@ class PluginStrategy(DecentralizedStrategy):
 
 
 def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: str = "accuracy",
-                           loss_metric: str = "loss", run_dir: str | None = None,
+                           loss_metric: str = "loss", run_dir: str | Path | None = None,
                            on_round: RoundCallback | None = None,
+                           train_config_fn: TrainConfigFn | None = None, lr_key: str = "lr",
                            **settings: Any) -> DecentralizedStrategy:
     """The plug-in orchestrator for ``algorithm``, configured by ``RunConfig`` keywords.
 
-    ``settings`` are RunConfig fields (e.g. ``num_nodes=10, lr=0.1, density=0.5``, HyperPrism's
-    ``p_mode``, ``server_eval_every``); ``lr`` must be the step size of the user's local
-    optimizer (see the module docstring). Metrics rows go to the log and, with ``run_dir``, to
-    metrics.jsonl / summary.json there. ``on_round(row, models)`` runs after every row (what a
-    FedAvg subclass does per round: checkpoint the best model, log to W&B, write results):
-    ``models`` are the nodes' models of the round in the rounds the nodes send them
-    (``server_eval_every``, and the last), else empty.
+    ``settings`` are RunConfig fields (e.g. ``density=0.5``, HyperPrism's ``p_mode``,
+    ``server_eval_every``); those of the native apps' data, model and training
+    (``NATIVE_ONLY``) are an error. ``num_nodes`` defaults to the federation's num-partitions;
+    ``lr``, which must be the step size of the user's local optimizer (see the module
+    docstring), to each round's train config ``lr_key``. ``train_config_fn(round)`` adds to
+    ``start``'s train_config per round (e.g. a learning-rate schedule).
+    ``on_round(row, models)`` runs after every metrics row (what a FedAvg subclass does per
+    round: checkpoint the best model, log to W&B, write results): ``models`` are the nodes'
+    models of the round in the rounds the nodes send them (``server_eval_every``, with an
+    evaluate_fn or on_round, and the last), else empty. Rows go to the log and to
+    metrics.jsonl / summary.json / config.json in ``run_dir`` (relative: under
+    ``default_run_root()``; default: a new ``<algorithm>-plugin-<UTC time>`` there).
     """
+    native = sorted(set(settings) & set(NATIVE_ONLY))
+    if native:
+        raise ValueError(f"{', '.join(native)}: settings of the native apps' data, model and "
+                         f"training; in plug-in mode your ClientApp owns these, remove them")
     config = RunConfig(algorithm=algorithm, **settings)
     if config.order != "atc":
         raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
                          f"handler trains the merged model): use order='atc'")
-    strategy = PluginStrategy(algorithm_spec(algorithm).orchestrator(config), run_dir, on_round)
+    spec = algorithm_spec(algorithm)
+    spec.check(config)
+    root = default_run_root()
+    run_dir = root / (run_dir if run_dir is not None else
+                      f"{algorithm}-plugin-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    strategy = PluginStrategy(spec.orchestrator(config), run_dir, on_round)
     strategy.accuracy_metric, strategy.loss_metric = accuracy_metric, loss_metric
+    strategy.num_nodes_from_federation = "num_nodes" not in settings
+    strategy.lr_key = None if "lr" in settings else lr_key
+    strategy.train_config_fn = train_config_fn
     return strategy
+
+
+def default_run_root() -> Path:
+    """Where plug-in runs write their outputs: ``$FLWR_HOME/hyperprism-runs`` (FLWR_HOME
+    defaults to ~/.flwr), an absolute directory outside any FAB."""
+    return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser().resolve() / "hyperprism-runs"
 
 
 def parameter_groups(names: list[str]) -> dict[str, list[str]]:
@@ -158,18 +226,26 @@ class HandlerLearner:
     Parameters
     ----------
     model : the node's current full model (integer buffers too); its floating-point tensors
-        are what the algorithms merge, its last module is the decision group
-        (``parameter_groups``)
+        outside ``local-layers`` are what the algorithms merge, its last module is the
+        decision group (``parameter_groups``)
     handler : the user's train handler
-    lr : the step size of the user's optimizer (the pseudo-gradient's scale)
+    config : the run config (``lr``: the step size of the user's optimizer, the
+        pseudo-gradient's scale; ``local-layers``: the personal layers)
+    previous : the node's own model before this round's merge (gossip algorithms): a merged
+        tensor that the handler returns closer to it than to the merged value was put back by
+        the handler (a personal layer not declared in ``local-layers``), which is logged
+    partition_id : for the log
     """
 
     num_examples = None
 
-    def __init__(self, model: StateDict, handler: TrainHandler, lr: float) -> None:
-        self.initial_model, self.handler, self.lr = model, handler, lr
-        self.names = tuple(k for k, v in model.items() if v.is_floating_point())
+    def __init__(self, model: StateDict, handler: TrainHandler, config: RunConfig,
+                 previous: StateDict | None = None, partition_id: int = 0) -> None:
+        self.initial_model, self.handler, self.lr = model, handler, config.lr
+        self.names = tuple(k for k, v in model.items()
+                           if v.is_floating_point() and not config.is_local(k))
         self.groups = parameter_groups(list(self.names))
+        self.previous, self.partition_id = previous, partition_id
         self.evaluated: StateDict | None = None
 
     def load(self, state: NodeState) -> None:
@@ -187,8 +263,24 @@ class HandlerLearner:
         if trained.keys() != model.keys():
             raise ValueError(f"the train handler returned arrays {sorted(trained)}; the model "
                              f"it was given has {sorted(model)}: return the whole model")
+        self.check_restored(model, trained)
         pseudo = {n: (model[n] - trained[n]) / self.lr for n in self.names}
         return LocalUpdate(dict(trained), metrics, pseudo)
+
+    def check_restored(self, given: StateDict, trained: StateDict) -> None:
+        """Warn about merged tensors the handler replaced by the node's own previous ones."""
+        if self.previous is None:
+            return
+        restored = [n for n in self.names if not torch.equal(given[n], self.previous[n])
+                    and float(torch.dist(trained[n], self.previous[n]))
+                    < 0.5 * float(torch.dist(trained[n], given[n]))]
+        if restored:
+            log.warning("partition %s: the train handler returned %s closer to the node's own "
+                        "previous values than to the merged model it was given: it seems to "
+                        "put personal layers back; declare them local_layers=%r so that they "
+                        "stay out of the merge and the pseudo-gradient", self.partition_id,
+                        restored, ",".join(sorted({n.rpartition(".")[0] + ".*"
+                                                   for n in restored})))
 
     def gradient(self, params: StateDict, gen: torch.Generator
                  ) -> tuple[dict[str, float], StateDict]:

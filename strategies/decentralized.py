@@ -65,7 +65,9 @@ def make_strategy(config: RunConfig, run_dir: str | Path | None = None
                   ) -> DecentralizedStrategy:
     """The Flower strategy that carries out ``config.algorithm``'s plan (outputs in
     ``run_dir``)."""
-    return DecentralizedStrategy(algorithm_spec(config.algorithm).orchestrator(config), run_dir)
+    spec = algorithm_spec(config.algorithm)
+    spec.check(config)
+    return DecentralizedStrategy(spec.orchestrator(config), run_dir)
 
 
 class DecentralizedStrategy(Strategy):
@@ -162,7 +164,7 @@ class DecentralizedStrategy(Strategy):
                        report: bool = False) -> dict[int, RecordDict]:
         """The content of each bound partition's train message (see ``configure_train``);
         with ``report`` the nodes are asked for their model of the round (``MODEL_KEY``)."""
-        run = run_record(self.config)
+        run = run_record(self.round_config(passed_on))
         session = ConfigRecord({"run-key": self.run_key})
         contents = {}
         for pid, task in self.plan(round_, stage).items():
@@ -342,6 +344,7 @@ class DecentralizedStrategy(Strategy):
         if timeout is not None and timeout != self.config.round_timeout:
             self.config = self.config.replace(round_timeout=timeout)
         timeout = self.config.round_timeout
+        self.prepare(grid, train_config)
         self.summary()
         resumed = self.open_run(initial_arrays if self.routing.routes_initial_model else None,
                                 ArrayRecord)
@@ -394,6 +397,18 @@ class DecentralizedStrategy(Strategy):
         if self.final_models:
             result.arrays = network_average(self.final_models)
         return result
+
+    def prepare(self, grid: Grid, train_config: ConfigRecord | None) -> None:
+        """Settings ``start`` takes from the federation or the train config (none here)."""
+
+    def described_settings(self) -> dict[str, object]:
+        """What the run's config.json says about it: every RunConfig field."""
+        return dict(self.config.to_run_config())
+
+    def round_config(self, passed_on: ConfigRecord) -> RunConfig:
+        """The run config a round-trip's train messages carry (``passed_on``: its train
+        config); the run's own here."""
+        return self.config
 
     def server_eval_sample(self, reported: Mapping[int, ArrayRecord]) -> list[int]:
         """The partitions ``evaluate_fn`` scores among those that reported a model: all, or
@@ -460,7 +475,8 @@ class DecentralizedStrategy(Strategy):
                      checkpoint.next_exchange, checkpoint.rows)
         if self.run_dir is not None:
             self.recorder = RunRecorder(self.run_dir, self.config, self.routing.description,
-                                        keep_rows=checkpoint.rows if checkpoint else None)
+                                        keep_rows=checkpoint.rows if checkpoint else None,
+                                        settings=self.described_settings())
         return checkpoint is not None
 
     def save_checkpoint(self) -> None:
@@ -666,6 +682,25 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
             log.info("waiting for nodes: %s of num-nodes=%s connected (up to %.0fs more)",
                      len(partitions), num_nodes, deadline - time.monotonic())
             next_report += report_every
+        time.sleep(poll)
+
+
+def federation_size(grid: Grid, timeout: float, message_type: str = "query.info",
+                    poll: float = 0.5) -> int:
+    """num-partitions as the federation's nodes report it (the first node that answers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        queries = [partition_query(nid, message_type, None) for nid in grid.get_node_ids()]
+        if queries:
+            _, replies = send_and_receive(grid, queries, max(deadline - time.monotonic(), poll),
+                                          label="partition query")
+            for reply in replies:
+                info = reply.content.config_records.get("info")
+                if not reply.has_error() and info is not None and "num-partitions" in info:
+                    return record_int(info, "num-partitions")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no node reported num-partitions within node-wait-timeout="
+                               f"{timeout}s: start the SuperNodes, or pass num_nodes")
         time.sleep(poll)
 
 

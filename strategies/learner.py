@@ -168,7 +168,8 @@ class DataLearner:
         # The model object is reused across round-trips (and runs, when the rule is cached):
         # a new state must start from the seeded initial weights, not from its current ones.
         self.initial_model = clone_tensors(self.model.state_dict())
-        self.names = tuple(name for name, _ in self.model.named_parameters())
+        self.names = tuple(name for name, _ in self.model.named_parameters()
+                           if not config.is_local(name))
         self.groups = {g: [n for n in self.names if layer_group(n) == g]
                        for g in (REPRESENTATION, DECISION)}
         self.num_examples = len(data.train)
@@ -207,8 +208,12 @@ class DataLearner:
             loss.backward()
             self.optimizer.step()
             losses.append(float(loss.detach()))
-        last_gradient = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()
-                         if p.grad is not None}
+        last_gradient = {}
+        for name, parameter in self.model.named_parameters():
+            if name in self.names:
+                grad = parameter.grad
+                last_gradient[name] = (torch.zeros_like(parameter) if grad is None
+                                       else grad.detach().clone())
         return LocalUpdate(clone_tensors(self.model.state_dict()),
                            {"train_loss": sum(losses) / len(losses)}, last_gradient)
 

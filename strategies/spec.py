@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from flwr_hyperprism.config import RunConfig
 
 from .learner import Learner
-from .node import LearningNode
+from .node import GossipNode, LearningNode
 from .plan import RoutingPlan
 
 
@@ -40,6 +40,13 @@ class AlgorithmSpec:
     def config_keys(self) -> tuple[str, ...]:
         """The RunConfig fields only this algorithm reads."""
         return self.orchestrator.config_keys
+
+    def check(self, config: RunConfig) -> None:
+        """Raise ValueError for settings this algorithm cannot honour."""
+        if config.local_patterns and not issubclass(self.node_rule, GossipNode):
+            raise ValueError(f"local-layers={config.local_layers!r}: {self.display_name} mixes "
+                             f"vectors other than the model, so no layer can stay out of a "
+                             f"merge; local-layers is for the algorithms that merge models")
 
     def make_rule(self, config: RunConfig, partition_id: int,
                   learner: Learner | None = None) -> LearningNode:

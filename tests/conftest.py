@@ -17,3 +17,10 @@ def zero_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
         return {"train_loss": 0.0}, {k: torch.zeros_like(v) for k, v in params.items()}
 
     monkeypatch.setattr(DataLearner, "gradient", zero_gradient)
+
+
+@pytest.fixture(autouse=True)
+def private_flwr_home(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plug-in runs write under $FLWR_HOME by default: never into the user's ~/.flwr."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))

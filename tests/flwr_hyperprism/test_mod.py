@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -181,3 +182,48 @@ def test_server_eval_nodes_scores_a_fixed_sample(example_app, tmp_path):
                    train_config=ConfigRecord({"lr": 0.05}), num_rounds=2,
                    evaluate_fn=evaluate_fn)
     assert [r for r, _ in scored] == [0, 0, 1, 1, 2, 2]
+
+
+def test_settings_come_from_the_federation_and_the_train_config(example_app, monkeypatch,
+                                                                 tmp_path):
+    # no num_nodes, no lr, no run_dir: 5 SuperNodes' num-partitions, the train config's lr
+    # per round (a schedule through train_config_fn), outputs under $FLWR_HOME
+    app, net = example_app
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    seen_lr = []
+    grid = LocalGrid.with_nodes(app, 5, {"local-epochs": 1})
+    original = grid.push_messages
+
+    def spy(messages):
+        messages = list(messages)
+        seen_lr.extend(float(m.content.config_records["config"]["lr"]) for m in messages
+                       if "hyperprism.task" in m.content)
+        return original(messages)
+
+    grid.push_messages = spy
+    strategy = decentralized_strategy(
+        "hyperprism", train_config_fn=lambda r: ConfigRecord({"lr": 0.05 if r <= 2 else 0.02}))
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()),
+                   train_config=ConfigRecord({"lr": 0.1}), num_rounds=3)
+    assert strategy.config.num_nodes == 5
+    assert seen_lr == [0.05] * 10 + [0.02] * 10  # rounds 1-2, 3-4 (the last only merges)
+    [run_dir] = (tmp_path / "hyperprism-runs").iterdir()
+    settings = json.loads((run_dir / "config.json").read_text())
+    assert settings["mode"] == "plug-in" and settings["num-nodes"] == 5
+    assert settings["lr"] == "train config 'lr', per round"
+    assert not {"dataset", "model", "batch-size", "momentum"} & settings.keys()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_nodes"] == 5 and "dataset" not in summary and "model" not in summary
+
+
+def test_without_an_lr_anywhere_the_run_says_where_to_set_it(example_app):
+    app, net = example_app
+    grid = LocalGrid.with_nodes(app, 3, {"local-epochs": 1})
+    strategy = decentralized_strategy("dpsgd")
+    with pytest.raises(ValueError, match="pass lr=<your optimizer's step size>"):
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(net().state_dict()), num_rounds=1)
+
+
+def test_native_app_settings_are_refused_in_plug_in_mode():
+    with pytest.raises(ValueError, match="batch_size, dataset: settings of the native apps"):
+        decentralized_strategy("dpsgd", dataset="mnist", batch_size=32)

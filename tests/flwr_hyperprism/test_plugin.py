@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_the_last_module_is_the_decision_group():
 
 
 def test_linear_merge_is_the_weighted_average_and_keeps_integer_tensors():
-    learner = HandlerLearner(model(1), unchanged, lr=0.1)
+    learner = HandlerLearner(model(1), unchanged, RunConfig(lr=0.1))
     rule = DPSGDNode(RunConfig(algorithm="dpsgd"), 0, learner)
     own, other = model(1), model(2)
     task = NodeTask(1, (5,), (0.25,), 0.75)
@@ -52,7 +54,7 @@ def test_linear_merge_is_the_weighted_average_and_keeps_integer_tensors():
 
 def test_the_handler_must_return_the_whole_model():
     learner = HandlerLearner(model(1), lambda full: ({"fc1.weight": full["fc1.weight"]}, {}),
-                             lr=0.1)
+                             RunConfig(lr=0.1))
     rule = DPSGDNode(RunConfig(algorithm="dpsgd"), 0, learner)
     with pytest.raises(ValueError, match="return the whole model"):
         rule.round_trip(rule.init_state(), NodeTask(1), {}, rule.generator(NodeTask(1)))
@@ -63,7 +65,7 @@ def test_the_hypernetwork_steps_on_the_pseudo_gradient_after_training():
         return {k: v - 0.1 if v.is_floating_point() else v for k, v in full.items()}, {"x": 1.0}
 
     config = RunConfig(lr=0.1, hn_lr=1.0, p_mode="hypernetwork")
-    rule = HyperPrismNode(config, 0, HandlerLearner(model(1), sgd, config.lr))
+    rule = HyperPrismNode(config, 0, HandlerLearner(model(1), sgd, config))
     state = rule.init_state()
     task = NodeTask(1, (3,), (0.5,), 0.5)
     after, metrics = rule.round_trip(state, task, {3: model(2)}, rule.generator(task))
@@ -93,7 +95,7 @@ def test_plug_in_hyperprism_runs_the_native_rule(tmp_path):
         return lambda full: (trainers[pid].train(full, gens[pid]).model, {})
 
     plugged = {pid: spec.make_rule(config, pid, HandlerLearner(
-        native[pid].learner.initial_model, handler(pid), config.lr)) for pid in range(4)}
+        native[pid].learner.initial_model, handler(pid), config)) for pid in range(4)}
     states = {"native": {p: r.init_state() for p, r in native.items()},
               "plugged": {p: r.init_state() for p, r in plugged.items()}}
     for round_, stage in plan.schedule():
@@ -141,7 +143,7 @@ def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(rule_type, m
         return {k: v - target[k] for k, v in params.items()}
 
     (self_weight, weight), coefficients, schedule = SCHEDULES[rule_type]
-    learners = {i: HandlerLearner(model(i + 1), train, lr) for i in (0, 1)}
+    learners = {i: HandlerLearner(model(i + 1), train, config) for i in (0, 1)}
     rules = {i: rule_type(config, i, learners[i]) for i in (0, 1)}
     method = method_type(config)
     plugged = {i: rules[i].init_state() for i in (0, 1)}
@@ -186,3 +188,51 @@ def test_factory_rejects_what_plug_in_mode_cannot_do(settings, message):
 
 def test_plug_in_hyperprism_has_the_native_default_degrees():
     assert decentralized_strategy(num_nodes=3).config.p_mode == RunConfig().p_mode
+
+
+def test_local_layers_stay_out_of_the_merge_and_the_pseudo_gradient():
+    def sgd(full):
+        return {k: v - 0.1 if v.is_floating_point() else v for k, v in full.items()}, {}
+
+    config = RunConfig(lr=0.1, local_layers="fc2.*")
+    learner = HandlerLearner(model(1), sgd, config)
+    assert learner.names == ("fc1.weight", "fc1.bias")
+    rule = HyperPrismNode(config, 0, learner)
+    own, other = model(1), model(2)
+    task = NodeTask(1, (5,), (0.5,), 0.5)
+    state = rule.init_state()
+    state.shared[TRACKER] = torch.zeros(16)  # fc1's 12 + 4 parameters: fc2 is not tracked
+    after, _ = rule.round_trip(state, task, {5: {**other, TRACKER: torch.ones(16)}},
+                               rule.generator(task))
+    for name in ("fc2.weight", "fc2.bias"):  # the node's own, then its own training
+        torch.testing.assert_close(learner.evaluated[name], own[name])
+        torch.testing.assert_close(after.shared[name], own[name] - 0.1)
+    assert not torch.equal(learner.evaluated["fc1.weight"], own["fc1.weight"])  # merged
+    assert after.shared[TRACKER].shape == (16,)
+
+
+def test_a_handler_that_puts_its_own_head_back_is_reported(caplog):
+    # what a FedPer-style handler does: train the merged model, then restore its saved head
+    saved = model(1)
+
+    def restoring(full):
+        return {**full, "fc2.weight": saved["fc2.weight"] - 0.01,
+                "fc2.bias": saved["fc2.bias"] - 0.01}, {}
+
+    for local_layers, warned in (("", True), ("fc2.*", False)):
+        config = RunConfig(algorithm="dpsgd", lr=0.1, local_layers=local_layers)
+        learner = HandlerLearner(model(1), restoring, config, previous=model(1), partition_id=3)
+        rule = DPSGDNode(config, 3, learner)
+        task = NodeTask(1, (5,), (0.5,), 0.5)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            rule.round_trip(rule.init_state(), task, {5: model(2)}, rule.generator(task))
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("partition 3: the train handler returned ['fc2.weight', 'fc2.bias']" in m
+                   and "local_layers='fc2.*'" in m for m in messages) == warned
+
+
+@pytest.mark.parametrize("algorithm", ["mudag", "adom"])
+def test_local_layers_are_refused_where_no_model_is_merged(algorithm):
+    with pytest.raises(ValueError, match="local-layers='fc2.*'.* algorithms that merge models"):
+        decentralized_strategy(algorithm, num_nodes=3, lr=0.1, local_layers="fc2.*")

@@ -42,3 +42,18 @@ def test_a_local_update_reports_the_last_minibatch_gradient():
     # the first of the three steps starts at the zero model: its gradient is not the last one
     _, first = learner.gradient(start, torch.Generator().manual_seed(0))
     assert any(not torch.allclose(first[n], update.gradient[n]) for n in learner.names)
+
+
+def test_native_local_layers_keep_the_nodes_own_tensors(zero_learning_rate):
+    config = RunConfig(algorithm="dpsgd", num_nodes=5, local_steps=1, eval_size=100,
+                       local_layers="classifier.bias")
+    rule = DPSGDNode.for_partition(config, 0)
+    assert rule.learner.names == ("classifier.weight",)
+    own = {k: torch.randn(v.shape) for k, v in rule.learner.initial_model.items()}
+    other = {k: torch.randn(v.shape) for k, v in own.items()}
+    state = rule.init_state()
+    state.tensors["shared"] = own
+    after, _ = rule.step(state, NodeTask(1, (4,), (0.5,), 0.5), {4: other})
+    torch.testing.assert_close(after.shared["classifier.weight"],
+                               0.5 * own["classifier.weight"] + 0.5 * other["classifier.weight"])
+    assert torch.equal(after.shared["classifier.bias"], own["classifier.bias"])

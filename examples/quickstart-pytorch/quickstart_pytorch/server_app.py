@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -17,7 +18,8 @@ def main(grid: Grid, context: Context) -> None:
     lr = float(context.run_config["lr"])
 
     arrays = ArrayRecord(Net().state_dict())
-    strategy = decentralized_strategy("hyperprism", num_nodes=int(context.run_config["num-nodes"]),
-                                      lr=lr, accuracy_metric="eval_acc", loss_metric="eval_loss")
-    strategy.start(grid=grid, initial_arrays=arrays, train_config=ConfigRecord({"lr": lr}),
-                   num_rounds=num_rounds)
+    strategy = decentralized_strategy("hyperprism", accuracy_metric="eval_acc",
+                                      loss_metric="eval_loss")
+    result = strategy.start(grid=grid, initial_arrays=arrays,
+                            train_config=ConfigRecord({"lr": lr}), num_rounds=num_rounds)
+    torch.save(result.arrays.to_torch_state_dict(), "final_model.pt")
