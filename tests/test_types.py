@@ -5,29 +5,27 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
 from tests.layers import LAYERS, MATH, REPO, RULES, source
 
 CORE = sorted(str(source(m).relative_to(REPO)) for layer in (MATH, RULES) for m in LAYERS[layer])
+CHECKS = {"strict-core": ["--strict", *CORE],
+          "library-and-simulations": ["flwr_hyperprism", "strategies", "simulations"]}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mypy-cache")  # shared: the second run reuses torch's
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """Both mypy runs, started together (about 30 s of wall time instead of 45)."""
+    runs = {name: subprocess.Popen(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path_factory.mktemp(name)),
+         *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, args in CHECKS.items()}
+    outputs = {name: run.communicate(timeout=600)[0] for name, run in runs.items()}
+    return {name: (runs[name].returncode, output) for name, output in outputs.items()}
 
 
-def mypy(cache: Path, *args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(cache), *args],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_the_math_and_the_node_rules_type_check_strictly(cache):
-    mypy(cache, "--strict", *CORE)
-
-
-def test_the_whole_library_and_the_simulations_type_check(cache):
-    mypy(cache, "flwr_hyperprism", "strategies", "simulations")
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_mypy_finds_no_errors(results, check):
+    returncode, output = results[check]
+    assert returncode == 0, output
