@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
 import pytest
 
 from tests.layers import LAYERS, MATH, REPO, RULES, source
