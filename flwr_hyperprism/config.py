@@ -17,6 +17,7 @@ import dataclasses
 import fnmatch
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -54,6 +55,9 @@ class RunConfig:
     min_partition_size: int = 10
     model: str = "logreg"
     eval_size: int = 0  # test samples each node is evaluated on per round; 0 = the whole test set
+    # where a node's model, batches, merges and hypernetwork live: 'auto' (CUDA when present),
+    # 'cpu', 'cuda' or 'cuda:N'; node state and messages stay on the CPU
+    device: str = "auto"
     # local training (plain SGD, as in the paper)
     lr: float = 0.01
     batch_size: int = 128
@@ -140,6 +144,9 @@ class RunConfig:
             if getattr(self, name) not in valid:
                 raise ValueError(f"config key {_key(name)!r} = {getattr(self, name)!r} is not "
                                  f"one of: {', '.join(valid)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"config key 'device' = {self.device!r} is not one of: auto, cpu, "
+                             f"cuda, cuda:N (N a GPU index)")
         ranges = [
             ("num_nodes", 2, None, "an integer >= 2"), ("num_rounds", 1, None, "an integer >= 1"),
             ("min_partition_size", 1, None, "an integer >= 1"), ("eval_size", 0, None, ">= 0"),

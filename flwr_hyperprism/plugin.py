@@ -238,6 +238,7 @@ class HandlerLearner:
     """
 
     num_examples = None
+    device = torch.device("cpu")  # the user's handler chooses its own device
 
     def __init__(self, model: StateDict, handler: TrainHandler, config: RunConfig,
                  previous: StateDict | None = None, partition_id: int = 0) -> None:

@@ -59,13 +59,14 @@ class NodeHypernetwork:
     ``num_tensors``: how many parameter tensors the gradient summary describes.
     """
 
-    def __init__(self, config: RunConfig, partition_id: int, num_tensors: int) -> None:
+    def __init__(self, config: RunConfig, partition_id: int, num_tensors: int,
+                 device: torch.device) -> None:
         summary_dim = SUMMARY_STATS * num_tensors if config.hn_input == "gradient" else 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
             self.module = HyperNetwork(summary_dim, config.candidates, config.embedding_dim,
                                        config.hn_hidden, config.p_select,
-                                       config.hn_p_init or None)
+                                       config.hn_p_init or None).to(device)
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=config.hn_lr)
         self.initial = clone_tensors(self.module.state_dict())  # every new state starts here
 
@@ -99,7 +100,7 @@ class HyperPrismNode(GossipNode):
         super().__init__(config, partition_id, learner)
         self.names = [n for names in self.groups.values() for n in names]  # flattening order
         self.summary = torch.zeros(SUMMARY_STATS * len(self.names))
-        self.hypernet = (NodeHypernetwork(config, partition_id, len(self.names))
+        self.hypernet = (NodeHypernetwork(config, partition_id, len(self.names), learner.device)
                          if config.p_mode == "hypernetwork" else None)
         self.pending: StateDict | None = None  # a merge whose hypernetwork step waits for training
 
@@ -149,7 +150,8 @@ class HyperPrismNode(GossipNode):
         if self.hypernet is not None:
             degrees = self.hypernet.module(self.summary)
         else:  # one degree for both layer groups
-            degrees = dict.fromkeys(self.groups, torch.tensor(self._one_degree(models, weights)))
+            degrees = dict.fromkeys(self.groups, torch.tensor(self._one_degree(models, weights),
+                                                              device=weights.device))
         self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
         metrics.update(p_theta=self.degrees[REPRESENTATION], p_phi=self.degrees[DECISION])
         trained_hypernet = self.hypernet if len(models) > 1 else None  # alone: d loss/d p = 0
@@ -188,7 +190,7 @@ class HyperPrismNode(GossipNode):
         self.tracker_mixed = sum(w * m[TRACKER] for w, m in zip(weights.tolist(), models))
         if len(models) < 2:  # alone: d merge / d p = 0
             return self.p
-        p = torch.tensor(self.p, requires_grad=True)
+        p = torch.tensor(self.p, requires_grad=True, device=weights.device)
         with torch.enable_grad():
             merged = merge_models(models, weights, dict.fromkeys(self.groups, p), self.groups)
             (slope,) = torch.autograd.grad(flatten(merged, self.names), p,

@@ -79,6 +79,11 @@ class Learner(Protocol):
         """The size of the node's training data, when the learner knows it."""
         ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where the node rule computes (its state and messages stay on the CPU)."""
+        ...
+
     evaluated: StateDict | None
     """The model ``evaluate`` last scored (None before any): the node's model of the round."""
 
@@ -108,6 +113,28 @@ class Learner(Protocol):
         only training reveals a gradient (a train handler): the caller then uses
         ``LocalUpdate.gradient``."""
         ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of config ``device``: 'auto' is CUDA when present, else the CPU.
+
+    Raises ValueError for a CUDA device this machine does not have, naming the fix.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device={name!r}, but this machine has {count} CUDA device(s) "
+                             f"(torch.cuda.is_available() is {torch.cuda.is_available()}): "
+                             f"use device='auto' or 'cpu'")
+    return device
+
+
+def to_device(tensors: Mapping[str, Tensor], device: torch.device) -> StateDict:
+    """``tensors`` on ``device`` (the same tensors where they are there already)."""
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def initial_model(config: RunConfig) -> StateDict:
@@ -163,8 +190,12 @@ class DataLearner:
     """
 
     def __init__(self, config: RunConfig, data: NodeData, local_steps: int = 0) -> None:
-        self.config, self.data = config, data
-        self.model = build_model(config.model, data.input_shape, NUM_CLASSES, config.seed)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.data = NodeData(Split(data.train.x.to(self.device), data.train.y.to(self.device)),
+                             Split(data.test.x.to(self.device), data.test.y.to(self.device)))
+        self.model = build_model(config.model, data.input_shape, NUM_CLASSES,
+                                 config.seed).to(self.device)
         # The model object is reused across round-trips (and runs, when the rule is cached):
         # a new state must start from the seeded initial weights, not from its current ones.
         self.initial_model = clone_tensors(self.model.state_dict())
@@ -240,7 +271,7 @@ class DataLearner:
         return float(loss.detach()), dict(zip(params, grads))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: torch.nn.Module, test: Split) -> tuple[float, float]:
     """Accuracy (fraction) and mean cross-entropy of ``model`` on a ``Split``."""
     model.eval()

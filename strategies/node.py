@@ -33,7 +33,7 @@ from flwr_hyperprism.graphs import round_seed
 from flwr_hyperprism.mirror import power_mean
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
-from .learner import DataLearner, Learner, LocalUpdate, clone_tensors, node_data
+from .learner import DataLearner, Learner, LocalUpdate, clone_tensors, node_data, to_device
 from .rule import NodeState, NodeTask, StateDict
 from .screening import screen_neighbours
 
@@ -85,10 +85,20 @@ class LearningNode:
 
     def step(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
              ) -> tuple[NodeState, dict[str, float]]:
-        """One round-trip; ``neighbours`` maps partition ids to their shared tensors."""
+        """One round-trip; ``neighbours`` maps partition ids to their shared tensors.
+
+        Computes on the learner's device; the state it returns (and the learner's
+        ``evaluated`` model) are on the CPU, where messages and checkpoints need them.
+        """
         self.learner.evaluated = None  # the learner is reused: only this round-trip's counts
+        device, cpu = self.learner.device, torch.device("cpu")
+        state = NodeState(state.round, {g: to_device(t, device) for g, t in state.tensors.items()})
+        neighbours = {j: to_device(m, device) for j, m in neighbours.items()}
         with _single_thread():
-            return self.round_trip(state, task, neighbours, self.generator(task))
+            new, metrics = self.round_trip(state, task, neighbours, self.generator(task))
+        if self.learner.evaluated is not None:
+            self.learner.evaluated = to_device(self.learner.evaluated, cpu)
+        return NodeState(new.round, {g: to_device(t, cpu) for g, t in new.tensors.items()}), metrics
 
     def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
                ) -> tuple[NodeTask, dict[str, float]]:
@@ -213,7 +223,7 @@ class GossipNode(LearningNode):
         self.load_extra(state)
         task, metrics = self.screen(state, task, neighbours)
         models = [state.shared] + [neighbours[j] for j in task.neighbours]
-        weights = torch.tensor((task.self_weight,) + task.weights)
+        weights = torch.tensor((task.self_weight,) + task.weights, device=self.learner.device)
 
         if self.config.order == "atc":
             model = self.full_model({**own, **self.combine(models, weights, gen, metrics)})

@@ -127,7 +127,7 @@ def test_a_cnn_trains_both_heads_and_merges_each_layer_group_with_its_own_degree
     # The CNN workload: conv layers (theta) and the classifier (phi) each get their own degree,
     # and the loss reaches both heads through the merge.
     config = small_config(tmp_path, topology="complete", model="cnn", num_nodes=3,
-                          eval_size=50)
+                          eval_size=50, local_steps=2)
     rules = {pid: HyperPrismNode.for_partition(config, pid) for pid in range(config.num_nodes)}
     states = spread_models(rules)
     before = {k: v.clone() for k, v in hypernet_params(states[0]).items()}

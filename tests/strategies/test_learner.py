@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flwr_hyperprism.config import RunConfig
+from strategies import algorithm_spec
+from strategies.decentralized import make_strategy, run_in_process
 from strategies.dpsgd import DPSGDNode
-from strategies.learner import DataLearner, load_optimizer_state, node_data, optimizer_state
+from strategies.learner import (
+    DataLearner,
+    load_optimizer_state,
+    node_data,
+    optimizer_state,
+    resolve_device,
+)
 from strategies.rule import NodeTask
 
 
@@ -57,3 +66,36 @@ def test_native_local_layers_keep_the_nodes_own_tensors(zero_learning_rate):
     torch.testing.assert_close(after.shared["classifier.weight"],
                                0.5 * own["classifier.weight"] + 0.5 * other["classifier.weight"])
     assert torch.equal(after.shared["classifier.bias"], own["classifier.bias"])
+
+
+def test_the_device_setting_resolves_or_says_what_to_set():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=rf"device='cuda:{missing}', but this machine has "
+                                         rf"{missing} CUDA device.*use device='auto' or 'cpu'"):
+        resolve_device(f"cuda:{missing}")
+    with pytest.raises(ValueError, match="'device' = 'gpu' is not one of: auto, cpu, cuda"):
+        RunConfig(device="gpu")
+
+
+@pytest.mark.parametrize("algorithm", ["hyperprism", "mudag"])
+def test_device_cpu_and_auto_runs_agree_and_keep_state_on_the_cpu(tmp_path, algorithm):
+    rows = {}
+    for device in ("cpu", "auto"):
+        config = RunConfig(algorithm=algorithm, device=device, num_nodes=4, num_rounds=2,
+                           local_steps=2, eval_size=300, mudag_max_gossip=2,
+                           output_dir=str(tmp_path), run_name=device)
+        rows[device] = [{k: v for k, v in row.items() if k != "seconds"}
+                        for row in run_in_process(make_strategy(config))]
+    if resolve_device("auto").type == "cpu":
+        assert rows["cpu"] == rows["auto"]  # this machine: the same device, bit for bit
+    else:  # a GPU machine: the same run within float32 noise (the GPU check measures it)
+        for cpu_row, gpu_row in zip(rows["cpu"], rows["auto"]):
+            assert cpu_row["accuracy_mean"] == pytest.approx(gpu_row["accuracy_mean"], abs=0.02)
+    spec = algorithm_spec(algorithm)
+    rule = spec.make_rule(config, 0)
+    task = NodeTask(1, coefficients=spec.orchestrator(config).coefficients(1))
+    state, _ = rule.step(rule.init_state(), task, {})
+    assert {t.device.type for group in state.tensors.values() for t in group.values()} == {"cpu"}
