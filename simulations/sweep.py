@@ -20,12 +20,15 @@ import argparse
 import csv
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 from pathlib import Path
+from typing import Any, TypeVar
 
 from flwr_hyperprism.config import RunConfig
 from strategies import ignored_keys
@@ -40,33 +43,39 @@ CSV_KEYS = ("round", "exchanges", "nodes_replied", "accuracy_mean", "accuracy_st
             "seconds")
 
 
-def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
-    """Run every unfinished cell, then write metrics.csv, table.md and the plots; returns the
-    per-cell summaries (with method, value and seed)."""
+def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1) -> list[dict]:
+    """Run every unfinished cell, ``jobs`` at a time (separate processes; in-process engine),
+    then write metrics.csv, table.md and the plots; returns the per-cell summaries (with
+    method, value and seed). A cell's metrics do not depend on ``jobs``."""
+    if jobs < 1 or (jobs > 1 and engine != "inprocess"):
+        raise ValueError(f"--jobs {jobs}: use an integer >= 1, and > 1 only with --engine "
+                         f"inprocess (Flower simulations each start their own Ray)")
     cells = sweep.cells()
-    started, ran = time.perf_counter(), 0
-    summaries = []
+    todo = []
     for index, cell in enumerate(cells, 1):
         run_dir = out / "cells" / cell.id(sweep.key)
-        if not finished(run_dir, cell.config):
-            if run_dir.exists():  # an interrupted or outdated cell starts again from round 0
-                log.info("[sweep %s] cell %s of %s (%s) is unfinished: starting it again",
-                         sweep.name, index, len(cells), run_dir.name)
-                shutil.rmtree(run_dir)
-            cell_started = time.perf_counter()
-            run_experiment(cell.config.replace(output_dir=str(run_dir.parent),
-                                               run_name=run_dir.name), engine, run_dir)
-            relative_paths(run_dir, out)
-            ran += 1
-            per_cell = (time.perf_counter() - started) / ran
-            log.info("[sweep %s] cell %s of %s (%s) done in %.0fs; ETA %.0fs", sweep.name,
-                     index, len(cells), run_dir.name, time.perf_counter() - cell_started,
-                     per_cell * sum(not finished(out / "cells" / c.id(sweep.key), c.config)
-                                    for c in cells[index:]))
-        else:
+        if finished(run_dir, cell.config):
             log.info("[sweep %s] cell %s of %s (%s) already done", sweep.name, index,
                      len(cells), run_dir.name)
-        summary = json.loads((run_dir / "summary.json").read_text())
+            continue
+        if run_dir.exists():  # an interrupted or outdated cell starts again from round 0
+            log.info("[sweep %s] cell %s of %s (%s) is unfinished: starting it again",
+                     sweep.name, index, len(cells), run_dir.name)
+            shutil.rmtree(run_dir)
+        todo.append((cell.config.replace(output_dir=str(run_dir.parent),
+                                         run_name=run_dir.name), run_dir))
+    started = time.perf_counter()
+    with _pool(jobs) as pool:
+        running = [pool.submit(run_cell, config, engine, run_dir, out)
+                   for config, run_dir in todo]
+        for done, future in enumerate(futures.as_completed(running), 1):
+            run_dir, seconds = future.result()
+            elapsed = time.perf_counter() - started
+            log.info("[sweep %s] cell %s of %s (%s) done in %.0fs; ETA %.0fs", sweep.name,
+                     done, len(todo), run_dir.name, seconds, elapsed / done * (len(todo) - done))
+    summaries = []
+    for cell in cells:
+        summary = json.loads((out / "cells" / cell.id(sweep.key) / "summary.json").read_text())
         summaries.append({**summary, "method": cell.method, "value": cell.value})
     write_csv(sweep, out, cells)
     (out / "table.md").write_text(markdown_table(sweep, summaries))
@@ -79,6 +88,32 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess") -> list[dict]:
     else:
         plot_sweep(sweep, out)
     return summaries
+
+
+def run_cell(config: RunConfig, engine: str, run_dir: Path, out: Path) -> tuple[Path, float]:
+    """Run one cell; returns its directory and seconds."""
+    started = time.perf_counter()
+    run_experiment(config, engine, run_dir)
+    relative_paths(run_dir, out)
+    return run_dir, time.perf_counter() - started
+
+
+T = TypeVar("T")
+
+
+class _InlineExecutor(futures.Executor):
+    """Runs each submitted call at once, in this process (``--jobs 1``)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> futures.Future[T]:
+        future: futures.Future[T] = futures.Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _pool(jobs: int) -> futures.Executor:
+    if jobs == 1:
+        return _InlineExecutor()
+    return futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 PATH_KEYS = ("data-dir", "output-dir", "state-dir")  # where things are, not the experiment
@@ -215,13 +250,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="flower")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
     parser.add_argument("--out", type=Path, help="default: simulations/results/<sweep name>")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at once, each in its own process (in-process engine)")
     args = parser.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.INFO)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sweep = Sweep.load(args.sweep, args.overrides, seeds)
     out = (args.out or Path(__file__).parent / "results" / sweep.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    run_sweep(sweep, out, args.engine)
+    run_sweep(sweep, out, args.engine, args.jobs)
     print(out / "table.md")
 
 

@@ -176,3 +176,16 @@ def test_every_method_whose_nodes_choose_their_degrees_gets_a_per_node_plot(tmp_
     sweep = Sweep.load(tmp_path / "mixed.yaml", TINY_SETTINGS)
     assert per_node_degree_methods(sweep) == {"HyperPrism": "p_nodes.png",
                                               "learned": "p_nodes_tracking.png"}
+
+
+def test_parallel_cells_give_the_sequential_metrics(tmp_path, tiny_sweep):
+    run_sweep(tiny_sweep, tmp_path / "one", jobs=1)
+    run_sweep(tiny_sweep, tmp_path / "two", jobs=2)
+
+    def rows(out: Path) -> list[dict]:
+        with open(out / "metrics.csv") as file:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(file)]
+
+    assert rows(tmp_path / "one") == rows(tmp_path / "two")
+    with pytest.raises(ValueError, match="> 1 only with --engine inprocess"):
+        run_sweep(tiny_sweep, tmp_path / "ray", "flower", jobs=2)
