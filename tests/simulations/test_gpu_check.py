@@ -1,0 +1,27 @@
+"""The GPU check command, on a CPU-only machine: it says so, and its comparison works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simulations.gpu_check import compare, main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_runs_nothing_there_and_says_so(capsys):
+    assert main(["--rounds", "1", "--nodes", "3"]) == 2
+    assert "no cuda device here, nothing run on it" in capsys.readouterr().out
+
+
+def test_the_cpu_against_itself_agrees_and_prints_node_round_times(capsys):
+    assert main(["--rounds", "1", "--nodes", "3", "--against", "cpu"]) == 0
+    output = capsys.readouterr().out
+    assert "seconds per node-round: cpu" in output and output.rstrip().endswith("OK")
+
+
+def test_a_difference_beyond_the_tolerance_is_reported():
+    rows = [{"round": 0, "accuracy_mean": 0.50, "loss_mean": 2.0}]
+    shifted = [{"round": 0, "accuracy_mean": 0.53, "loss_mean": 2.0}]
+    assert compare(rows, shifted, 0.02) == ["round 0: accuracy 0.5000 vs 0.5300"]
+    assert compare(rows, shifted, 0.05) == []
