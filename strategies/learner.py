@@ -186,7 +186,9 @@ class DataLearner:
     """The native learner: the node's seeded model, SGD on its partition, the global test set.
 
     ``local_steps`` (default: ``config.local_steps``, else ``local_epochs`` passes) minibatch
-    steps per ``train``. The optimizer's state is the node state group ``optimizer``.
+    steps per ``train``. The optimizer's state is the node state group ``optimizer``. Model and
+    data live on ``config.device`` (``resolve_device``); minibatch order comes from the
+    round's CPU generator, so it is the same on every device.
     """
 
     def __init__(self, config: RunConfig, data: NodeData, local_steps: int = 0) -> None:
