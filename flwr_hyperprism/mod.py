@@ -70,6 +70,8 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
     task = record_task(content.config_records[TASK_KEY])
     partition_id = int(context.node_config["partition-id"])
     spec = algorithm_spec(config.algorithm)
+    # a gossip rule's shared tensors are its model (plus riders); other rules share vectors
+    gossip = spec.node_rule if issubclass(spec.node_rule, GossipNode) else None
 
     def train(model: StateDict) -> tuple[StateDict, dict[str, float]]:
         msg.content = RecordDict({"arrays": ArrayRecord(model),
@@ -92,19 +94,18 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return _evaluating(node, dict(content.array_records["arrays"].to_torch_state_dict()), None)
 
     def restore(shared: StateDict) -> NodeState:  # a node without state: its routed model
-        if not issubclass(spec.node_rule, GossipNode):
+        if gossip is None:
             raise ValueError(f"partition {partition_id} lost its state and {spec.display_name} "
                              f"routes no model it could restart from: give the nodes a "
                              f"state-dir (node config) so that they checkpoint")
-        return _evaluating(node, spec.node_rule.model_of(shared), shared)
+        return _evaluating(node, gossip.model_of(shared), shared)
 
     checkpoints = node_checkpoints(context.node_config, config.state_dir, run_key(msg),
                                    partition_id)
     state = starting_state(task, load_state(context), checkpoints, routed_own(msg), init,
                            restore, partition_id)
     model = state.tensors[EVALUATED]
-    previous = (spec.node_rule.model_of(state.shared) if issubclass(spec.node_rule, GossipNode)
-                else None)
+    previous = gossip.model_of(state.shared) if gossip is not None else None
     learner = HandlerLearner(model, train, config, previous, partition_id)
     rule = spec.make_rule(config, partition_id, learner)
     neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()

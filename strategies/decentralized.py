@@ -358,6 +358,7 @@ class DecentralizedStrategy(Strategy):
         arrays = initial_arrays or ArrayRecord()
         self.check_evaluate_config(evaluate_config)
         wants_models = evaluate_fn is not None or self.on_round is not None
+        eval_partitions = self.server_eval_partitions()
 
         def round_trip(round_: int, stage: int) -> dict[int, dict]:
             self.refresh_nodes(grid, round_)
@@ -371,7 +372,7 @@ class DecentralizedStrategy(Strategy):
                                     timeout, f"round-trip {round_}.{stage}")
             node_metrics = self.collect_train(round_, replies)
             if evaluate_fn is not None:
-                for pid in self.server_eval_sample(self.reported):
+                for pid in sorted(set(self.reported) & eval_partitions):
                     scored = evaluate_fn(round_ - 1, self.reported[pid])
                     if scored is not None and pid in node_metrics:
                         node_metrics[pid].update(
@@ -410,15 +411,14 @@ class DecentralizedStrategy(Strategy):
         config); the run's own here."""
         return self.config
 
-    def server_eval_sample(self, reported: Mapping[int, ArrayRecord]) -> list[int]:
-        """The partitions ``evaluate_fn`` scores among those that reported a model: all, or
-        the same seeded sample of ``server-eval-nodes`` partitions every round."""
-        wanted = self.config.server_eval_nodes
-        if wanted == 0 or wanted >= self.config.num_nodes:
-            return sorted(reported)
-        sample = round_rng(self.config.seed, 0, 0x5E).choice(self.config.num_nodes, wanted,
-                                                            replace=False)
-        return sorted(int(pid) for pid in sample if int(pid) in reported)
+    def server_eval_partitions(self) -> set[int]:
+        """The partitions ``evaluate_fn`` scores (when they report a model): all, or the same
+        seeded sample of ``server-eval-nodes`` partitions every round."""
+        wanted, num_nodes = self.config.server_eval_nodes, self.config.num_nodes
+        if wanted == 0 or wanted >= num_nodes:
+            return set(range(num_nodes))
+        sample = round_rng(self.config.seed, 0, 0x5E).choice(num_nodes, wanted, replace=False)
+        return {int(pid) for pid in sample}
 
     def check_evaluate_config(self, evaluate_config: ConfigRecord | None) -> None:
         """Warn that ``evaluate_config`` has no use here (no evaluate messages are sent)."""

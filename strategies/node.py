@@ -92,13 +92,13 @@ class LearningNode:
         """
         self.learner.evaluated = None  # the learner is reused: only this round-trip's counts
         device, cpu = self.learner.device, torch.device("cpu")
-        state = NodeState(state.round, {g: to_device(t, device) for g, t in state.tensors.items()})
         neighbours = {j: to_device(m, device) for j, m in neighbours.items()}
         with _single_thread():
-            new, metrics = self.round_trip(state, task, neighbours, self.generator(task))
+            new, metrics = self.round_trip(state.to(device), task, neighbours,
+                                           self.generator(task))
         if self.learner.evaluated is not None:
             self.learner.evaluated = to_device(self.learner.evaluated, cpu)
-        return NodeState(new.round, {g: to_device(t, cpu) for g, t in new.tensors.items()}), metrics
+        return new.to(cpu), metrics
 
     def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
                ) -> tuple[NodeTask, dict[str, float]]:

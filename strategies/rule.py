@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 StateDict = dict[str, Tensor]
@@ -50,6 +51,11 @@ class NodeState:
     @property
     def shared(self) -> StateDict:
         return self.tensors["shared"]
+
+    def to(self, device: torch.device) -> NodeState:
+        """This state with every tensor on ``device`` (the same tensors where they are)."""
+        return NodeState(self.round, {group: {k: v.to(device) for k, v in tensors.items()}
+                                      for group, tensors in self.tensors.items()})
 
 
 class NodeRule(Protocol):
