@@ -1,7 +1,7 @@
 """Experiment sweeps: one command per table or figure of the paper.
 
     python -m simulations.sweep simulations/table2_alpha.yaml data_dir=/abs/data [key=value ...]
-        [--engine flower|inprocess] [--seeds 0,1,2] [--out DIR]
+        [--engine flower|inprocess] [--seeds 0,1,2] [--out DIR] [--jobs N] [--report]
 
 A sweep file names the run configs to compose (``configs``, relative to the sweep file), the
 methods (rows of the table: a name and the RunConfig settings that make it), one swept key and
@@ -12,6 +12,7 @@ whose summary says it completed all its rounds of the same config is not run aga
 interrupted sweep resumes where it stopped. Then the sweep writes ``metrics.csv``
 (every round of every cell), ``table.md`` (Max Acc and Conv. Rds, mean ± std over seeds, in the
 paper's layout) and, with matplotlib installed, the plots (``simulations.plots``).
+``--report`` writes those three from the cells finished so far and runs nothing.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1)
             elapsed = time.perf_counter() - started
             log.info("[sweep %s] cell %s of %s (%s) done in %.0fs; ETA %.0fs", sweep.name,
                      done, len(todo), run_dir.name, seconds, elapsed / done * (len(todo) - done))
+    return report(sweep, out)
+
+
+def report(sweep: Sweep, out: Path) -> list[dict]:
+    """Write metrics.csv, table.md and the plots from the cells in ``out`` that completed
+    (a sweep still running, or stopped, gets a partial table: "—" where a cell is missing);
+    returns their summaries (with method, value and seed)."""
+    cells = [cell for cell in sweep.cells()
+             if finished(out / "cells" / cell.id(sweep.key), cell.config)]
     summaries = []
     for cell in cells:
         summary = json.loads((out / "cells" / cell.id(sweep.key) / "summary.json").read_text())
@@ -86,7 +96,7 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1)
             raise
         log.warning("matplotlib is not installed: no plots (pip install -e '.[plots]')")
     else:
-        plot_sweep(sweep, out)
+        plot_sweep(sweep, out, cells)
     return summaries
 
 
@@ -182,6 +192,10 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
              f"Mean ± std over seeds {list(sweep.seeds)}. Max Acc: max over rounds of the mean "
              f"node accuracy (%). Conv. Rds: first round with mean node accuracy >= "
              f"{100 * target:g}%.", ""]
+    expected = len(sweep.methods) * len(sweep.values) * len(sweep.seeds)
+    if len(summaries) < expected:
+        lines += [f"Partial: {len(summaries)} of {expected} cells have finished; — marks a "
+                  f"method and value with none yet.", ""]
     for metric, cell_text in (("Max Acc (%)", max_acc_text), ("Conv. Rds", rounds_text)):
         lines += [f"## {metric}", "", header, rule]
         for method in sweep.methods:
@@ -252,13 +266,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: simulations/results/<sweep name>")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells run at once, each in its own process (in-process engine)")
+    parser.add_argument("--report", action="store_true",
+                        help="run no cell: write metrics.csv, table.md and the plots from the "
+                             "cells that have finished")
     args = parser.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.INFO)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sweep = Sweep.load(args.sweep, args.overrides, seeds)
     out = (args.out or Path(__file__).parent / "results" / sweep.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    run_sweep(sweep, out, args.engine, args.jobs)
+    if args.report:
+        report(sweep, out)
+    else:
+        run_sweep(sweep, out, args.engine, args.jobs)
     print(out / "table.md")
 
 

@@ -84,6 +84,34 @@ def test_an_interrupted_sweep_resumes_with_the_unfinished_cells_only(tmp_path, t
     assert saved["output-dir"] == "cells"  # relative to the sweep's output directory
 
 
+def test_a_report_shows_the_finished_cells_and_runs_none(tmp_path, tiny_sweep):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    run_sweep(tiny_sweep, out)
+    full = (out / "table.md").read_text()
+    for cell in tiny_sweep.cells():
+        if cell.method == "D-PSGD" and cell.value == 10.0:  # as if not run yet: no summary
+            (out / "cells" / cell.id("alpha") / "summary.json").unlink()
+    for name in ("metrics.csv", "table.md", "curves.png", "p_degrees.png", "p_nodes.png"):
+        (out / name).unlink()
+    stamps = {c.name: (c / "metrics.jsonl").stat().st_mtime_ns for c in (out / "cells").iterdir()}
+    main([str(tmp_path / "tiny.yaml"), *TINY_SETTINGS, "--out", str(out), "--report"])
+    assert {c.name: (c / "metrics.jsonl").stat().st_mtime_ns
+            for c in (out / "cells").iterdir()} == stamps  # nothing ran
+    table = (out / "table.md").read_text()
+    assert "Partial: 6 of 8 cells have finished" in table and "Partial" not in full
+    d_psgd = next(line for line in table.splitlines() if line.startswith("| D-PSGD |"))
+    assert d_psgd.endswith("| — |")
+    hyperprism = [line for line in table.splitlines() if line.startswith("| HyperPrism |")]
+    assert hyperprism == [line for line in full.splitlines() if line.startswith("| HyperPrism |")]
+    with open(out / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 6 * 3 and ("D-PSGD", "10.0") not in {(r["method"], r["alpha"])
+                                                              for r in rows}
+    for name in ("curves.png", "p_degrees.png", "p_nodes.png"):
+        assert (out / name).stat().st_size > 10_000
+
+
 def summary(method: str, value: float, max_accuracy: float, rounds: int | None) -> dict:
     return {"method": method, "value": value, "max_accuracy": max_accuracy,
             "rounds_to_target": rounds, "target_accuracy": 0.85, "seconds_total": 10.0,
