@@ -35,7 +35,11 @@ from flwr_hyperprism.models import DECISION, REPRESENTATION, build_model, layer_
 
 from .rule import NodeState, StateDict
 
-EVAL_BATCH = 2048
+# Images per evaluation forward pass. Small enough that a conv block's activations stay in the
+# CPU's cache: on this 2-core VM, 2000 Fashion-MNIST images take 0.18 s through LeNet and 1.4 s
+# through the cnn in batches of 256, against 0.31 s and 2.3 s in one batch of 2048 (the logits
+# are the same; only the loss is summed in another order).
+EVAL_BATCH = 256
 
 
 @dataclass(frozen=True)
