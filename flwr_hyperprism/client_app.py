@@ -17,7 +17,7 @@ from flwr.clientapp.typing import Mod
 
 from strategies import ALGORITHMS, NodeState, algorithm_spec
 from strategies.checkpoint import node_checkpoints, starting_state
-from strategies.learner import node_data
+from strategies.learner import node_data, resolve_device
 from strategies.node import LearningNode
 from strategies.protocol import (
     MODEL_KEY,
@@ -42,14 +42,16 @@ def info(msg: Message, context: Context) -> Message:
     """Tell the orchestrator which partition this node holds and whether it can load it.
 
     With the run config in the request, the node loads its data partition (cached for the
-    rounds); an error (missing dataset, impossible partition) goes back as "error", so the
-    run stops with the node's own message before round 1.
+    rounds) and checks its ``device``; an error (missing dataset, impossible partition, a
+    CUDA device it does not have) goes back as "error", so the run stops with the node's own
+    message before round 1.
     """
     record = partition_info(context)
     if RUN_KEY in msg.content:
         config = RunConfig.from_run_config(msg.content.config_records[RUN_KEY])
         try:
             node_data(config, record_int(record, "partition-id"))
+            resolve_device(config.device)  # e.g. cuda in a Ray actor given no GPU share
         except (OSError, ValueError) as err:
             record["error"] = f"{type(err).__name__}: {err}"
     return Message(RecordDict({"info": record}), reply_to=msg)

@@ -5,21 +5,35 @@
 
 ``--engine inprocess`` (default) drives the strategy's plan and the node rules in this process;
 ``--engine flower`` runs the same apps through Flower's Simulation Runtime (Ray), one virtual
-SuperNode per partition. Both write metrics.jsonl and summary.json to the run directory and
-give identical metrics for the same seed and config.
+SuperNode per partition, one CPU per Ray actor (and, with a CUDA ``device``, a share of the
+GPUs: ``gpu_share``). Both write metrics.jsonl and summary.json to the run directory and give
+identical metrics for the same seed and config (on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from flwr_hyperprism.config import RunConfig, load_config
 from flwr_hyperprism.metrics import default_run_dir
+from strategies.learner import resolve_device
 
 ENGINES = ("inprocess", "flower")
+
+
+def gpu_share(config: RunConfig) -> float:
+    """The GPUs each Ray actor of Flower's simulation asks for: 0 when ``device`` is the CPU;
+    with CUDA, the machine's GPUs split evenly over its one-CPU actors (at most 1 each). Ray
+    hides the GPUs from an actor that asks for none, so a CUDA run needs a share."""
+    if resolve_device(config.device).type == "cpu":
+        return 0.0
+    return min(1.0, torch.cuda.device_count() / (os.cpu_count() or 1))
 
 
 def run_experiment(config: RunConfig, engine: str = "inprocess",
@@ -42,7 +56,8 @@ def run_experiment(config: RunConfig, engine: str = "inprocess",
             server_app=make_server_app(config.replace(output_dir=str(run_dir.parent),
                                                       run_name=run_dir.name)),
             client_app=client_app, num_supernodes=config.num_nodes,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            backend_config={"client_resources": {"num_cpus": 1,
+                                                 "num_gpus": gpu_share(config)},
                             "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
         )
     return run_dir

@@ -158,16 +158,23 @@ class NodeData:
 
 
 @lru_cache(maxsize=2)
+def dataset_in_memory(dataset: str, data_dir: str, download: bool, seed: int) -> Dataset:
+    """``load_dataset``, loaded once per process."""
+    return load_dataset(dataset, data_dir, download, seed)
+
+
+@lru_cache(maxsize=2)
 def partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
                 alpha: float, min_size: int) -> tuple[Dataset, tuple[np.ndarray, ...]]:
     """The dataset and its Dirichlet partition (one index array per node; cached per process)."""
-    data = load_dataset(dataset, data_dir, download, seed)
+    data = dataset_in_memory(dataset, data_dir, download, seed)
     parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
     return data, tuple(parts)
 
 
 def node_data(config: RunConfig, partition_id: int) -> NodeData:
-    """The node's training partition and the global test set (cached per process).
+    """The node's training partition and the global test set (both cached per process: every
+    node of a process shares one test set).
 
     With ``eval_size`` > 0 the test set is a fixed random subset of that size (the same for
     every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
@@ -178,28 +185,38 @@ def node_data(config: RunConfig, partition_id: int) -> NodeData:
     data, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
                               config.num_nodes, config.alpha, config.min_partition_size)
     idx = torch.from_numpy(parts[partition_id])
-    test = data.test
-    if 0 < config.eval_size < len(test):
-        keep = torch.from_numpy(round_rng(config.seed, 0xE7A1).permutation(len(test))
-                                [:config.eval_size])
-        test = Split(test.x[keep], test.y[keep])
+    test = test_split(config.dataset, config.data_dir, config.download, config.seed,
+                      config.eval_size)
     return NodeData(Split(data.train.x[idx], data.train.y[idx]), test)
+
+
+@lru_cache(maxsize=2)
+def test_split(dataset: str, data_dir: str, download: bool, seed: int, eval_size: int) -> Split:
+    """The dataset's test set, or its fixed random subset of ``eval_size`` images when
+    0 < eval_size < its size (cached: one copy per process, shared by its nodes)."""
+    test = dataset_in_memory(dataset, data_dir, download, seed).test
+    if not 0 < eval_size < len(test):
+        return test
+    keep = torch.from_numpy(round_rng(seed, 0xE7A1).permutation(len(test))[:eval_size])
+    return Split(test.x[keep], test.y[keep])
 
 
 class DataLearner:
     """The native learner: the node's seeded model, SGD on its partition, the global test set.
 
     ``local_steps`` (default: ``config.local_steps``, else ``local_epochs`` passes) minibatch
-    steps per ``train``. The optimizer's state is the node state group ``optimizer``. Model and
-    data live on ``config.device`` (``resolve_device``); minibatch order comes from the
-    round's CPU generator, so it is the same on every device.
+    steps per ``train``. The optimizer's state is the node state group ``optimizer``. The
+    model and the training partition live on ``config.device`` (``resolve_device``); the test
+    set, shared by the process's nodes, stays on the CPU and goes to the device a batch at a
+    time. Minibatch order comes from the round's CPU generator, so it is the same on every
+    device.
     """
 
     def __init__(self, config: RunConfig, data: NodeData, local_steps: int = 0) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.data = NodeData(Split(data.train.x.to(self.device), data.train.y.to(self.device)),
-                             Split(data.test.x.to(self.device), data.test.y.to(self.device)))
+                             data.test)
         self.model = build_model(config.model, data.input_shape, NUM_CLASSES,
                                  config.seed).to(self.device)
         # The model object is reused across round-trips (and runs, when the rule is cached):
@@ -226,7 +243,7 @@ class DataLearner:
     def evaluate(self, model: StateDict) -> dict[str, float]:
         self.evaluated = model
         self.model.load_state_dict(model)
-        accuracy, loss = evaluate(self.model, self.data.test)
+        accuracy, loss = evaluate(self.model, self.data.test, self.device)
         return {"accuracy": accuracy, "loss": loss}
 
     def train(self, model: StateDict, gen: torch.Generator) -> LocalUpdate:
@@ -278,13 +295,15 @@ class DataLearner:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, test: Split) -> tuple[float, float]:
-    """Accuracy (fraction) and mean cross-entropy of ``model`` on a ``Split``."""
+def evaluate(model: torch.nn.Module, test: Split, device: torch.device | str = "cpu"
+             ) -> tuple[float, float]:
+    """Accuracy (fraction) and mean cross-entropy of ``model`` (on ``device``) on a ``Split``
+    (wherever it is: each batch goes to ``device``)."""
     model.eval()
     correct, loss = 0, 0.0
     for start in range(0, len(test), EVAL_BATCH):
-        logits = model(test.x[start:start + EVAL_BATCH])
-        labels = test.y[start:start + EVAL_BATCH]
+        logits = model(test.x[start:start + EVAL_BATCH].to(device))
+        labels = test.y[start:start + EVAL_BATCH].to(device)
         loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
     return correct / len(test), loss / len(test)

@@ -337,9 +337,11 @@ def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed
      r"samples each from 30000 samples; lower num-nodes or min-partition-size"),
     ({"alpha": 0.001, "min_partition_size": 7000},
      r"cannot start: ValueError: Dirichlet partition .* lower min-partition-size, raise alpha"),
+    ({"device": "cuda:7"},  # the suite hides CUDA devices (conftest): no machine has this one
+     r"cannot start: ValueError: device='cuda:7', but this machine has 0 CUDA device"),
 ])
-def test_nodes_that_cannot_load_their_data_stop_the_run_before_round_1(tmp_path, changes,
-                                                                        message):
+def test_nodes_that_cannot_load_their_data_or_device_stop_the_run_before_round_1(
+        tmp_path, changes, message):
     changes = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
                for k, v in changes.items()}
     config = RunConfig(num_nodes=4, output_dir=str(tmp_path), run_name="run",

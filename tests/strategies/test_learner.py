@@ -70,12 +70,10 @@ def test_native_local_layers_keep_the_nodes_own_tensors(zero_learning_rate):
 
 def test_the_device_setting_resolves_or_says_what_to_set():
     assert resolve_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
-    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    with pytest.raises(ValueError, match=rf"device='cuda:{missing}', but this machine has "
-                                         rf"{missing} CUDA device.*use device='auto' or 'cpu'"):
-        resolve_device(f"cuda:{missing}")
+    assert resolve_device("auto") == torch.device("cpu")  # the suite hides CUDA (conftest)
+    with pytest.raises(ValueError, match=r"device='cuda', but this machine has 0 CUDA device"
+                                         r".*use device='auto' or 'cpu'"):
+        resolve_device("cuda")
     with pytest.raises(ValueError, match="'device' = 'gpu' is not one of: auto, cpu, cuda"):
         RunConfig(device="gpu")
 
@@ -89,11 +87,7 @@ def test_device_cpu_and_auto_runs_agree_and_keep_state_on_the_cpu(tmp_path, algo
                            output_dir=str(tmp_path), run_name=device)
         rows[device] = [{k: v for k, v in row.items() if k != "seconds"}
                         for row in run_in_process(make_strategy(config))]
-    if resolve_device("auto").type == "cpu":
-        assert rows["cpu"] == rows["auto"]  # this machine: the same device, bit for bit
-    else:  # a GPU machine: the same run within float32 noise (the GPU check measures it)
-        for cpu_row, gpu_row in zip(rows["cpu"], rows["auto"]):
-            assert cpu_row["accuracy_mean"] == pytest.approx(gpu_row["accuracy_mean"], abs=0.02)
+    assert rows["cpu"] == rows["auto"]  # a CPU machine (conftest): bit for bit
     spec = algorithm_spec(algorithm)
     rule = spec.make_rule(config, 0)
     task = NodeTask(1, coefficients=spec.orchestrator(config).coefficients(1))
