@@ -86,13 +86,14 @@ def colour(sweep: Sweep, method: str) -> str:
 
 
 def _legend(axes) -> None:
-    """One legend, on the last panel, with every line of every panel (a method may be missing
-    from some panels in a partial sweep)."""
+    """One legend, right of the last panel (clear of every curve), with every line of every
+    panel (a method may be missing from some panels in a partial sweep)."""
     entries: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
-    axes[-1].legend(entries.values(), entries.keys(), fontsize="small")
+    axes[-1].legend(entries.values(), entries.keys(), fontsize="small", loc="upper left",
+                    bbox_to_anchor=(1.02, 1.0))
 
 
 def plot_curves(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> Path:
@@ -227,6 +228,6 @@ def plot_accuracy_vs_p(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> Path:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": keeps the outside legend
     plt.close(fig)
     return path
