@@ -9,7 +9,8 @@ and then ``device=<against>`` (default ``cuda``), after one untimed warm-up roun
 (CUDA's start-up is not a node-round). Prints each round's mean accuracy and loss on both (and
 HyperPrism's p_theta) and the seconds per node-round; exits 0 when every round's mean accuracy
 agrees within ``--tolerance`` (absolute) and the mean loss within the same relative
-tolerance, 1 when they do not, 2 when the machine has no such device (nothing was run on it).
+tolerance, 1 when they do not, 2 when the machine has no such device (nothing was run on it;
+2 is also argparse's code for bad arguments, which it names).
 
 A learned degree moves by a whole step on the sign of a slope, so float noise near a zero
 slope can send the two runs' degrees apart: on a mismatch of HyperPrism alone, compare the p
@@ -64,6 +65,8 @@ def compare(cpu: Sequence[dict], other: Sequence[dict], tolerance: float) -> lis
 
 
 def print_rounds(cpu: Sequence[Mapping], other: Sequence[Mapping]) -> None:
+    """Both runs' mean accuracy and loss per round, side by side (and p_theta where the
+    rows have it)."""
     degrees = "p_theta_mean" in cpu[0]
     print("  round  acc(cpu) acc(other)  loss(cpu) loss(other)"
           + ("  p(cpu) p(other)" if degrees else ""))
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--against", default="cuda", help="the device to compare with the CPU")
     parser.add_argument("--tolerance", type=float, default=0.02)
     args = parser.parse_args(argv)
-    variants = args.variants.split(",")
+    variants = list(dict.fromkeys(args.variants.split(",")))  # each once
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")

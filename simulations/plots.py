@@ -1,4 +1,4 @@
-"""PNG plots of a finished sweep (needs matplotlib: ``pip install -e '.[plots]'``).
+"""PNG plots of a sweep (needs matplotlib: ``pip install -e '.[plots]'``).
 
 Over seeds, "std" is the sample std (as in ``table.md``); over nodes, the population std (as
 in the metrics rows).
@@ -6,12 +6,12 @@ in the metrics rows).
 - ``curves.png``: mean node accuracy per round, mean ± std over seeds (shaded), one panel per
   swept value and a line per method (the paper's Fig. 3);
 - ``p_degrees.png``: p_theta (solid) against p_phi (dashed) per round, mean ± std over nodes
-  (seed of the first cell), for every method whose nodes choose their degrees, one panel per
-  swept value: do the representation and the decision layers get different degrees?
-- ``p_nodes.png``: every node's p_theta (top) and p_phi (bottom) per round for HyperPrism (seed
-  of the first cell), one line per node coloured by its label skew (the largest class share of
-  its partition), one column per swept value; ``p_nodes_tracking.png`` the same for a method
-  with learned degrees (p-mode tracking);
+  (each method's lowest seed shown), for every method whose nodes choose their degrees, one
+  panel per swept value: do the representation and the decision layers get different degrees?
+- ``p_nodes.png``: every node's p_theta (top) and p_phi (bottom) per round for HyperPrism
+  (lowest seed shown), one line per node coloured by its label skew (the largest class share
+  of its partition), one column per swept value; ``p_nodes_<p-mode>.png`` the same for another
+  row whose nodes choose their degrees (``p_nodes_tracking.png``, ``p_nodes_hypernetwork.png``);
 - ``accuracy_vs_p.png`` for a sweep over ``fixed_p``: Max Acc and Conv. Rds against p, mean ±
   std over seeds (Fig. 2a/b).
 
@@ -36,7 +36,7 @@ from flwr_hyperprism.config import RunConfig  # noqa: E402
 from flwr_hyperprism.metrics import node_values  # noqa: E402
 from strategies.learner import partitioned  # noqa: E402
 
-from .sweep_file import REFERENCE_METHOD, Cell, Sweep, cell_rows  # noqa: E402
+from .sweep_file import REFERENCE_METHOD, Cell, Sweep, cell_rows, file_name  # noqa: E402
 
 DEGREES = (("p_theta", "p_θ (representation)"), ("p_phi", "p_φ (decision)"))  # row key, label
 
@@ -68,12 +68,12 @@ def _panels(count: int):
     return fig, axes[0]
 
 
-def shown_values(sweep: Sweep, cells: Sequence[Cell]) -> list:
+def shown_values(sweep: Sweep, cells: Sequence[Cell]) -> list[object]:
     """The swept values that have at least one of ``cells``, in the sweep's order."""
     return [v for v in sweep.values if any(c.value == v for c in cells)]
 
 
-def first_seed(cells: Sequence[Cell], method: str, value: object) -> Cell | None:
+def lowest_seed_cell(cells: Sequence[Cell], method: str, value: object) -> Cell | None:
     """The cell of ``method`` at ``value`` with the lowest seed, None when there is none."""
     matching = sorted((c for c in cells if c.method == method and c.value == value),
                       key=lambda c: c.seed)
@@ -85,7 +85,7 @@ def colour(sweep: Sweep, method: str) -> str:
     return f"C{list(sweep.methods).index(method) % 10}"
 
 
-def _legend(axes) -> None:
+def _legend(axes: Sequence[Any]) -> None:
     """One legend, right of the last panel (clear of every curve), with every line of every
     panel (a method may be missing from some panels in a partial sweep)."""
     entries: dict[str, Any] = {}
@@ -126,7 +126,7 @@ def plot_degrees(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> Path:
     for ax, value in zip(axes, values):
         seeds = set()
         for method in sweep.methods:
-            cell = first_seed(cells, method, value)
+            cell = lowest_seed_cell(cells, method, value)
             if cell is None:
                 continue
             seeds.add(cell.seed)
@@ -157,22 +157,25 @@ def label_skew(config: RunConfig) -> list[float]:
 
 def per_node_degree_methods(sweep: Sweep) -> dict[str, str]:
     """The methods whose nodes choose their own degrees (p-mode hypernetwork or tracking),
-    each with its plot's file name: p_nodes.png for HyperPrism, p_nodes_<p-mode>.png else."""
-    methods = {}
+    each with its plot's file name: p_nodes.png for HyperPrism, p_nodes_<p-mode>.png else
+    (p_nodes_<method>.png for a second method of that p-mode)."""
+    methods: dict[str, str] = {}
     for method, settings in sweep.methods.items():
         if settings.get("algorithm", sweep.base.algorithm) != "hyperprism":
             continue
         p_mode = settings.get("p_mode", sweep.base.p_mode)
         if p_mode in ("hypernetwork", "tracking"):
-            methods[method] = ("p_nodes.png" if method == REFERENCE_METHOD
-                               else f"p_nodes_{p_mode}.png")
+            name = "p_nodes.png" if method == REFERENCE_METHOD else f"p_nodes_{p_mode}.png"
+            if name in methods.values():
+                name = f"p_nodes_{file_name(method)}.png"
+            methods[method] = name
     return methods
 
 
 def plot_node_degrees(sweep: Sweep, out: Path, cells: Sequence[Cell], method: str,
                       name: str) -> Path:
     """Every node's degrees for ``method``: one column per swept value of ``cells``."""
-    columns = [c for v in sweep.values if (c := first_seed(cells, method, v)) is not None]
+    columns = [c for v in sweep.values if (c := lowest_seed_cell(cells, method, v)) is not None]
     fig, axes = plt.subplots(2, len(columns), figsize=(4.5 * len(columns) + 1.5, 6.4),
                              squeeze=False, sharex=True)
     colours = plt.get_cmap("viridis")

@@ -29,11 +29,16 @@ ENGINES = ("inprocess", "flower")
 
 def gpu_share(config: RunConfig) -> float:
     """The GPUs each Ray actor of Flower's simulation asks for: 0 when ``device`` is the CPU;
-    with CUDA, the machine's GPUs split evenly over its one-CPU actors (at most 1 each). Ray
-    hides the GPUs from an actor that asks for none, so a CUDA run needs a share."""
-    if resolve_device(config.device).type == "cpu":
+    with CUDA, the GPUs split evenly over one-CPU actors on the CPUs this process may use (at
+    most 1 each). Ray hides the GPUs from an actor that asks for none, so a CUDA run needs a
+    share; it numbers each actor's GPUs from 0, so ``cuda:N`` with N > 0 is refused."""
+    device = resolve_device(config.device)
+    if device.type == "cpu":
         return 0.0
-    return min(1.0, torch.cuda.device_count() / (os.cpu_count() or 1))
+    if device.index:
+        raise ValueError(f"device={config.device!r}: Ray numbers each actor's GPUs from 0; "
+                         f"use device='cuda' or 'auto' with --engine flower")
+    return min(1.0, torch.cuda.device_count() / len(os.sched_getaffinity(0)))
 
 
 def run_experiment(config: RunConfig, engine: str = "inprocess",

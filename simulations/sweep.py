@@ -52,6 +52,7 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1)
         raise ValueError(f"--jobs {jobs}: use an integer >= 1, and > 1 only with --engine "
                          f"inprocess (Flower simulations each start their own Ray)")
     cells = sweep.cells()
+    (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = []
     for index, cell in enumerate(cells, 1):
         run_dir = out / "cells" / cell.id(sweep.key)
@@ -83,6 +84,10 @@ def report(sweep: Sweep, out: Path) -> list[dict]:
     returns their summaries (with method, value and seed)."""
     cells = [cell for cell in sweep.cells()
              if finished(out / "cells" / cell.id(sweep.key), cell.config)]
+    others = len([d for d in (out / "cells").glob("*") if d.is_dir()]) - len(cells)
+    if others:
+        log.info("[sweep %s] %s cell folder(s) in %s are unfinished or of other settings: "
+                 "not in the report", sweep.name, others, out / "cells")
     summaries = []
     for cell in cells:
         summary = json.loads((out / "cells" / cell.id(sweep.key) / "summary.json").read_text())
@@ -195,7 +200,7 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
     expected = len(sweep.methods) * len(sweep.values) * len(sweep.seeds)
     if len(summaries) < expected:
         lines += [f"Partial: {len(summaries)} of {expected} cells have finished; — marks a "
-                  f"method and value with none yet.", ""]
+                  f"method and value with none yet, and a gain whose column is incomplete.", ""]
     for metric, cell_text in (("Max Acc (%)", max_acc_text), ("Conv. Rds", rounds_text)):
         lines += [f"## {metric}", "", header, rule]
         for method in sweep.methods:
@@ -207,7 +212,12 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
                  if settings.get("algorithm", sweep.base.algorithm) != "hyperprism"]
     if REFERENCE_METHOD in sweep.methods and baselines:
         lines += ["## HyperPrism against the best other method", "", header, rule]
-        gains = [improvement(by_cell, REFERENCE_METHOD, v, baselines) for v in sweep.values]
+        # only where every seed of HyperPrism and of every baseline is there: a partial column
+        # would compare HyperPrism with whichever baselines happen to have finished
+        gains = [improvement(by_cell, REFERENCE_METHOD, v, baselines)
+                 if all(len(by_cell.get((m, v), [])) == len(sweep.seeds)
+                        for m in (REFERENCE_METHOD, *baselines)) else ("—", "—")
+                 for v in sweep.values]
         lines.append("| Max Acc (points) | " + " | ".join(g[0] for g in gains) + " |")
         lines.append("| Conv. Rds (fewer rounds) | " + " | ".join(g[1] for g in gains) + " |")
         lines.append("")
@@ -274,8 +284,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sweep = Sweep.load(args.sweep, args.overrides, seeds)
     out = (args.out or Path(__file__).parent / "results" / sweep.name).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     if args.report:
+        if not (out / "cells").is_dir():
+            parser.error(f"--report: no cells under {out}; run the sweep first, or pass the "
+                         f"--out it wrote to")
         report(sweep, out)
     else:
         run_sweep(sweep, out, args.engine, args.jobs)

@@ -72,8 +72,12 @@ class Cell:
     config: RunConfig
 
     def id(self, key: str) -> str:
-        name = "".join(c if c.isalnum() or c in "-." else "_" for c in self.method)
-        return f"{name}__{key}={self.value}__seed{self.seed}"
+        return f"{file_name(self.method)}__{key}={self.value}__seed{self.seed}"
+
+
+def file_name(text: str) -> str:
+    """``text`` with every character but letters, digits, '-' and '.' replaced by '_'."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
 
 
 def cell_rows(out: Path, sweep: Sweep, cell: Cell) -> list[dict]:

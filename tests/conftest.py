@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
-from strategies.learner import DataLearner
-
 # The suite checks properties of CPU runs (metrics bit-identical across engines, resumes and
 # devices); `python -m simulations.gpu_check` checks a GPU. CUDA devices are hidden from this
-# process and every SuperNode and simulation it starts, before torch first looks for them.
+# process and every SuperNode and simulation it starts, before torch is even imported.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from strategies.learner import DataLearner  # noqa: E402
 
 
 @pytest.fixture

@@ -104,12 +104,17 @@ def test_a_report_shows_the_finished_cells_and_runs_none(tmp_path, tiny_sweep):
     assert d_psgd.endswith("| — |")
     hyperprism = [line for line in table.splitlines() if line.startswith("| HyperPrism |")]
     assert hyperprism == [line for line in full.splitlines() if line.startswith("| HyperPrism |")]
+    gain = next(line for line in table.splitlines() if line.startswith("| Max Acc (points) |"))
+    assert gain.endswith("| — |") and "| — |" not in gain[:-5]  # only the complete column
     with open(out / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 6 * 3 and ("D-PSGD", "10.0") not in {(r["method"], r["alpha"])
                                                               for r in rows}
     for name in ("curves.png", "p_degrees.png", "p_nodes.png"):
         assert (out / name).stat().st_size > 10_000
+    with pytest.raises(SystemExit):  # a mistyped --out: no cells there
+        main([str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "elsewhere"), "--report"])
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def summary(method: str, value: float, max_accuracy: float, rounds: int | None) -> dict:
@@ -200,10 +205,12 @@ def test_every_method_whose_nodes_choose_their_degrees_gets_a_per_node_plot(tmp_
     (tmp_path / "mixed.yaml").write_text(TINY.replace("name: tiny", "name: mixed").replace(
         "  D-PSGD: {algorithm: dpsgd}\n",
         "  D-PSGD: {algorithm: dpsgd}\n  learned: {algorithm: hyperprism, p_mode: tracking}\n"
-        "  fixed: {algorithm: hyperprism, p_mode: fixed, fixed_p: 3.0}\n"))
+        "  fixed: {algorithm: hyperprism, p_mode: fixed, fixed_p: 3.0}\n"
+        "  learned, slow: {algorithm: hyperprism, p_mode: tracking, p_step: 0.5}\n"))
     sweep = Sweep.load(tmp_path / "mixed.yaml", TINY_SETTINGS)
     assert per_node_degree_methods(sweep) == {"HyperPrism": "p_nodes.png",
-                                              "learned": "p_nodes_tracking.png"}
+                                              "learned": "p_nodes_tracking.png",
+                                              "learned, slow": "p_nodes_learned__slow.png"}
 
 
 def test_parallel_cells_give_the_sequential_metrics(tmp_path, tiny_sweep):

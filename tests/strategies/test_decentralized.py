@@ -7,17 +7,19 @@ import torch
 
 from flwr_hyperprism.config import RunConfig
 from strategies import NodeTask
-from strategies.learner import node_data
+from strategies.learner import evaluation_split, node_data
 from strategies.protocol import record_task, task_record
 from strategies.screening import screen_neighbours
 
 
-def test_eval_size_gives_every_node_the_same_fixed_test_subset():
+def test_eval_size_gives_every_node_one_shared_fixed_test_subset():
     config = RunConfig(num_nodes=4, eval_size=300)
     subsets = [node_data(config, pid).test for pid in range(4)]
-    assert all(len(s) == 300 for s in subsets)
-    assert all(torch.equal(s.y, subsets[0].y) and torch.equal(s.x, subsets[0].x)
-               for s in subsets)
+    assert len(subsets[0]) == 300 and all(s is subsets[0] for s in subsets)  # one per process
+    evaluation_split.cache_clear()
+    again = node_data(config, 0).test  # another process: the same subset, drawn again
+    assert again is not subsets[0]
+    assert torch.equal(again.x, subsets[0].x) and torch.equal(again.y, subsets[0].y)
     full = node_data(config.replace(eval_size=0), 0).test
     assert len(full) > 300
 
