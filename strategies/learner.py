@@ -157,23 +157,22 @@ class NodeData:
         return tuple(self.train.x.shape[1:])
 
 
-@lru_cache(maxsize=2)
 def dataset_in_memory(dataset: str, data_dir: str, download: bool, seed: int) -> Dataset:
-    """``load_dataset``, loaded once per process."""
+    """``load_dataset``, loaded once per process; ``seed`` only matters for 'synthetic' (files
+    are the same for every seed, so runs with other seeds reuse the loaded copy)."""
+    return _loaded(dataset, data_dir, download, seed if dataset == "synthetic" else 0)
+
+
+@lru_cache(maxsize=2)
+def _loaded(dataset: str, data_dir: str, download: bool, seed: int) -> Dataset:
     return load_dataset(dataset, data_dir, download, seed)
-
-
-def dataset_seed(dataset: str, seed: int) -> int:
-    """The seed that changes ``dataset``'s contents: the run's for 'synthetic' (generated from
-    it), 0 for files (so runs with other seeds reuse the loaded copy)."""
-    return seed if dataset == "synthetic" else 0
 
 
 @lru_cache(maxsize=2)
 def partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
                 alpha: float, min_size: int) -> tuple[Dataset, tuple[np.ndarray, ...]]:
     """The dataset and its Dirichlet partition (one index array per node; cached per process)."""
-    data = dataset_in_memory(dataset, data_dir, download, dataset_seed(dataset, seed))
+    data = dataset_in_memory(dataset, data_dir, download, seed)
     parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
     return data, tuple(parts)
 
@@ -201,7 +200,7 @@ def evaluation_split(dataset: str, data_dir: str, download: bool, seed: int,
                      eval_size: int) -> Split:
     """The dataset's test set, or its fixed random subset of ``eval_size`` images when
     0 < eval_size < its size (cached: one copy per process, shared by its nodes)."""
-    test = dataset_in_memory(dataset, data_dir, download, dataset_seed(dataset, seed)).test
+    test = dataset_in_memory(dataset, data_dir, download, seed).test
     if not 0 < eval_size < len(test):
         return test
     keep = torch.from_numpy(round_rng(seed, 0xE7A1).permutation(len(test))[:eval_size])
