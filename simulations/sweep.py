@@ -204,7 +204,8 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
     for metric, cell_text in (("Max Acc (%)", max_acc_text), ("Conv. Rds", rounds_text)):
         lines += [f"## {metric}", "", header, rule]
         for method in sweep.methods:
-            cells = [cell_text(by_cell.get((method, v), [])) for v in sweep.values]
+            cells = [seeds_shown(cell_text(group), len(group), len(sweep.seeds))
+                     for v in sweep.values for group in [by_cell.get((method, v), [])]]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     # the baselines: other algorithms (rows of HyperPrism with other degrees are ablations)
@@ -227,6 +228,13 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
     lines += ["## Time per round (s, this machine)", "", "| Method | s / round |", "|---|---|"]
     lines += [f"| {m} | {statistics.fmean(v):.2f} |" for m, v in seconds.items() if v]
     return "\n".join(lines) + "\n"
+
+
+def seeds_shown(text: str, finished_seeds: int, seeds: int) -> str:
+    """``text`` marked with how many seeds it stands for when some have not finished."""
+    if 0 < finished_seeds < seeds:
+        return f"{text} ({finished_seeds} of {seeds} seeds)"
+    return text
 
 
 def max_acc_text(group: Sequence[Mapping]) -> str:

@@ -138,6 +138,9 @@ def test_table_metrics_mean_std_reached_counts_and_improvements(tiny_sweep):
     assert "| Max Acc (points) | +4.00 | -4.00 |" in table
     assert "| Conv. Rds (fewer rounds) | +40.0% | — |" in table
     assert "first round with mean node accuracy >= 85%" in table
+    partial = markdown_table(tiny_sweep, summaries[1:])  # HyperPrism's first seed is missing
+    assert "| HyperPrism | 92.00 ± 0.00 (1 of 2 seeds) | 80.50 ± 0.71 |" in partial
+    assert "| HyperPrism | 14.0 ± 0.0 (1 of 2 seeds) | not reached (0/2) |" in partial
     assert "| HyperPrism | 0.10 |" in table  # 10 s over 100 rounds
 
 
@@ -171,6 +174,21 @@ def test_the_shipped_sweeps_are_the_papers(name, key, values):
     assert len(cells) == len(sweep.methods) * len(values) * 3
     if name != "fig2_p_sweep":  # every registered algorithm is a row of the paper's tables
         assert {c.config.algorithm for c in cells} == set(ALGORITHMS)
+
+
+def test_the_cnn_sweeps_run_lenet_on_fashion_mnist_and_share_their_seed_0_cells():
+    table = Sweep.load(SIMULATIONS / "table2_alpha_cnn.yaml")
+    seeds = Sweep.load(SIMULATIONS / "table2_alpha_cnn_seeds.yaml")
+    for sweep in (table, seeds):
+        base = sweep.base
+        assert (base.dataset, base.model, base.num_nodes, base.num_rounds, base.lr,
+                base.batch_size, base.target_accuracy) == ("fashion-mnist", "lenet", 50, 100,
+                                                          0.01, 128, 0.70)
+    assert {c.config.algorithm for c in table.cells()} == set(ALGORITHMS)
+    assert seeds.seeds == (0, 1, 2)
+    by_id = {c.id(table.key): c.config for c in table.cells()}
+    shared = [c for c in seeds.cells() if c.seed == 0]
+    assert shared and all(by_id[c.id(seeds.key)] == c.config for c in shared)
 
 
 def test_the_command_line_takes_overrides_and_seeds(tmp_path, tiny_sweep, capsys):
