@@ -233,7 +233,7 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
 def seeds_shown(text: str, finished_seeds: int, seeds: int) -> str:
     """``text`` marked with how many seeds it stands for when some have not finished."""
     if 0 < finished_seeds < seeds:
-        return f"{text} ({finished_seeds} of {seeds} seeds)"
+        return f"{text} [{finished_seeds} of {seeds} seeds]"
     return text
 
 

@@ -139,8 +139,8 @@ def test_table_metrics_mean_std_reached_counts_and_improvements(tiny_sweep):
     assert "| Conv. Rds (fewer rounds) | +40.0% | — |" in table
     assert "first round with mean node accuracy >= 85%" in table
     partial = markdown_table(tiny_sweep, summaries[1:])  # HyperPrism's first seed is missing
-    assert "| HyperPrism | 92.00 ± 0.00 (1 of 2 seeds) | 80.50 ± 0.71 |" in partial
-    assert "| HyperPrism | 14.0 ± 0.0 (1 of 2 seeds) | not reached (0/2) |" in partial
+    assert "| HyperPrism | 92.00 ± 0.00 [1 of 2 seeds] | 80.50 ± 0.71 |" in partial
+    assert "| HyperPrism | 14.0 ± 0.0 [1 of 2 seeds] | not reached (0/2) |" in partial
     assert "| HyperPrism | 0.10 |" in table  # 10 s over 100 rounds
 
 
