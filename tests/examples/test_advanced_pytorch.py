@@ -35,7 +35,10 @@ def test_the_advanced_example_keeps_its_features_under_flwr_run(tmp_path, monkey
     assert all(len(r["server_accuracy"]) == 5 for r in rows if "server_accuracy" in r)
     # the lr schedule: row r carries the lr of round-trip r + 1's training
     assert [r.get("lr_mean") for r in rows] == [0.05, 0.05, 0.025, 0.025, None]
-    assert rows[-1]["accuracy_mean"] > rows[0]["accuracy_mean"] + 0.15
+    # it learns: the nodes' loss falls and the central accuracy (all ten classes) rises; the
+    # nodes' own accuracy, on their three favoured classes, starts near 0.8 after round-trip 0
+    assert rows[-1]["loss_mean"] < 0.5 * rows[0]["loss_mean"]
+    assert rows[-1]["server_accuracy_mean"] > rows[0]["server_accuracy_mean"] + 0.1
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in results] == [0, 1, 2, 3, 4]
     settings = json.loads((run_dir / "config.json").read_text())
