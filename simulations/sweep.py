@@ -204,8 +204,8 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
     for metric, cell_text in (("Max Acc (%)", max_acc_text), ("Conv. Rds", rounds_text)):
         lines += [f"## {metric}", "", header, rule]
         for method in sweep.methods:
-            cells = [seeds_shown(cell_text(group), len(group), len(sweep.seeds))
-                     for v in sweep.values for group in [by_cell.get((method, v), [])]]
+            groups = [by_cell.get((method, v), []) for v in sweep.values]
+            cells = [seeds_shown(cell_text(g), len(g), len(sweep.seeds)) for g in groups]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     # the baselines: other algorithms (rows of HyperPrism with other degrees are ablations)
