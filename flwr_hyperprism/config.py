@@ -35,7 +35,7 @@ from .models import MODELS
 
 ORDERS = ("atc", "cta")
 UNMATCHED_STEPS = ("sgd", "idle")
-P_MODES = ("hypernetwork", "fixed", "schedule", "tracking")
+P_MODES = ("hypernetwork", "fixed", "schedule", "tracking", "descent")
 Scalar = bool | int | float | str
 
 
@@ -55,6 +55,9 @@ class RunConfig:
     min_partition_size: int = 10
     model: str = "logreg"
     eval_size: int = 0  # test samples each node is evaluated on per round; 0 = the whole test set
+    # > 0: hold this share of the training set out (before partitioning) and evaluate the nodes
+    # on it instead of the test set: for choosing settings without looking at test data
+    validation_fraction: float = 0.0
     # where a node's model, batches, merges and hypernetwork live: 'auto' (CUDA when present),
     # 'cpu', 'cuda' or 'cuda:N'; node state and messages stay on the CPU
     device: str = "auto"
@@ -74,17 +77,22 @@ class RunConfig:
     exact_edges: bool = False
     mobility_speed: float = 0.05  # unit-square lengths per round ('mobility' topology)
     # HyperPrism
-    # how the degrees are chosen: 'hypernetwork' (the paper's), 'fixed' (fixed-p for both
-    # layer groups), 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the
-    # same on every node) or 'tracking' (learned per node: p starts at p-max and moves p-step
-    # per round against d loss/d p estimated with a gradient tracker; README)
-    p_mode: str = "tracking"
+    # how the degrees are chosen: 'descent' (per node, round and layer group: the degree whose
+    # merge is predicted to lower the network's loss, estimated with a gradient tracker, most
+    # within a trust region; p = 1 unless a larger one is predicted to help; README),
+    # 'tracking' (per node: p starts at p-max and moves p-step per round against the tracked
+    # d loss/d p), 'hypernetwork' (the paper's), 'fixed' (fixed-p for both layer groups) or
+    # 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the same on every node)
+    p_mode: str = "descent"
     fixed_p: float = 1.0
     p_schedule: str = "step"  # step, linear, cosine or exponential (flwr_hyperprism/degrees.py)
     p_max: float = 15.0
     p_min: float = 1.0
     p_horizon: int = 10  # rounds (the exponential's time constant)
     p_step: float = 1.0  # 'tracking': degrees p moves per round against the tracked d loss/d p
+    # 'descent': how far a merge may depart from the linear merge, in local updates: the
+    # trust region's radius is p-trust times lr times the tracked gradient
+    p_trust: float = 1.0
     p_candidates: str = "1,3,5,7,9,11,13,15"
     p_select: str = "soft"  # expectation over candidates; 'st' = argmax, straight-through
     hn_input: str = "gradient"  # embedding + gradient summary; 'embedding' = embedding only
@@ -161,6 +169,7 @@ class RunConfig:
             ("max_staleness", 0, None, "an integer >= 0"),
             ("server_eval_every", 1, None, "an integer >= 1"),
             ("server_eval_nodes", 0, None, "an integer >= 0 (0: every node)"),
+            ("validation_fraction", 0.0, 0.5, "in [0, 0.5]"),
             ("p_min", 1.0, None, ">= 1"), ("p_max", self.p_min, None, ">= p-min"),
             ("p_horizon", 1, None, "an integer >= 1"),
         ]
@@ -169,7 +178,7 @@ class RunConfig:
             if not (value >= low and (high is None or value <= high)) or (
                     name == "momentum" and value == 1.0) or not math.isfinite(value):
                 raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
-        for name in ("alpha", "lr", "hn_lr", "round_timeout", "node_wait_timeout", "smoothness",
+        for name in ("alpha", "lr", "hn_lr", "p_trust", "round_timeout", "node_wait_timeout", "smoothness",
                      "strong_convexity", "mudag_gossip_factor"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -182,7 +191,8 @@ class RunConfig:
             raise ValueError(f"config key 'density' must be in (0, 1], got {self.density!r}")
         if self.p_step <= 0 or not math.isfinite(self.p_step):
             raise ValueError(f"config key 'p-step' must be > 0, got {self.p_step!r}")
-        if self.algorithm == "hyperprism" and self.p_mode == "tracking" and self.order != "atc":
+        if self.algorithm == "hyperprism" and self.p_mode in ("descent", "tracking") and \
+                self.order != "atc":
             raise ValueError("p-mode='tracking' (the default) needs order='atc': its gradient "
                              "is the local update of the merged model; for order='cta' set "
                              "p-mode to 'hypernetwork', 'fixed' or 'schedule'")

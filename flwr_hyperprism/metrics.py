@@ -17,6 +17,7 @@ Row = dict[str, Any]
 # Per-node values kept in every metrics.jsonl row, keyed by partition id: these and every
 # ``server_*`` metric (a Strategy.start evaluate_fn's, per node).
 PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
+DIVERGED = "diverged"  # a node's metric when its model diverged and was rolled back
 
 
 def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> Row:
@@ -25,11 +26,13 @@ def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]
     Every numeric key K becomes ``K_mean`` over nodes; ``PER_NODE_KEYS`` (accuracy and the
     degrees) and ``server_*`` keys also get ``K_std`` (population std over nodes) and are
     kept per node as {partition id (str, as JSON keys are): value}: a node that did not reply
-    is missing there.
+    is missing there. The nodes that reported ``diverged`` are listed in
+    ``partitions_diverged``.
     """
     nodes = sorted(node_metrics)
-    row: Row = {"round": round_, "nodes_replied": len(nodes)}
-    keys = sorted({k for m in node_metrics.values() for k in m})
+    row: Row = {"round": round_, "nodes_replied": len(nodes),
+                "partitions_diverged": [n for n in nodes if DIVERGED in node_metrics[n]]}
+    keys = sorted({k for m in node_metrics.values() for k in m} - {DIVERGED})
     for key in keys:
         values = {n: float(node_metrics[n][key]) for n in nodes if key in node_metrics[n]}
         mean = math.fsum(values.values()) / len(values)
@@ -56,7 +59,7 @@ def format_round(row: Mapping[str, Any], num_rounds: int) -> str:
     return (f"round {row['round']:>3}/{num_rounds}  acc {row.get('accuracy_mean', math.nan):.4f}"
             f" ± {row.get('accuracy_std', math.nan):.4f}  loss {row.get('loss_mean', math.nan):.4f}"
             f"{degrees}  nodes {row['nodes_replied']}{_listed(row, 'partitions_missing')}"
-            f"{_listed(row, 'partitions_stale')}  exchanges {row['exchanges']}"
+            f"{_listed(row, 'partitions_stale')}{_listed(row, 'partitions_diverged')}  exchanges {row['exchanges']}"
             f"  {row['seconds']:.2f}s")
 
 
@@ -91,6 +94,7 @@ class RunRecorder:
             raise ValueError(f"cannot resume {self.run_dir}: its checkpoint covers {keep_rows} "
                              f"rows but metrics.jsonl has {len(lines)}")
         self.rows: list[Row] = [json.loads(line) for line in lines[:keep_rows or 0]]
+        self.nonfinite_final: list[int] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.settings, indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
@@ -103,8 +107,16 @@ class RunRecorder:
 
     def summary(self) -> Row:
         summary = {**summarise_run(self.rows, self.config), "algorithm_name": self.description}
+        if self.nonfinite_final:
+            summary.update(complete=False, partitions_nonfinite_final=self.nonfinite_final)
         return {k: v for k, v in summary.items()  # no dataset or model a run did not use
                 if k not in ("dataset", "model") or k in self.settings}
+
+    def final_models_nonfinite(self, partitions: list[int]) -> None:
+        """Record partitions whose final model is not finite: the run is then not
+        ``complete`` and summary.json lists them in ``partitions_nonfinite_final``."""
+        self.nonfinite_final = sorted(partitions)
+        (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
 
 def summarise_run(rows: list[Row], config: RunConfig) -> Row:
@@ -112,7 +124,8 @@ def summarise_run(rows: list[Row], config: RunConfig) -> Row:
 
     Rounds and exchanges (neighbour round-trips, several per round for Mudag) are both given.
     ``complete`` says whether every partition replied in every row, ``rows_replied`` in how
-    many rows each partition (by id) replied.
+    many rows each partition (by id) replied, ``partitions_diverged`` in which rows each
+    partition that ever diverged (and was rolled back) did.
     """
     accuracies = [(r["accuracy_mean"], r["round"]) for r in rows if "accuracy_mean" in r]
     best, best_round = max(accuracies, key=lambda a: (a[0], -a[1]), default=(None, None))
@@ -130,6 +143,10 @@ def summarise_run(rows: list[Row], config: RunConfig) -> Row:
         "complete": all(not r.get("partitions_missing") for r in rows),
         "rows_replied": {str(pid): sum(pid not in r.get("partitions_missing", ()) for r in rows)
                          for pid in range(config.num_nodes)},
+        "partitions_diverged": {str(pid): [r["round"] for r in rows
+                                           if pid in r.get("partitions_diverged", ())]
+                                for pid in sorted({p for r in rows
+                                                   for p in r.get("partitions_diverged", ())})},
     }
 
 

@@ -8,8 +8,10 @@ marked by a plug-in orchestrator and passes every other message (e.g. FedAvg's) 
   (``context.state``) and the routed neighbour models, with the user's train handler as its
   learner (``flwr_hyperprism.plugin.HandlerLearner``), and replies with the new shared tensors
   and the user's metrics plus the rule's own (degrees, neighbours, dropped neighbours);
-- evaluate messages marked by the orchestrator: call the user's evaluate handler on the node's
-  model of the round (the merged model for the gossip algorithms).
+- evaluate messages marked by the orchestrator: call the user's evaluate handler on the model
+  the node holds after the round (for the gossip algorithms its trained model: the personal
+  layers the user's handlers keep in their own state then belong to it; merged only, in the
+  last round, which does not train).
 """
 
 from __future__ import annotations
@@ -115,12 +117,15 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
         state, metrics = rule.round_trip(state, task, neighbours, rule.generator(task))
     except _HandlerFailed as failure:
         return failure.reply
-    state.tensors[EVALUATED] = learner.evaluated if learner.evaluated is not None else model
+    # what the node holds now: a gossip node's new model (trained, with its newest personal
+    # layers, which the user's handlers may keep in their own state), else the rule's point
+    held = gossip.model_of(state.shared) if gossip is not None else learner.evaluated
+    state.tensors[EVALUATED] = held if held is not None else model
     save_state(context, state)
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
     return train_reply(msg, state, metrics,
-                       learner.evaluated if REPORT_KEY in content else None)
+                       state.tensors[EVALUATED] if REPORT_KEY in content else None)
 
 
 def _evaluating(node: Callable[[StateDict], LearningNode], model: StateDict,

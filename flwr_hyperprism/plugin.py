@@ -7,7 +7,8 @@ The user keeps their ClientApp's own ``@app.train()`` / ``@app.evaluate()`` hand
 own node rule (the one the native apps run) with a ``HandlerLearner``: the rule merges, hands
 the merged model to the user's handler as ``content["arrays"]``, keeps what the handler returns
 as the node's new model and updates its degrees. Then an ``evaluate`` message per node lets the
-user's evaluate handler score the merged model (the model after the round, as natively).
+user's evaluate handler score the model the node holds (its trained model; merged only in the
+last round, which does not train), the model a server-side ``evaluate_fn`` scores too.
 
 What the rules need besides a trained model is a gradient of the local loss. The user's loss is
 unknown to the mod, so it uses the pseudo-gradient g = (start - trained) / lr, with ``lr`` the
@@ -24,6 +25,7 @@ of the round (Mudag: x; ADOM+: x_f).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -48,9 +50,14 @@ log = logging.getLogger("flwr")
 
 NATIVE_ONLY = ("dataset", "data_dir", "download", "model", "alpha", "min_partition_size",
                "batch_size", "local_epochs", "local_steps", "momentum", "eval_size",
+               "validation_fraction",
                "swarm_local_steps")
 """RunConfig fields only the native apps read: in plug-in mode the user's app owns its data,
 model and training, so passing one is an error and config.json leaves them out."""
+
+FEDAVG_ONLY = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+               "min_available_nodes")
+"""FedAvg's client-sampling arguments: a decentralized round has no sampling to configure."""
 
 TrainConfigFn = Callable[[int], ConfigRecord]
 """``train_config_fn(round)``: the train config of a round (e.g. a learning-rate schedule)."""
@@ -167,6 +174,17 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: st
     metrics.jsonl / summary.json / config.json in ``run_dir`` (relative: under
     ``default_run_root()``; default: a new ``<algorithm>-plugin-<UTC time>`` there).
     """
+    sampling = sorted(set(settings) & set(FEDAVG_ONLY))
+    if sampling:
+        raise ValueError(f"{', '.join(sampling)}: FedAvg's client sampling, which a "
+                         f"decentralized round does not have: every node trains and merges "
+                         f"with its neighbours each round (the graph's density and a node's "
+                         f"max-staleness decide who talks to whom); remove them")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; decentralized_strategy takes the "
+                         f"RunConfig fields (flwr_hyperprism/config.py), e.g. density, seed, "
+                         f"p_mode")
     native = sorted(set(settings) & set(NATIVE_ONLY))
     if native:
         raise ValueError(f"{', '.join(native)}: settings of the native apps' data, model and "

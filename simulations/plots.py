@@ -150,7 +150,8 @@ def plot_degrees(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> Path:
 def label_skew(config: RunConfig) -> list[float]:
     """Per partition: the share of its samples in its most frequent class (1/10 = balanced)."""
     data, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
-                              config.num_nodes, config.alpha, config.min_partition_size)
+                              config.num_nodes, config.alpha, config.min_partition_size,
+                              config.validation_fraction)
     labels = data.train.y.numpy()
     return [float(np.bincount(labels[idx]).max() / len(idx)) for idx in parts]
 

@@ -52,6 +52,7 @@ from .protocol import (
     task_record,
 )
 from .rule import NodeRule, NodeState, NodeTask, StateDict
+from .screening import nonfinite_fault
 
 log = logging.getLogger("flwr")
 
@@ -395,9 +396,24 @@ class DecentralizedStrategy(Strategy):
                       if k.startswith("server_") and k.endswith("_mean")}
             if server:
                 result.evaluate_metrics_serverapp[row["round"]] = MetricRecord(server)
-        if self.final_models:
-            result.arrays = network_average(self.final_models)
+        result.arrays = self.finite_average()
         return result
+
+    def finite_average(self) -> ArrayRecord:
+        """The network average of the finite final models (``result.arrays``); a partition
+        whose final model is not finite is left out with a warning and makes the run not
+        ``complete`` in summary.json. Empty when no final model is finite."""
+        nonfinite = sorted(pid for pid, model in self.final_models.items()
+                           if nonfinite_fault(as_state_dict(model)) is not None)
+        if nonfinite:
+            log.warning("the final models of partitions %s are not finite: result.arrays "
+                        "averages the other %s", nonfinite, len(self.final_models) - len(nonfinite))
+            if self.recorder is not None:
+                self.recorder.final_models_nonfinite(nonfinite)
+        finite = {pid: m for pid, m in self.final_models.items() if pid not in nonfinite}
+        if self.final_models and not finite:
+            log.error("no final model is finite: result.arrays is empty")
+        return network_average(finite) if finite else ArrayRecord()
 
     def prepare(self, grid: Grid, train_config: ConfigRecord | None) -> None:
         """Settings ``start`` takes from the federation or the train config (none here)."""

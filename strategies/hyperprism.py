@@ -21,19 +21,25 @@ import torch
 from torch import Tensor
 
 from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.degrees import scheduled_degree, tracked_degree_step
+from flwr_hyperprism.degrees import (
+    degree_grid,
+    descent_degree,
+    scheduled_degree,
+    tracked_degree_step,
+)
 from flwr_hyperprism.graphs import round_seed
 from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
 from flwr_hyperprism.mirror import mirror_step
 from flwr_hyperprism.models import DECISION, REPRESENTATION
 
 from .learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, optimizer_state
-from .node import GossipNode, merge_models
+from .node import GossipNode, merge_models, stack_group
 from .plan import RoutingPlan
 from .rule import NodeState, NodeTask, StateDict
 from .spec import AlgorithmSpec
 
-TRACKER = "tracker"  # p-mode tracking: the gradient tracker, routed with the model
+TRACKER = "tracker"  # p-modes descent and tracking: the gradient tracker, routed with the model
+TRACKED_MODES = ("descent", "tracking")
 
 
 def flatten(tensors: StateDict, names: list[str]) -> Tensor:
@@ -48,7 +54,7 @@ class HyperPrism(RoutingPlan):
     description = "HyperPrism"
     config_keys = ("p_mode", "fixed_p", "p_schedule", "p_max", "p_min", "p_horizon", "p_step",
                    "p_candidates", "p_select", "hn_input", "embedding_dim", "hn_hidden", "hn_lr",
-                   "hn_p_init")
+                   "hn_p_init", "p_trust")
 
 
 class NodeHypernetwork:
@@ -103,30 +109,39 @@ class HyperPrismNode(GossipNode):
         self.hypernet = (NodeHypernetwork(config, partition_id, len(self.names), learner.device)
                          if config.p_mode == "hypernetwork" else None)
         self.pending: StateDict | None = None  # a merge whose hypernetwork step waits for training
+        self.tracks = config.p_mode in TRACKED_MODES
 
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
-        if self.config.p_mode == "tracking":  # p, and the last local update g^(t-1)
-            extra["tracking"] = {"p": torch.tensor(self.config.p_max, dtype=torch.float64),
-                                 "local_update": torch.zeros_like(
-                                     flatten(self.learner.initial_model, self.names))}
+        if self.tracks:  # the last local update g^(t-1) (and p-mode tracking's p)
+            extra["tracking"] = {"local_update": torch.zeros_like(
+                flatten(self.learner.initial_model, self.names))}
+            if self.config.p_mode == "tracking":
+                extra["tracking"]["p"] = torch.tensor(self.config.p_max, dtype=torch.float64)
         if self.hypernet is not None:
             extra.update(self.hypernet.init_state())
         return extra
 
     def load_extra(self, state: NodeState) -> None:
+        # after a divergence (``diverged``) the next merge is linear
+        self.linear_merge = "diverged" in state.tensors
+        self.diverged_now = False
         self.summary = state.tensors["grad_summary"]["summary"]
-        if self.config.p_mode == "tracking":
-            self.p = float(state.tensors["tracking"]["p"])
+        if self.tracks:
             self.local_update = state.tensors["tracking"]["local_update"]
+            if self.config.p_mode == "tracking":
+                self.p = float(state.tensors["tracking"]["p"])
         if self.hypernet is not None:
             self.hypernet.load(state)
 
     def save_extra(self) -> dict[str, StateDict]:
-        extra = {"grad_summary": {"summary": self.summary}}
-        if self.config.p_mode == "tracking":
-            extra["tracking"] = {"p": torch.tensor(self.p, dtype=torch.float64),
-                                 "local_update": self.local_update.clone()}
+        extra: dict[str, StateDict] = {"grad_summary": {"summary": self.summary}}
+        if self.diverged_now:
+            extra["diverged"] = {"flag": torch.ones(())}
+        if self.tracks:
+            extra["tracking"] = {"local_update": self.local_update.clone()}
+            if self.config.p_mode == "tracking":
+                extra["tracking"]["p"] = torch.tensor(self.p, dtype=torch.float64)
         if self.hypernet is not None:
             extra.update(self.hypernet.save())
         return extra
@@ -147,14 +162,22 @@ class HyperPrismNode(GossipNode):
         the merged model (the learner's ``probe``), or, for a learner that knows gradients only
         through training, with the local update's pseudo-gradient (``trained``)."""
         self.pending = None
-        if self.hypernet is not None:
+        self.tracker_mixed = self._mixed_tracker(models, weights) if self.tracks else None
+        if self.linear_merge:
+            degrees = dict.fromkeys(self.groups, torch.tensor(self.config.p_min,
+                                                              device=weights.device))
+        elif self.hypernet is not None:
             degrees = self.hypernet.module(self.summary)
+        elif self.config.p_mode == "descent":
+            degrees = {g: torch.tensor(p, device=weights.device)
+                       for g, p in self._descent_degrees(models, weights).items()}
         else:  # one degree for both layer groups
             degrees = dict.fromkeys(self.groups, torch.tensor(self._one_degree(models, weights),
                                                               device=weights.device))
         self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
         metrics.update(p_theta=self.degrees[REPRESENTATION], p_phi=self.degrees[DECISION])
-        trained_hypernet = self.hypernet if len(models) > 1 else None  # alone: d loss/d p = 0
+        # alone (d loss / d p = 0) or linear after a divergence: no hypernetwork step
+        trained_hypernet = self.hypernet if len(models) > 1 and not self.linear_merge else None
         with torch.set_grad_enabled(trained_hypernet is not None):
             merged = merge_models(models, weights, degrees, self.groups)
         detached = {k: v.detach() for k, v in merged.items()}
@@ -177,6 +200,33 @@ class HyperPrismNode(GossipNode):
             return self._tracked_degree(models, weights)
         return config.fixed_p
 
+    def _mixed_tracker(self, models: list[StateDict], weights: Tensor) -> Tensor | None:
+        """sum_j a_ij y_j over the merge's models: the estimate of the network's gradient
+        (None until every model carries a tracker, i.e. in round-trip 1)."""
+        if any(TRACKER not in m for m in models):
+            return None
+        mixed: Tensor = sum(w * m[TRACKER] for w, m in zip(weights.tolist(), models))
+        return mixed
+
+    def _descent_degrees(self, models: list[StateDict], weights: Tensor) -> dict[str, float]:
+        """p-mode descent: per layer group, the degree whose merge lands nearest the step
+        -p_trust * lr * (mixed tracker) from the linear merge (``descent_degree``): p-min
+        unless a larger degree is predicted to lower the network's loss. Without trackers
+        (round-trip 1, a neighbour that has not trained yet) or neighbours: p-min."""
+        grid = degree_grid(self.config.p_min, self.config.p_max)
+        degrees = dict.fromkeys(self.groups, self.config.p_min)
+        if self.tracker_mixed is None or len(models) < 2:
+            return degrees
+        offset = 0
+        step = -self.config.p_trust * self.config.lr * self.tracker_mixed
+        for group, names in self.groups.items():
+            size = sum(models[0][n].numel() for n in names)
+            if names:
+                degrees[group] = descent_degree(stack_group(models, names), weights,
+                                                step[offset:offset + size], grid)
+            offset += size
+        return degrees
+
     def _tracked_degree(self, models: list[StateDict], weights: Tensor) -> float:
         """p-mode tracking: step p against the sign of the tracked d loss / d p.
 
@@ -184,11 +234,7 @@ class HyperPrismNode(GossipNode):
         gradient g; d loss / d p ~ <g, d merge / d p> at the node's current p. Until every
         model carries a tracker (round 1) p stays where it is.
         """
-        self.tracker_mixed = None
-        if any(TRACKER not in m for m in models):
-            return self.p
-        self.tracker_mixed = sum(w * m[TRACKER] for w, m in zip(weights.tolist(), models))
-        if len(models) < 2:  # alone: d merge / d p = 0
+        if self.tracker_mixed is None or len(models) < 2:  # alone: d merge / d p = 0
             return self.p
         p = torch.tensor(self.p, requires_grad=True, device=weights.device)
         with torch.enable_grad():
@@ -198,6 +244,12 @@ class HyperPrismNode(GossipNode):
         self.p = tracked_degree_step(self.p, float(slope), self.config.p_step,
                                      self.config.p_min, self.config.p_max)
         return self.p
+
+    def diverged(self) -> None:
+        """Back off: the next merge is linear (p-min), and p-mode tracking's p restarts there."""
+        self.diverged_now = True
+        if self.config.p_mode == "tracking":
+            self.p = self.config.p_min
 
     def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
                           gen: torch.Generator, metrics: dict[str, float]) -> StateDict:
@@ -216,7 +268,7 @@ class HyperPrismNode(GossipNode):
             self.hypernet.step(self.pending, {n: (start[n] - update.model[n]) / self.config.lr
                                               for n in self.pending})
             self.pending = None
-        if self.config.p_mode == "tracking":
+        if self.tracks:
             g = (flatten(start, self.names) - flatten(update.model, self.names)) / self.config.lr
             mixed = self.tracker_mixed if self.tracker_mixed is not None else 0.0
             self.tracker = mixed + g - self.local_update

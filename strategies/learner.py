@@ -157,10 +157,19 @@ class NodeData:
         return tuple(self.train.x.shape[1:])
 
 
-def dataset_in_memory(dataset: str, data_dir: str, download: bool, seed: int) -> Dataset:
+def dataset_in_memory(dataset: str, data_dir: str, download: bool, seed: int,
+                      validation_fraction: float = 0.0) -> Dataset:
     """``load_dataset``, loaded once per process; ``seed`` only matters for 'synthetic' (files
-    are the same for every seed, so runs with other seeds reuse the loaded copy)."""
-    return _loaded(dataset, data_dir, download, seed if dataset == "synthetic" else 0)
+    are the same for every seed, so runs with other seeds reuse the loaded copy).
+
+    With ``validation_fraction`` > 0 a fixed seeded share of the training set is held out and
+    takes the test set's place: the nodes train on the rest and are evaluated on the held-out
+    share, so settings can be chosen without looking at the test set.
+    """
+    data = _loaded(dataset, data_dir, download, seed if dataset == "synthetic" else 0)
+    if validation_fraction == 0.0:
+        return data
+    return _held_out(dataset, data_dir, download, seed, validation_fraction)
 
 
 @lru_cache(maxsize=2)
@@ -169,38 +178,53 @@ def _loaded(dataset: str, data_dir: str, download: bool, seed: int) -> Dataset:
 
 
 @lru_cache(maxsize=2)
+def _held_out(dataset: str, data_dir: str, download: bool, seed: int,
+              validation_fraction: float) -> Dataset:
+    train = dataset_in_memory(dataset, data_dir, download, seed).train
+    order = torch.from_numpy(round_rng(seed, 0x7A11D).permutation(len(train)))
+    cut = round(validation_fraction * len(train))
+    rest, held = order[cut:].sort().values, order[:cut].sort().values
+    return Dataset(Split(train.x[rest], train.y[rest]), Split(train.x[held], train.y[held]))
+
+
+@lru_cache(maxsize=2)
 def partitioned(dataset: str, data_dir: str, download: bool, seed: int, num_nodes: int,
-                alpha: float, min_size: int) -> tuple[Dataset, tuple[np.ndarray, ...]]:
-    """The dataset and its Dirichlet partition (one index array per node; cached per process)."""
-    data = dataset_in_memory(dataset, data_dir, download, seed)
+                alpha: float, min_size: int, validation_fraction: float = 0.0
+                ) -> tuple[Dataset, tuple[np.ndarray, ...]]:
+    """The dataset (less its validation share) and its Dirichlet partition (one index array
+    per node; cached per process)."""
+    data = dataset_in_memory(dataset, data_dir, download, seed, validation_fraction)
     parts = dirichlet_partition(data.train.y.numpy(), num_nodes, alpha, seed, min_size)
     return data, tuple(parts)
 
 
 def node_data(config: RunConfig, partition_id: int) -> NodeData:
-    """The node's training partition and the global test set (both cached per process: every
-    node of a process shares one test set).
+    """The node's training partition and the evaluation set: the global test set, or with
+    ``validation_fraction`` > 0 the validation share held out of the training set (both cached
+    per process: every node of a process shares one evaluation set).
 
-    With ``eval_size`` > 0 the test set is a fixed random subset of that size (the same for
-    every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
+    With ``eval_size`` > 0 the evaluation set is a fixed random subset of that size (the same
+    for every node and round), which makes per-round evaluation of CNNs affordable on CPUs.
     """
     if not 0 <= partition_id < config.num_nodes:
         raise ValueError(f"partition id {partition_id} is outside 0..{config.num_nodes - 1} "
                          f"(num-nodes={config.num_nodes})")
     data, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
-                              config.num_nodes, config.alpha, config.min_partition_size)
+                              config.num_nodes, config.alpha, config.min_partition_size,
+                              config.validation_fraction)
     idx = torch.from_numpy(parts[partition_id])
     test = evaluation_split(config.dataset, config.data_dir, config.download, config.seed,
-                            config.eval_size)
+                            config.eval_size, config.validation_fraction)
     return NodeData(Split(data.train.x[idx], data.train.y[idx]), test)
 
 
 @lru_cache(maxsize=2)
 def evaluation_split(dataset: str, data_dir: str, download: bool, seed: int,
-                     eval_size: int) -> Split:
-    """The dataset's test set, or its fixed random subset of ``eval_size`` images when
-    0 < eval_size < its size (cached: one copy per process, shared by its nodes)."""
-    test = dataset_in_memory(dataset, data_dir, download, seed).test
+                     eval_size: int, validation_fraction: float = 0.0) -> Split:
+    """The dataset's test set (or its validation share, ``dataset_in_memory``), or its fixed
+    random subset of ``eval_size`` images when 0 < eval_size < its size (cached: one copy per
+    process, shared by its nodes)."""
+    test = dataset_in_memory(dataset, data_dir, download, seed, validation_fraction).test
     if not 0 < eval_size < len(test):
         return test
     keep = torch.from_numpy(round_rng(seed, 0xE7A1).permutation(len(test))[:eval_size])

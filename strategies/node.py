@@ -35,7 +35,7 @@ from flwr_hyperprism.models import DECISION, REPRESENTATION
 
 from .learner import DataLearner, Learner, LocalUpdate, clone_tensors, node_data, to_device
 from .rule import NodeState, NodeTask, StateDict
-from .screening import screen_neighbours
+from .screening import divergence_fault, nonfinite_fault, screen_neighbours
 
 log = logging.getLogger("flwr")
 
@@ -227,28 +227,58 @@ class GossipNode(LearningNode):
 
         if self.config.order == "atc":
             model = self.full_model({**own, **self.combine(models, weights, gen, metrics)})
+            fault = nonfinite_fault(model)
+            if fault is not None:
+                model = self._roll_back(own, task, f"its merge: {fault}", metrics)
             metrics.update(self.learner.evaluate(model))
             if task.train:
-                model = self._train(model, gen, metrics).model
+                update = self._train(model, task, gen, metrics)
+                model = update.model if update is not None else model
         else:
             metrics.update(self.learner.evaluate(own))
             model = own
             if task.train:
-                trained = self._train(own, gen, metrics).model
-                step = {k: v - own[k] for k, v in trained.items()}
-                model = self.full_model(
-                    {**trained, **self.combine_with_step(models, weights, step, gen, metrics)})
+                update = self._train(own, task, gen, metrics)
+                if update is not None:
+                    step = {k: v - own[k] for k, v in update.model.items()}
+                    model = self.full_model({**update.model, **self.combine_with_step(
+                        models, weights, step, gen, metrics)})
+                    fault = nonfinite_fault(model)
+                    if fault is not None:
+                        model = self._roll_back(own, task, f"its merge: {fault}", metrics)
 
         tensors = {"shared": clone_tensors(model), **self.learner.save(), **self.save_extra()}
         return NodeState(task.round, tensors), metrics
 
-    def _train(self, start: StateDict, gen: torch.Generator, metrics: dict[str, float]
-               ) -> LocalUpdate:
+    def _train(self, start: StateDict, task: NodeTask, gen: torch.Generator,
+               metrics: dict[str, float]) -> LocalUpdate | None:
+        """The learner's local update of ``start``, or None when it diverged (rolled back to
+        ``start``, which is then the node's model)."""
         update = self.learner.train(start, gen)
+        fault = divergence_fault(start, update.model, update.metrics,
+                                 self.config.max_neighbour_ratio)
+        if fault is not None:
+            self._roll_back(start, task, f"training: {fault}", metrics)
+            return None
         metrics.update(update.metrics)
         self.trained(start, update)
         return update
 
+    def _roll_back(self, finite: StateDict, task: NodeTask, fault: str,
+                   metrics: dict[str, float]) -> StateDict:
+        """A diverged round-trip: keep the last finite model, restart the learner's own state
+        (momentum that went non-finite with the model), let the algorithm react
+        (``diverged``), log it, and count it in the metric ``diverged``."""
+        log.warning("round %s: partition %s diverged (%s); it keeps its last finite model",
+                    task.round, self.partition_id, fault)
+        self.learner.load(NodeState())
+        self.diverged()
+        metrics["diverged"] = 1.0
+        return finite
+
+    def diverged(self) -> None:
+        """Called when this round-trip's model diverged and was rolled back; e.g. HyperPrism
+        makes its next merge linear."""
 
 def screen_and_log(own: StateDict, task: NodeTask, neighbours: Mapping[int, StateDict],
                    config: RunConfig, partition_id: int) -> tuple[NodeTask, dict[str, float]]:
@@ -290,14 +320,24 @@ def merge_models(models: list[StateDict], weights: Tensor,
     for group, names in groups.items():
         if not names:
             continue
-        sizes = [models[0][n].numel() for n in names]
-        stacked = models[0][names[0]].new_empty(len(models), sum(sizes))
-        for row, model in zip(stacked, models):  # one copy of each model, no temporaries
-            torch.cat([model[n].reshape(-1) for n in names], out=row)
-        flat = power_mean(stacked, weights, degrees[group])
-        for name, chunk in zip(names, flat.split(sizes)):
-            merged[name] = chunk.view_as(models[0][name])
+        flat = power_mean(stack_group(models, names), weights, degrees[group])
+        merged.update(unflatten(flat, models[0], names))
     return merged
+
+
+def stack_group(models: list[StateDict], names: list[str]) -> Tensor:
+    """(k, n): row j is model j's tensors ``names``, flattened and concatenated."""
+    sizes = [models[0][n].numel() for n in names]
+    stacked = models[0][names[0]].new_empty(len(models), sum(sizes))
+    for row, model in zip(stacked, models):  # one copy of each model, no temporaries
+        torch.cat([model[n].reshape(-1) for n in names], out=row)
+    return stacked
+
+
+def unflatten(flat: Tensor, like: Mapping[str, Tensor], names: list[str]) -> StateDict:
+    """Inverse of one row of ``stack_group``: views of ``flat`` shaped as ``like[name]``."""
+    chunks = flat.split([like[n].numel() for n in names])
+    return {name: chunk.view_as(like[name]) for name, chunk in zip(names, chunks)}
 
 
 @contextlib.contextmanager

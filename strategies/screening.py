@@ -6,6 +6,7 @@ screens its neighbours with ``screen_neighbours`` before it merges (pure torch, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -50,8 +51,34 @@ def model_fault(own: StateDict, model: StateDict | None) -> str | None:
         if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
             return (f"{key!r} is {theirs.dtype} {tuple(theirs.shape)}, expected {mine.dtype} "
                     f"{tuple(mine.shape)}")
-        if not bool(torch.isfinite(theirs).all()):
+    return nonfinite_fault(model)
+
+
+def nonfinite_fault(model: StateDict) -> str | None:
+    """The first tensor of ``model`` holding NaN or Inf, as a reason (None if all are finite)."""
+    for key, value in model.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"{key!r} has NaN or Inf"
+    return None
+
+
+def divergence_fault(start: StateDict, model: StateDict, metrics: Mapping[str, float],
+                     max_ratio: float) -> str | None:
+    """Why a node's own new ``model`` (trained or merged from ``start``) has diverged, or None.
+
+    It has when a tensor or a metric is NaN or Inf, or when its largest magnitude exceeds
+    ``max_ratio`` times ``start``'s (a non-zero one): the bound its neighbours would drop it
+    by (``screen_neighbours``), so a node holds itself to the standard it holds them to.
+    """
+    fault = nonfinite_fault(model)
+    if fault is not None:
+        return fault
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        return f"metrics {bad} are NaN or Inf"
+    reference, size = largest_magnitude(start), largest_magnitude(model)
+    if reference > 0 and size > max_ratio * reference:
+        return f"|value| {size:.4g} > {max_ratio:g} x {reference:.4g} before"
     return None
 
 

@@ -6,6 +6,8 @@ that need a federation (missing data, an impossible partition, too few SuperNode
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -364,3 +366,78 @@ def test_too_few_supernodes_are_reported_while_waiting_then_time_out(caplog):
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- a node whose own model diverges rolls back; nothing non-finite reaches an output -------
+
+GOSSIP_VARIANTS = ["hyperprism", "hyperprism-fixed-p3", "hyperprism-fixed-p3-cta",
+                   "hyperprism-hypernetwork", "dpsgd", "dpsgd-cta", "swarmsgd"]
+
+
+def diverging_rules(config: RunConfig, partition: int, at_call: int):
+    """``make_rule`` for run_in_process: ``partition``'s learner returns an all-NaN model and
+    loss from its ``at_call``-th training on (its momentum would carry the NaN on)."""
+    spec = ALGORITHMS[config.algorithm]
+
+    def make_rule(config: RunConfig, pid: int):
+        rule = spec.make_rule(config, pid)
+        if pid == partition:
+            train, calls = rule.learner.train, [0]
+
+            def nan_train(model, gen):
+                calls[0] += 1
+                update = train(model, gen)
+                if calls[0] < at_call:
+                    return update
+                return dataclasses.replace(
+                    update, model={k: torch.full_like(v, math.nan) if v.is_floating_point()
+                                   else v for k, v in update.model.items()},
+                    metrics={"train_loss": math.nan})
+
+            rule.learner.train = nan_train
+        return rule
+
+    return make_rule
+
+
+@pytest.mark.parametrize("variant", GOSSIP_VARIANTS)
+def test_a_diverging_node_rolls_back_and_is_counted(tmp_path, caplog, variant):
+    config = make_config(tmp_path, variant, num_nodes=4, num_rounds=4, density=1.0, fixed_p=9.0)
+    strategy = make_strategy(config, tmp_path / variant)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        rows = run_in_process(strategy, make_rule=diverging_rules(config, 2, at_call=3))
+    # training of round-trip 3 (and 4) diverged: rows 2 and 3 (a row is the model after the
+    # round-trip's merge, the last one does not train)
+    assert [row["partitions_diverged"] for row in rows] == [[], [], [2], [2], []]
+    warnings = records(caplog)
+    assert any("round 3: partition 2 diverged (training:" in w for w in warnings)
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_mean") or key.endswith("_std"):
+                assert math.isfinite(value), (row["round"], key)
+        assert row["neighbours_dropped_mean"] == 0.0  # it never sent a non-finite model
+    assert all(bool(torch.isfinite(v).all()) for v in strategy.latest[2].values())
+    summary = json.loads((tmp_path / variant / "summary.json").read_text())
+    assert summary["partitions_diverged"] == {"2": [2, 3]}
+    assert summary["complete"] is True
+    if variant == "hyperprism-fixed-p3" or variant == "hyperprism-hypernetwork":
+        # the merge after a divergence is linear; the other nodes keep their degree
+        assert rows[3]["p_phi"]["2"] == 1.0 and rows[3]["p_phi"]["1"] > 1.0
+
+
+def test_result_arrays_average_the_finite_final_models_only(tmp_path, caplog):
+    config = make_config(tmp_path, "dpsgd", num_nodes=3)
+    strategy = make_strategy(config, tmp_path / "dpsgd")
+    run_in_process(strategy)
+    models = {pid: {"w": torch.full((2,), float(pid)), "n": torch.tensor(pid)} for pid in range(3)}
+    models[1]["w"][0] = math.nan
+    strategy.final_models = {pid: ArrayRecord(m) for pid, m in models.items()}
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        average = strategy.finite_average().to_torch_state_dict()
+    assert torch.equal(average["w"], torch.tensor([1.0, 1.0]))  # partitions 0 and 2
+    assert any("partitions [1] are not finite" in w for w in records(caplog))
+    summary = json.loads((tmp_path / "dpsgd" / "summary.json").read_text())
+    assert summary["complete"] is False and summary["partitions_nonfinite_final"] == [1]
+
+    strategy.final_models = {1: ArrayRecord(models[1])}
+    assert len(strategy.finite_average()) == 0  # never an all-NaN model

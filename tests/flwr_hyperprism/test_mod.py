@@ -227,3 +227,45 @@ def test_without_an_lr_anywhere_the_run_says_where_to_set_it(example_app):
 def test_native_app_settings_are_refused_in_plug_in_mode():
     with pytest.raises(ValueError, match="batch_size, dataset: settings of the native apps"):
         decentralized_strategy("dpsgd", dataset="mnist", batch_size=32)
+
+
+def test_the_evaluate_handler_scores_the_model_the_node_holds(tmp_path):
+    # A FedPer-style app keeps its newest head in its own state and puts it into every model it
+    # is given. The evaluate message must carry the model that head belongs to: the node's
+    # trained model, not the merged body of the round-trip's start.
+    app = ClientApp(mods=[hyperprism_mod])
+    trained: dict[int, dict[str, torch.Tensor]] = {}
+    scored: dict[int, list[dict[str, torch.Tensor]]] = {}
+
+    def with_own_head(msg: Message, context: Context) -> dict[str, torch.Tensor]:
+        model = dict(msg.content["arrays"].to_torch_state_dict())
+        if "head" in context.state:
+            model.update(context.state["head"].to_torch_state_dict())
+        return model
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model = {k: v - 0.1 * (1 + context.node_config["partition-id"])
+                 for k, v in with_own_head(msg, context).items()}
+        context.state["head"] = ArrayRecord({"head.w": model["head.w"]})
+        trained[int(context.node_config["partition-id"])] = model
+        return Message(RecordDict({"arrays": ArrayRecord(model),
+                                   "metrics": MetricRecord({"train_loss": 1.0})}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        scored.setdefault(pid, []).append(with_own_head(msg, context))
+        return Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5})}), reply_to=msg)
+
+    grid = LocalGrid.with_nodes(app, 3)
+    strategy = decentralized_strategy("dpsgd", num_nodes=3, lr=0.1, run_dir=tmp_path,
+                                      density=1.0, local_layers="head.*")
+    initial = {"body.w": torch.ones(4), "head.w": torch.zeros(2)}
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=2,
+                   train_config=ConfigRecord({"lr": 0.1}))
+    for pid in range(3):
+        assert len(scored[pid]) == 3
+        after_training = scored[pid][1]  # the evaluation after round-trip 2, which trained
+        for key, value in after_training.items():
+            assert torch.equal(value, trained[pid][key]), (pid, key)

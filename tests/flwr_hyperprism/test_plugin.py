@@ -180,6 +180,11 @@ def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(rule_type, m
     ({"algorithm": "fedavg"}, "'algorithm' = 'fedavg' is not one of"),
     ({"order": "cta", "p_mode": "fixed"}, "use order='atc'"),
     ({"num_nodes": 1}, "num-nodes"),
+    ({"fraction_train": 0.5, "min_available_nodes": 2},
+     r"fraction_train, min_available_nodes: FedAvg's client sampling, .* every node trains"),
+    ({"densty": 0.5}, r"unknown settings \['densty'\]; decentralized_strategy takes the "
+                      r"RunConfig fields"),
+    ({"momentum": 0.9}, "settings of the native apps' data, model and training"),
 ])
 def test_factory_rejects_what_plug_in_mode_cannot_do(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -227,6 +227,7 @@ def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sig
         model[TRACKER] = sign * tracker
     weights = torch.tensor([0.5, 0.3, 0.2])
     rule.p = 4.0
+    rule.tracker_mixed = rule._mixed_tracker(models, weights)
 
     def objective(p: float) -> float:
         mirrored = sum(w * sign_power(flat({n: m[n] for n in rule.names}), p)
