@@ -29,7 +29,8 @@ def train(msg: Message, context: Context) -> Message:
     loader, _ = load_partition(int(context.node_config["partition-id"]),
                                int(context.node_config["num-partitions"]))
     lr = float(msg.content["config"]["lr"])
-    loss = train_fn(model, loader, int(context.run_config["local-epochs"]), lr)
+    loss = train_fn(model, loader, int(context.run_config["local-epochs"]), lr,
+                    float(context.run_config["momentum"]))
     context.state["personal-head"] = ArrayRecord(
         {k: v for k, v in model.state_dict().items() if k.startswith(HEAD)})
     metrics = MetricRecord({"train_loss": loss, "lr": lr, "num-examples": len(loader.dataset)})

@@ -42,6 +42,7 @@ def main(grid: Grid, context: Context) -> None:
     lr = float(context.run_config["lr"])
     decay_round = int(context.run_config["lr-decay-round"])
     test_loader = central_test_set()
+    torch.manual_seed(int(context.run_config["seed"]))  # the initial model
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = Net()
@@ -50,8 +51,10 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     strategy = decentralized_strategy(
-        "hyperprism", local_layers=f"{HEAD}*", accuracy_metric="eval_acc",
-        loss_metric="eval_loss", server_eval_every=int(context.run_config["evaluate-every"]),
+        "hyperprism", p_mode=str(context.run_config["p-mode"]),
+        fixed_p=float(context.run_config["fixed-p"]), local_layers=f"{HEAD}*",
+        accuracy_metric="eval_acc", loss_metric="eval_loss",
+        server_eval_every=int(context.run_config["evaluate-every"]),
         train_config_fn=lambda r: ConfigRecord({"lr": lr if r < decay_round else lr / 2}))
     strategy.on_round = RunLog(strategy.run_dir)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),

@@ -57,9 +57,10 @@ def central_test_set() -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=256)
 
 
-def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float) -> float:
-    """Plain SGD; returns the mean training loss."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, momentum: float
+          ) -> float:
+    """SGD with momentum (a new optimizer each round); returns the mean training loss."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
     total, batches = 0.0, 0
     for _ in range(epochs):
