@@ -22,7 +22,8 @@ VARIANTS: dict[str, tuple[str, dict, float | None]] = {
     "hyperprism-fixed-p3": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0}, 3.0),
     "hyperprism-fixed-p3-cta": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0,
                                                "order": "cta"}, 3.0),
-    "hyperprism": ("hyperprism", {}, None),  # the default degrees: learned (p-mode tracking)
+    "hyperprism": ("hyperprism", {}, None),  # the default degrees (p-mode descent)
+    "hyperprism-tracking": ("hyperprism", {"p_mode": "tracking"}, None),
     "hyperprism-hypernetwork": ("hyperprism", {"p_mode": "hypernetwork"}, None),
     "dpsgd": ("dpsgd", {}, 1.0),
     "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),

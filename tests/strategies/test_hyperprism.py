@@ -250,3 +250,42 @@ def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_
     assert max(final.values()) < 15.0 and sum(final.values()) / len(final) < 12.0
     assert len(set(final.values())) > 1  # each node learns its own
     assert rows[-1]["p_theta"] == final  # logistic regression: one layer group, one degree
+
+
+def test_descent_chooses_each_layer_groups_degree_from_its_part_of_the_tracker(tmp_path):
+    # The mixed tracker asks theta (conv layers) for exactly the p = 15 merge and phi (the
+    # head) for the opposite direction: p_theta = 15, p_phi = 1 (the linear merge).
+    config = small_config(tmp_path, p_mode="descent", model="lenet", lr=0.5)
+    rule = HyperPrismNode.for_partition(config, 0)
+    gen = torch.Generator().manual_seed(4)
+    initial = rule.learner.initial_model
+    models = [{k: torch.randn(v.shape, generator=gen) for k, v in initial.items()}
+              for _ in range(3)]
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    from strategies.node import merge_models
+    far = merge_models(models, weights, {"theta": 15.0, "phi": 15.0}, rule.groups)
+    linear = merge_models(models, weights, {"theta": 1.0, "phi": 1.0}, rule.groups)
+    wanted = {n: (far[n] - linear[n]) * (1 if n in rule.groups["theta"] else -1)
+              for n in rule.names}  # = -lr * tracker
+    tracker = -flat({n: wanted[n] for n in rule.names}).float() / config.lr
+    for model in models:
+        model[TRACKER] = tracker
+    rule.tracker_mixed = rule._mixed_tracker(models, weights)
+    assert rule._descent_degrees(models, weights) == {"theta": pytest.approx(15.0),
+                                                      "phi": 1.0}
+    models[2] = {k: v for k, v in models[2].items() if k != TRACKER}  # no tracker yet: linear
+    rule.tracker_mixed = rule._mixed_tracker(models, weights)
+    assert rule._descent_degrees(models, weights) == {"theta": 1.0, "phi": 1.0}
+
+
+def test_descent_keeps_the_default_task_near_plain_averaging(tmp_path):
+    # The default task: a larger p lowers the loss there but costs accuracy (README); the
+    # trust region of one local update keeps the degrees small (measured here: 2.2 in the
+    # first informative merge, then 1.0-1.5) and the accuracy at least D-PSGD's.
+    settings = {"num_nodes": 8, "num_rounds": 6, "eval_size": 500, "output_dir": str(tmp_path)}
+    rows = run_in_process(make_strategy(RunConfig(**settings, run_name="descent")))
+    linear = run_in_process(make_strategy(RunConfig(**settings, run_name="linear",
+                                                    p_mode="fixed", fixed_p=1.0)))
+    assert rows[0]["p_phi_mean"] == 1.0  # identical models: nothing to choose
+    assert all(row["p_phi_mean"] < 3.0 for row in rows) and rows[-1]["p_phi_mean"] < 1.5
+    assert all(a["accuracy_mean"] >= b["accuracy_mean"] for a, b in zip(rows, linear))
