@@ -193,9 +193,10 @@ class RunConfig:
             raise ValueError(f"config key 'p-step' must be > 0, got {self.p_step!r}")
         if self.algorithm == "hyperprism" and self.p_mode in ("descent", "tracking") and \
                 self.order != "atc":
-            raise ValueError("p-mode='tracking' (the default) needs order='atc': its gradient "
-                             "is the local update of the merged model; for order='cta' set "
-                             "p-mode to 'hypernetwork', 'fixed' or 'schedule'")
+            default = " (the default)" if self.p_mode == RunConfig.p_mode else ""
+            raise ValueError(f"p-mode={self.p_mode!r}{default} needs order='atc': its gradient "
+                             f"tracker takes the local update of the merged model; for "
+                             f"order='cta' set p-mode to 'hypernetwork', 'fixed' or 'schedule'")
         candidates = parse_candidates(self.p_candidates)
         if self.hn_p_init != 0.0 and not min(candidates) <= self.hn_p_init <= max(candidates):
             raise ValueError(f"config key 'hn-p-init' must be 0 or within the p-candidates "

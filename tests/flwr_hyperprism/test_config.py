@@ -53,7 +53,7 @@ def test_from_run_config_takes_a_partial_mapping():
     config = RunConfig.from_run_config({"num-rounds": 3, "p-mode": "fixed", "fixed-p": 9})
 
     assert (config.num_rounds, config.p_mode, config.fixed_p) == (3, "fixed", 9.0)
-    assert config.replace(num_rounds=100, p_mode="tracking", fixed_p=1.0) == RunConfig()
+    assert config.replace(num_rounds=100, p_mode="descent", fixed_p=1.0) == RunConfig()
 
 
 def test_unknown_run_config_key_lists_the_valid_keys():
@@ -104,13 +104,16 @@ BAD_VALUES = [
     ("p_select", "argmax"), ("hn_input", "gradients"),
     ("p_candidates", "0.5,3"), ("p_candidates", ""), ("mudag_max_gossip", 0),
     ("mudag_gossip_factor", 0.0), ("strong_convexity", 200.0), ("max_staleness", -1),
-    ("p_step", 0.0), ("p_step", float("nan")),
+    ("p_step", 0.0), ("p_step", float("nan")), ("p_trust", 0.0), ("p_trust", float("inf")),
+    ("validation_fraction", -0.1), ("validation_fraction", 0.9),
 ]
 
 
-def test_tracking_needs_the_adapt_then_combine_order():
+def test_the_learned_degrees_need_the_adapt_then_combine_order():
     with pytest.raises(ValueError,
-                       match=r"p-mode='tracking' \(the default\) needs order='atc'.*set p-mode"):
+                       match=r"p-mode='descent' \(the default\) needs order='atc'.*set p-mode"):
+        RunConfig(order="cta")
+    with pytest.raises(ValueError, match=r"p-mode='tracking' needs order='atc'"):
         RunConfig(p_mode="tracking", order="cta")
 
 

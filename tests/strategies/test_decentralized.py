@@ -24,6 +24,21 @@ def test_eval_size_gives_every_node_one_shared_fixed_test_subset():
     assert len(full) > 300
 
 
+def test_a_validation_fraction_is_held_out_of_the_partitions_and_evaluated_on():
+    config = RunConfig(num_nodes=4, validation_fraction=0.1)
+    data = [node_data(config, pid) for pid in range(4)]
+    full = node_data(config.replace(validation_fraction=0.0), 0).test  # the test set
+    validation = data[0].test
+    assert all(d.test is validation for d in data) and len(validation) == 3000  # of 30,000
+    assert not torch.equal(validation.x[:10], full.x[:10])
+    trained_on = torch.cat([d.train.x for d in data])
+    assert len(trained_on) == 27_000  # every other training sample, once
+    # no validation sample is in a partition (rows compared by their pixel sums and first
+    # pixels, which are distinct for this continuous data)
+    keys = {(float(x.sum()), float(x.flatten()[0])) for x in trained_on}
+    assert not any((float(x.sum()), float(x.flatten()[0])) in keys for x in validation.x)
+
+
 def test_node_data_rejects_partition_ids_outside_the_federation():
     with pytest.raises(ValueError, match="partition id 4 is outside 0..3"):
         node_data(RunConfig(num_nodes=4), 4)
