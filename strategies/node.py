@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar, Protocol
 
@@ -109,6 +110,12 @@ class LearningNode:
             metrics["num_examples"] = float(self.learner.num_examples)
         return task, metrics
 
+    def report_divergence(self, task: NodeTask, fault: str, metrics: dict[str, float]) -> None:
+        """Log a rolled-back round-trip and count it in the metric ``diverged``."""
+        log.warning("round %s: partition %s diverged (%s); it keeps its last finite model",
+                    task.round, self.partition_id, fault)
+        metrics["diverged"] = 1.0
+
     def full_model(self, tensors: Mapping[str, Tensor]) -> StateDict:
         """The learner's model keys from ``tensors``, the rest (e.g. integer buffers) from
         the initial model."""
@@ -162,10 +169,16 @@ class GradientNode(LearningNode):
             metrics.update(reported)
             return grad
 
-        state, evaluated = self.update.round_trip(state, task, neighbours, gradient)
+        new, evaluated = self.update.round_trip(state, task, neighbours, gradient)
+        fault = next(filter(None, (nonfinite_fault(tensors) for tensors in new.tensors.values())),
+                     None) or (nonfinite_fault(evaluated) if evaluated is not None else None)
+        if fault is not None:  # keep the last state; its gradients' metrics may be NaN too
+            self.report_divergence(task, fault, metrics)
+            return NodeState(task.round, state.tensors), {
+                k: v for k, v in metrics.items() if math.isfinite(v)}
         if evaluated is not None:
             metrics.update(self.learner.evaluate(self.full_model(evaluated)))
-        return state, metrics
+        return new, metrics
 
 
 class GossipNode(LearningNode):
@@ -269,11 +282,9 @@ class GossipNode(LearningNode):
         """A diverged round-trip: keep the last finite model, restart the learner's own state
         (momentum that went non-finite with the model), let the algorithm react
         (``diverged``), log it, and count it in the metric ``diverged``."""
-        log.warning("round %s: partition %s diverged (%s); it keeps its last finite model",
-                    task.round, self.partition_id, fault)
+        self.report_divergence(task, fault, metrics)
         self.learner.load(NodeState())
         self.diverged()
-        metrics["diverged"] = 1.0
         return finite
 
     def diverged(self) -> None:

@@ -441,3 +441,35 @@ def test_result_arrays_average_the_finite_final_models_only(tmp_path, caplog):
 
     strategy.final_models = {1: ArrayRecord(models[1])}
     assert len(strategy.finite_average()) == 0  # never an all-NaN model
+
+
+@pytest.mark.parametrize("variant", ["mudag", "adom"])
+def test_a_gradient_method_whose_state_diverges_keeps_its_last_state(tmp_path, caplog, variant):
+    config = make_config(tmp_path, variant, num_nodes=4, num_rounds=4, density=1.0)
+    spec = ALGORITHMS[config.algorithm]
+
+    def make_rule(config: RunConfig, pid: int):
+        rule = spec.make_rule(config, pid)
+        if pid == 2:
+            gradient, calls = rule.learner.gradient, [0]
+
+            def nan_gradient(params, gen):
+                calls[0] += 1
+                metrics, grads = gradient(params, gen)
+                if calls[0] < 3:
+                    return metrics, grads
+                return {"train_loss": math.nan}, {k: torch.full_like(v, math.nan)
+                                                  for k, v in grads.items()}
+
+            rule.learner.gradient = nan_gradient
+        return rule
+
+    strategy = make_strategy(config, tmp_path / variant)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        rows = run_in_process(strategy, make_rule=make_rule)
+    assert any(2 in row["partitions_diverged"] for row in rows)
+    assert any("partition 2 diverged" in w for w in records(caplog))
+    for row in rows:
+        assert all(math.isfinite(v) for k, v in row.items() if k.endswith(("_mean", "_std")))
+        assert row["neighbours_dropped_mean"] == 0.0
+    assert all(bool(torch.isfinite(v).all()) for v in strategy.latest[2].values())
