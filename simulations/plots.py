@@ -11,7 +11,8 @@ in the metrics rows).
 - ``p_nodes.png``: every node's p_theta (top) and p_phi (bottom) per round for HyperPrism
   (lowest seed shown), one line per node coloured by its label skew (the largest class share
   of its partition), one column per swept value; ``p_nodes_<p-mode>.png`` the same for another
-  row whose nodes choose their degrees (``p_nodes_tracking.png``, ``p_nodes_hypernetwork.png``);
+  row whose nodes choose their degrees (``p_nodes_tracking.png``, ``p_nodes_hypernetwork.png``,
+  ``p_nodes_descent.png``);
 - ``accuracy_vs_p.png`` for a sweep over ``fixed_p``: Max Acc and Conv. Rds against p, mean ±
   std over seeds (Fig. 2a/b).
 
@@ -157,7 +158,8 @@ def label_skew(config: RunConfig) -> list[float]:
 
 
 def per_node_degree_methods(sweep: Sweep) -> dict[str, str]:
-    """The methods whose nodes choose their own degrees (p-mode hypernetwork or tracking),
+    """The methods whose nodes choose their own degrees (p-mode descent, tracking or
+    hypernetwork),
     each with its plot's file name: p_nodes.png for HyperPrism, p_nodes_<p-mode>.png else
     (p_nodes_<method>.png for a second method of that p-mode)."""
     methods: dict[str, str] = {}
@@ -165,7 +167,7 @@ def per_node_degree_methods(sweep: Sweep) -> dict[str, str]:
         if settings.get("algorithm", sweep.base.algorithm) != "hyperprism":
             continue
         p_mode = settings.get("p_mode", sweep.base.p_mode)
-        if p_mode in ("hypernetwork", "tracking"):
+        if p_mode in ("descent", "hypernetwork", "tracking"):
             name = "p_nodes.png" if method == REFERENCE_METHOD else f"p_nodes_{p_mode}.png"
             if name in methods.values():
                 name = f"p_nodes_{file_name(method)}.png"
