@@ -291,6 +291,7 @@ class GossipNode(LearningNode):
         """Called when this round-trip's model diverged and was rolled back; e.g. HyperPrism
         makes its next merge linear."""
 
+
 def screen_and_log(own: StateDict, task: NodeTask, neighbours: Mapping[int, StateDict],
                    config: RunConfig, partition_id: int) -> tuple[NodeTask, dict[str, float]]:
     """``screen_neighbours`` with one warning per round-trip naming each dropped neighbour and
