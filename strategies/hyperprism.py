@@ -36,6 +36,7 @@ from .learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, 
 from .node import GossipNode, merge_models, stack_group
 from .plan import RoutingPlan
 from .rule import NodeState, NodeTask, StateDict
+from .screening import nonfinite_fault
 from .spec import AlgorithmSpec
 
 TRACKER = "tracker"  # p-modes descent and tracking: the gradient tracker, routed with the model
@@ -181,7 +182,8 @@ class HyperPrismNode(GossipNode):
         with torch.set_grad_enabled(trained_hypernet is not None):
             merged = merge_models(models, weights, degrees, self.groups)
         detached = {k: v.detach() for k, v in merged.items()}
-        if trained_hypernet is not None:
+        # a non-finite merge (rolled back by the node) must not reach the hypernetwork
+        if trained_hypernet is not None and nonfinite_fault(detached) is None:
             probe = self.learner.probe(detached, gen)
             if probe is None:
                 self.pending = merged
