@@ -178,8 +178,8 @@ class RunConfig:
             if not (value >= low and (high is None or value <= high)) or (
                     name == "momentum" and value == 1.0) or not math.isfinite(value):
                 raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
-        for name in ("alpha", "lr", "hn_lr", "p_trust", "round_timeout", "node_wait_timeout", "smoothness",
-                     "strong_convexity", "mudag_gossip_factor"):
+        for name in ("alpha", "lr", "hn_lr", "p_trust", "round_timeout", "node_wait_timeout",
+                     "smoothness", "strong_convexity", "mudag_gossip_factor"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")

@@ -59,7 +59,8 @@ def format_round(row: Mapping[str, Any], num_rounds: int) -> str:
     return (f"round {row['round']:>3}/{num_rounds}  acc {row.get('accuracy_mean', math.nan):.4f}"
             f" ± {row.get('accuracy_std', math.nan):.4f}  loss {row.get('loss_mean', math.nan):.4f}"
             f"{degrees}  nodes {row['nodes_replied']}{_listed(row, 'partitions_missing')}"
-            f"{_listed(row, 'partitions_stale')}{_listed(row, 'partitions_diverged')}  exchanges {row['exchanges']}"
+            f"{_listed(row, 'partitions_stale')}{_listed(row, 'partitions_diverged')}"
+            f"  exchanges {row['exchanges']}"
             f"  {row['seconds']:.2f}s")
 
 
