@@ -17,12 +17,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import RunConfig, load_config
-from .graphs import TimeVaryingGraph, metropolis_hastings_weights
-from .hypernetwork import HyperNetwork
-from .mirror import inverse_sign_power, power_mean, sign_power
+from .math.graphs import TimeVaryingGraph, metropolis_hastings_weights
+from .math.hypernetwork import HyperNetwork
+from .math.mirror import inverse_sign_power, power_mean, sign_power
+from .setup.config import RunConfig, load_config
 
-_FLOWER_GLUE = {"decentralized_strategy": "plugin", "hyperprism_mod": "mod"}
+_FLOWER_GLUE = {"decentralized_strategy": "server.plugin", "hyperprism_mod": "client.mod"}
 
 
 def __getattr__(name: str) -> Any:

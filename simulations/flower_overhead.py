@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from flwr_hyperprism.config import load_config
+from flwr_hyperprism.setup.config import load_config
 
 from .run import ENGINES, run_experiment
 

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.rounds import round_loop
+from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS
-from strategies.decentralized import make_strategy, run_in_process
-from strategies.learner import resolve_device
+from strategies.base.learner import resolve_device
 
 # name -> RunConfig settings: every registered algorithm, and HyperPrism with both p-modes
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -46,7 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def timed_run(config: RunConfig) -> tuple[list[dict], float]:
     """The run's metrics rows and its seconds per node-round."""
     started = time.perf_counter()
-    rows = run_in_process(make_strategy(config))
+    rows = run_in_process(round_loop(config))
     seconds = time.perf_counter() - started
     return rows, seconds / (config.num_nodes * (config.num_rounds + 1))
 

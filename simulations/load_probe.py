@@ -160,34 +160,36 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
                  ) -> dict[str, float]:
     """Bytes the orchestrator routes per round (mean over rounds 1..rounds), without Flower.
 
-    Builds the strategy's real train messages (``configure_train`` on the graphs of rounds
-    1..rounds, every routed model the size of the initial model) and sums their content
-    serialized as protobuf: the routed neighbour models dominate. Also the size of one model
+    Builds the orchestrator's real train message contents (``routing.train_content`` on the
+    graphs of rounds 1..rounds, every routed model the size of the initial model) and sums
+    them serialized as protobuf: the routed neighbour models dominate. Also the size of one model
     and of one node's state (what its ``context.state`` holds).
     """
     from flwr.app import ConfigRecord
     from flwr.common.serde import recorddict_to_proto
 
-    from flwr_hyperprism.config import RunConfig
-    from flwr_hyperprism.server_app import initial_model
+    from flwr_hyperprism.messages.protocol import RUN_KEY, SESSION_KEY, run_record
+    from flwr_hyperprism.orchestration.routing import RoutingTable, train_content
+    from flwr_hyperprism.server.app import initial_model
+    from flwr_hyperprism.setup.config import RunConfig
     from strategies import algorithm_spec
-    from strategies.decentralized import make_strategy
 
     config = RunConfig.from_run_config({**_typed(overrides), "num-nodes": num_nodes,
                                         "algorithm": algorithm, "num-rounds": rounds})
-    make_rule = algorithm_spec(algorithm).make_rule
-    strategy = make_strategy(config)
-    model = initial_model(config)
-    strategy.node_ids = {pid: pid for pid in range(num_nodes)}
-    strategy.latest = dict.fromkeys(range(num_nodes), model)
-    strategy.in_sync = set(range(num_nodes))  # steady state: no node needs its own model sent
+    spec = algorithm_spec(algorithm)
+    plan, routing, model = spec.orchestrator(config), RoutingTable(), initial_model(config)
+    routing.start(model, num_nodes)
+    records = {RUN_KEY: run_record(config), SESSION_KEY: ConfigRecord({"run-key": ""}),
+               "config": ConfigRecord()}
     per_round, links = [], []
     for round_ in range(1, rounds + 1):
-        contents = strategy.train_contents(round_, 0, ConfigRecord()).values()
+        tasks = routing.tasks(plan, round_, 0)
+        # steady state: no node needs its own model sent
+        contents = [train_content(pid, task, routing, records, send_own=False, report=False)
+                    for pid, task in tasks.items()]
         per_round.append(sum(recorddict_to_proto(content).ByteSize() for content in contents))
-        tasks = strategy.routing.plan_round(round_, range(num_nodes))
         links.append(sum(len(task.neighbours) for task in tasks.values()))
-    state = make_rule(config, 0).init_state()
+    state = spec.make_rule(config, 0).init_state()
     state_bytes = sum(t.numel() * t.element_size() for group in state.tensors.values()
                       for t in group.values())
     model_bytes = recorddict_to_proto(_record(model)).ByteSize()

@@ -33,9 +33,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flwr_hyperprism.config import RunConfig  # noqa: E402
-from flwr_hyperprism.metrics import node_values  # noqa: E402
-from strategies.learner import partitioned  # noqa: E402
+from flwr_hyperprism.orchestration.metrics import node_values  # noqa: E402
+from flwr_hyperprism.setup.config import RunConfig  # noqa: E402
+from strategies.base.learner import partitioned  # noqa: E402
 
 from .sweep_file import REFERENCE_METHOD, Cell, Sweep, cell_rows, file_name  # noqa: E402
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from flwr_hyperprism.config import RunConfig, load_config
-from flwr_hyperprism.metrics import default_run_dir
-from strategies.learner import resolve_device
+from flwr_hyperprism.orchestration.metrics import default_run_dir
+from flwr_hyperprism.setup.config import RunConfig, load_config
+from strategies.base.learner import resolve_device
 
 ENGINES = ("inprocess", "flower")
 
@@ -48,14 +48,15 @@ def run_experiment(config: RunConfig, engine: str = "inprocess",
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     run_dir = run_dir or default_run_dir(config)
     if engine == "inprocess":
-        from strategies.decentralized import make_strategy, run_in_process
+        from flwr_hyperprism.orchestration.in_process import run_in_process
+        from flwr_hyperprism.orchestration.rounds import round_loop
 
-        run_in_process(make_strategy(config, run_dir))
+        run_in_process(round_loop(config, run_dir))
     else:
         from flwr.simulation import run_simulation
 
-        from flwr_hyperprism.client_app import app as client_app
-        from flwr_hyperprism.server_app import make_server_app
+        from flwr_hyperprism.client.app import app as client_app
+        from flwr_hyperprism.server.app import make_server_app
 
         run_simulation(
             server_app=make_server_app(config.replace(output_dir=str(run_dir.parent),

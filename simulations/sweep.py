@@ -31,7 +31,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.setup.config import RunConfig
 from strategies import ignored_keys
 
 from .run import ENGINES, run_experiment

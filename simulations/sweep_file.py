@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from omegaconf import OmegaConf
 
-from flwr_hyperprism.config import RunConfig, load_config
+from flwr_hyperprism.setup.config import RunConfig, load_config
 from strategies import algorithm_spec
 
 REFERENCE_METHOD = "HyperPrism"  # the improvement row compares it with the best other method

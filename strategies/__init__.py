@@ -4,25 +4,20 @@
 ``AlgorithmSpec``) is an algorithm, under its orchestrator's name. Adding an algorithm is adding
 a module; the apps, plug-in mode, the sweeps and the test battery read the registry. Importing
 the package and its algorithms needs no Flower: the Flower strategy is
-``strategies.decentralized``.
+``flwr_hyperprism.server.strategy``.
 """
 
 import importlib
 import pkgutil
 
-from .rule import NodeRule, NodeState, NodeTask
-from .spec import AlgorithmSpec
-
-# the machinery every algorithm shares; any other module of the package is an algorithm
-_SHARED = {"checkpoint", "decentralized", "learner", "node", "plan", "protocol", "rule",
-           "screening", "spec"}
+from .base.rule import NodeRule, NodeState, NodeTask
+from .base.spec import AlgorithmSpec
 
 
 def _discover() -> dict[str, AlgorithmSpec]:
     specs = {}
-    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-        if module in _SHARED:
-            continue
+    # the machinery the algorithms share is the subpackage ``base``; every module is an algorithm
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg):
         spec = getattr(importlib.import_module(f"{__name__}.{module}"), "SPEC", None)
         if not isinstance(spec, AlgorithmSpec):
             raise TypeError(f"strategies/{module}.py is neither shared machinery nor an "

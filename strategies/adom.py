@@ -26,14 +26,14 @@ import networkx as nx
 import numpy as np
 import torch
 
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.graphs import gossip_matrix
+from flwr_hyperprism.math.graphs import gossip_matrix
+from flwr_hyperprism.setup.config import RunConfig
 
-from .learner import clone_tensors
-from .node import Gradient, GradientNode, mix_row
-from .plan import RoutingPlan
-from .rule import NodeState, NodeTask, StateDict
-from .spec import AlgorithmSpec
+from .base.learner import clone_tensors
+from .base.node import Gradient, GradientNode, mix_row
+from .base.plan import RoutingPlan
+from .base.rule import NodeState, NodeTask, StateDict
+from .base.spec import AlgorithmSpec
 
 ADOM_VECTORS = ("x", "x_f", "y", "y_f", "z", "z_f", "m")
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .node import LINEAR, GossipNode, merge_models
-from .plan import RoutingPlan
-from .rule import StateDict
-from .spec import AlgorithmSpec
+from flwr_hyperprism.math.merge import merge_models
+
+from .base.node import LINEAR, GossipNode
+from .base.plan import RoutingPlan
+from .base.rule import StateDict
+from .base.spec import AlgorithmSpec
 
 
 class DPSGD(RoutingPlan):

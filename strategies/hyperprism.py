@@ -1,7 +1,7 @@
 """HyperPrism (NeurIPS 2024): orchestration and node update, side by side.
 
 Orchestrator: the shared routing loop with Metropolis-Hastings weights on G(t) (nothing to add).
-Node i, one round-trip (the paper's Algorithm 1, synchronous; see ``strategies.node`` for the
+Node i, one round-trip (the paper's Algorithm 1, synchronous; see ``strategies.base.node`` for the
 round-trip and the two orders):
   1. (p_theta, p_phi) = HN_i(v_i, gradient summary)      -- or fixed p (ablation; p = 1: D-PSGD)
   2. merge per layer group in mirror space: w_i <- WPM_p({w_j}_{j in N_i + i}; a_i.)
@@ -20,24 +20,25 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.degrees import (
+from flwr_hyperprism.math.degrees import (
     degree_grid,
     descent_degree,
     scheduled_degree,
     tracked_degree_step,
 )
-from flwr_hyperprism.graphs import round_seed
-from flwr_hyperprism.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
-from flwr_hyperprism.mirror import mirror_step
-from flwr_hyperprism.models import DECISION, REPRESENTATION
+from flwr_hyperprism.math.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
+from flwr_hyperprism.math.merge import merge_models, stack_group
+from flwr_hyperprism.math.mirror import mirror_step
+from flwr_hyperprism.math.models import DECISION, REPRESENTATION
+from flwr_hyperprism.math.seeding import round_seed
+from flwr_hyperprism.setup.config import RunConfig
 
-from .learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, optimizer_state
-from .node import GossipNode, merge_models, stack_group
-from .plan import RoutingPlan
-from .rule import NodeState, NodeTask, StateDict
-from .screening import nonfinite_fault
-from .spec import AlgorithmSpec
+from .base.learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, optimizer_state
+from .base.node import GossipNode
+from .base.plan import RoutingPlan
+from .base.rule import NodeState, NodeTask, StateDict
+from .base.screening import nonfinite_fault
+from .base.spec import AlgorithmSpec
 
 TRACKER = "tracker"  # p-modes descent and tracking: the gradient tracker, routed with the model
 TRACKED_MODES = ("descent", "tracking")

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .learner import clone_tensors
-from .node import GossipNode
-from .plan import RoutingPlan
-from .rule import StateDict
-from .spec import AlgorithmSpec
+from .base.learner import clone_tensors
+from .base.node import GossipNode
+from .base.plan import RoutingPlan
+from .base.rule import StateDict
+from .base.spec import AlgorithmSpec
 
 
 class Local(RoutingPlan):

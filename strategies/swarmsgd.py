@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.graphs import random_maximal_matching, round_rng
+from flwr_hyperprism.math.graphs import random_maximal_matching
+from flwr_hyperprism.math.seeding import round_rng
+from flwr_hyperprism.setup.config import RunConfig
 
+from .base.learner import DataLearner, node_data
+from .base.plan import RoutingPlan
+from .base.rule import NodeTask
+from .base.spec import AlgorithmSpec
 from .dpsgd import DPSGDNode
-from .learner import DataLearner, node_data
-from .plan import RoutingPlan
-from .rule import NodeTask
-from .spec import AlgorithmSpec
 
 
 class SwarmSGD(RoutingPlan):

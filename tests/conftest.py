@@ -12,7 +12,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from strategies.learner import DataLearner  # noqa: E402
+from strategies.base.learner import DataLearner  # noqa: E402
 
 
 @pytest.fixture

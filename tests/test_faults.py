@@ -1,6 +1,6 @@
 """The fault matrix (README "Faults and bad input"): bad peers, failing nodes, restarts.
 
-Configuration errors are in tests/flwr_hyperprism/test_config.py and test_data.py; the cases
+Configuration errors are in tests/flwr_hyperprism/setup/test_config.py and test_data.py; the cases
 that need a federation (missing data, an impossible partition, too few SuperNodes) are here.
 """
 
@@ -17,13 +17,16 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message
 from flwr.simulation import run_simulation
 
-from flwr_hyperprism.client_app import make_client_app
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.server_app import make_server_app, run
+from flwr_hyperprism.client.app import make_client_app
+from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX, TASK_KEY
+from flwr_hyperprism.orchestration.evaluation import finite_average
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.membership import wait_for_partitions
+from flwr_hyperprism.orchestration.rounds import round_loop
+from flwr_hyperprism.server.app import make_server_app, run
+from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS
-from strategies.decentralized import make_strategy, run_in_process, wait_for_partitions
-from strategies.protocol import NEIGHBOUR_PREFIX, TASK_KEY
-from strategies.rule import NodeTask
+from strategies.base.rule import NodeTask
 from tests.harness import LocalGrid, stamp
 from tests.variants import MODEL_GROUPS, VARIANTS, make_config, metrics_rows, nodes_for
 
@@ -207,7 +210,7 @@ def test_failing_and_silent_nodes_do_not_stop_the_run(tmp_path, caplog, algorith
     assert all(math.isfinite(r["accuracy_mean"]) for r in rows)
     errors = records(caplog, logging.ERROR)
     assert sum("(partition 2) failed: injected failure" in m for m in errors) >= 3
-    assert any("no reply within round-timeout=0.3s from partitions [3]" in m for m in errors)
+    assert any("no reply within round-timeout=0.3s from partition 3" in m for m in errors)
     if algorithm == "local":  # no communication: no model is ever routed
         assert not any(sent for _, _, sent in grid.routed)
         return
@@ -260,7 +263,7 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
                        mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)
     make_rule = ALGORITHMS[config.algorithm].make_rule
-    run_in_process(make_strategy(config, tmp_path / "clean"))
+    run_in_process(round_loop(config, tmp_path / "clean"))
     clean = metrics_rows(tmp_path / "clean")
 
     def interrupting_rule(cfg, pid):
@@ -276,13 +279,13 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
         return rule
 
     with pytest.raises(Interrupted):
-        run_in_process(make_strategy(config, tmp_path / "again"), make_rule=interrupting_rule)
+        run_in_process(round_loop(config, tmp_path / "again"), make_rule=interrupting_rule)
     assert len(metrics_rows(tmp_path / "again")) == 2
     with pytest.raises(FileExistsError, match="pass resume=true"):  # never overwritten
-        run_in_process(make_strategy(config, tmp_path / "again"))
+        run_in_process(round_loop(config, tmp_path / "again"))
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 -> 0.1\)"):
-        run_in_process(make_strategy(config.replace(resume=True, lr=0.1), tmp_path / "again"))
-    run_in_process(make_strategy(config.replace(resume=True), tmp_path / "again"))
+        run_in_process(round_loop(config.replace(resume=True, lr=0.1), tmp_path / "again"))
+    run_in_process(round_loop(config.replace(resume=True), tmp_path / "again"))
     assert metrics_rows(tmp_path / "again") == clean
 
     # the Flower path: a run stopped by a failing grid, then a fresh federation (new contexts)
@@ -308,7 +311,7 @@ def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed
     # checkpoints, so even without node checkpoints the metrics are those of a clean run.
     config = RunConfig(algorithm="dpsgd", num_nodes=4, num_rounds=4, eval_size=500,
                        output_dir=str(tmp_path), node_wait_timeout=5.0)
-    run_in_process(make_strategy(config, tmp_path / "clean"))
+    run_in_process(round_loop(config, tmp_path / "clean"))
 
     class StoppingGrid(LocalGrid):
         def push_messages(self, messages):
@@ -403,9 +406,9 @@ def diverging_rules(config: RunConfig, partition: int, at_call: int):
 @pytest.mark.parametrize("variant", GOSSIP_VARIANTS)
 def test_a_diverging_node_rolls_back_and_is_counted(tmp_path, caplog, variant):
     config = make_config(tmp_path, variant, num_nodes=4, num_rounds=4, density=1.0, fixed_p=9.0)
-    strategy = make_strategy(config, tmp_path / variant)
+    loop = round_loop(config, tmp_path / variant)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        rows = run_in_process(strategy, make_rule=diverging_rules(config, 2, at_call=3))
+        rows = run_in_process(loop, make_rule=diverging_rules(config, 2, at_call=3))
     # training of round-trip 3 (and 4) diverged: rows 2 and 3 (a row is the model after the
     # round-trip's merge, the last one does not train)
     assert [row["partitions_diverged"] for row in rows] == [[], [], [2], [2], []]
@@ -416,7 +419,7 @@ def test_a_diverging_node_rolls_back_and_is_counted(tmp_path, caplog, variant):
             if key.endswith("_mean") or key.endswith("_std"):
                 assert math.isfinite(value), (row["round"], key)
         assert row["neighbours_dropped_mean"] == 0.0  # it never sent a non-finite model
-    assert all(bool(torch.isfinite(v).all()) for v in strategy.latest[2].values())
+    assert all(bool(torch.isfinite(v).all()) for v in loop.routing.latest[2].values())
     summary = json.loads((tmp_path / variant / "summary.json").read_text())
     assert summary["partitions_diverged"] == {"2": [2, 3]}
     assert summary["complete"] is True
@@ -427,20 +430,20 @@ def test_a_diverging_node_rolls_back_and_is_counted(tmp_path, caplog, variant):
 
 def test_result_arrays_average_the_finite_final_models_only(tmp_path, caplog):
     config = make_config(tmp_path, "dpsgd", num_nodes=3)
-    strategy = make_strategy(config, tmp_path / "dpsgd")
-    run_in_process(strategy)
+    loop = round_loop(config, tmp_path / "dpsgd")
+    run_in_process(loop)
     models = {pid: {"w": torch.full((2,), float(pid)), "n": torch.tensor(pid)} for pid in range(3)}
     models[1]["w"][0] = math.nan
-    strategy.final_models = {pid: ArrayRecord(m) for pid, m in models.items()}
+    final = {pid: ArrayRecord(m) for pid, m in models.items()}
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        average = strategy.finite_average().to_torch_state_dict()
+        average = finite_average(final, loop.store).to_torch_state_dict()
     assert torch.equal(average["w"], torch.tensor([1.0, 1.0]))  # partitions 0 and 2
     assert any("partitions [1] are not finite" in w for w in records(caplog))
     summary = json.loads((tmp_path / "dpsgd" / "summary.json").read_text())
     assert summary["complete"] is False and summary["partitions_nonfinite_final"] == [1]
 
-    strategy.final_models = {1: ArrayRecord(models[1])}
-    assert len(strategy.finite_average()) == 0  # never an all-NaN model
+    never_nan = finite_average({1: ArrayRecord(models[1])}, loop.store)
+    assert len(never_nan) == 0  # never an all-NaN model
 
 
 @pytest.mark.parametrize("variant", ["mudag", "adom"])
@@ -464,12 +467,12 @@ def test_a_gradient_method_whose_state_diverges_keeps_its_last_state(tmp_path, c
             rule.learner.gradient = nan_gradient
         return rule
 
-    strategy = make_strategy(config, tmp_path / variant)
+    loop = round_loop(config, tmp_path / variant)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        rows = run_in_process(strategy, make_rule=make_rule)
+        rows = run_in_process(loop, make_rule=make_rule)
     assert any(2 in row["partitions_diverged"] for row in rows)
     assert any("partition 2 diverged" in w for w in records(caplog))
     for row in rows:
         assert all(math.isfinite(v) for k, v in row.items() if k.endswith(("_mean", "_std")))
         assert row["neighbours_dropped_mean"] == 0.0
-    assert all(bool(torch.isfinite(v).all()) for v in strategy.latest[2].values())
+    assert all(bool(torch.isfinite(v).all()) for v in loop.routing.latest[2].values())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.setup.config import RunConfig
 from simulations.run import run_experiment
 from tests.local_flower import (
     build_fab,
@@ -38,8 +38,8 @@ from tests.variants import metrics_rows
 REPO = Path(__file__).resolve().parents[1]
 NUM_NODES, NUM_ROUNDS = 3, 2
 CHANCE = 0.1  # 10 classes
-APP_FILES = {"flwr_hyperprism/server_app.py", "flwr_hyperprism/client_app.py",
-             "strategies/decentralized.py"}
+APP_FILES = {"flwr_hyperprism/server/app.py", "flwr_hyperprism/client/app.py",
+             "flwr_hyperprism/server/strategy.py"}
 
 
 def fab_short_hash(fab: Path) -> str:
@@ -129,7 +129,7 @@ def test_fab_leaves_out_tests_and_installs(tmp_path: Path) -> None:
          "for ref in sys.argv[2:]:\n"
          "    load_app(ref, RuntimeError, sys.argv[1])\n"
          "    print(sys.modules[ref.split(':')[0]].__file__)",
-         str(installed), "flwr_hyperprism.server_app:app", "flwr_hyperprism.client_app:app"],
+         str(installed), "flwr_hyperprism.server.app:app", "flwr_hyperprism.client.app:app"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert loaded.returncode == 0, loaded.stderr
     assert all(Path(line).is_relative_to(installed) for line in loaded.stdout.split()), \

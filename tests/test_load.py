@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.setup.config import RunConfig
 from simulations.load_probe import (
     MIB,
     MemorySampler,

@@ -17,7 +17,7 @@ def test_the_wheel_holds_only_the_library(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {
         "flwr_hyperprism", "strategies", wheel.name.split("-py3")[0] + ".dist-info"}
-    assert "strategies/local.py" in names and "flwr_hyperprism/plugin.py" in names
+    assert "strategies/local.py" in names and "flwr_hyperprism/server/plugin.py" in names
     assert wheel.stat().st_size < 150_000, wheel.stat().st_size
 
 

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from tests.layers import LAYERS, MATH, REPO, RULES, source
+from tests.layers import ALGORITHMS, MATH, REPO, SETUP, layer, modules
 
-CORE = sorted(str(source(m).relative_to(REPO)) for layer in (MATH, RULES) for m in LAYERS[layer])
+CORE = sorted(str(path.relative_to(REPO)) for module, path in modules().items()
+              if (layer(module) or 0) in (MATH, SETUP, ALGORITHMS) and module != "flwr_hyperprism")
 CHECKS = {"strict-core": ["--strict", *CORE],
           "library-and-simulations": ["flwr_hyperprism", "strategies", "simulations"]}
 

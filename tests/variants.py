@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS, NodeRule
 from strategies.adom import ADOMNode
+from strategies.base.plan import RoutingPlan
 from strategies.mudag import MudagNode
-from strategies.plan import RoutingPlan
 
 # name -> (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
 VARIANTS: dict[str, tuple[str, dict, float | None]] = {

@@ -10,16 +10,17 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord
 
-from flwr_hyperprism.client_app import app as client_app
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.data import INPUT_SHAPES, NUM_CLASSES
-from flwr_hyperprism.models import build_model
-from flwr_hyperprism.server_app import initial_model, run
+from flwr_hyperprism.client.app import app as client_app
+from flwr_hyperprism.math.models import build_model
+from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX, TASK_KEY
+from flwr_hyperprism.orchestration.membership import wait_for_partitions
+from flwr_hyperprism.server.app import initial_model, run
+from flwr_hyperprism.server.strategy import make_strategy
+from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.data import INPUT_SHAPES, NUM_CLASSES
 from simulations.run import run_experiment
 from strategies import ALGORITHMS
-from strategies.decentralized import make_strategy, wait_for_partitions
-from strategies.learner import evaluate, node_data
-from strategies.protocol import NEIGHBOUR_PREFIX, TASK_KEY
+from strategies.base.learner import evaluate, node_data
 from tests.harness import LocalGrid
 from tests.variants import metrics_rows
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from flwr_hyperprism.config import RunConfig, load_config
-from strategies.decentralized import make_strategy, run_in_process
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.rounds import round_loop
+from flwr_hyperprism.setup.config import RunConfig, load_config
 
 SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
 
@@ -18,7 +19,7 @@ def test_the_paper_preset_is_the_specified_hypernetwork_and_its_degrees_stay_put
     assert (config.p_mode, config.p_select, config.hn_input, config.hn_lr) == (
         "hypernetwork", "soft", "gradient", 0.01)
     assert config.candidates == (1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0)
-    rows = run_in_process(make_strategy(config, None))
+    rows = run_in_process(round_loop(config, None))
     # the paper-literal behaviour measured on MNIST: p stays at the near-uniform start (8);
     # it moves a little with the hypernetwork's gradient-summary input, not by learning
     for key in ("p_theta", "p_phi"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.setup.config import RunConfig
 from simulations import run
 
 

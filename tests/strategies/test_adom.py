@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.graphs import gossip_matrix
+from flwr_hyperprism.math.graphs import gossip_matrix
+from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS
 from strategies.adom import ADOM_VECTORS
 from tests.variants import drive, make_config, nodes_for

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from flwr_hyperprism.mirror import sign_power
+from flwr_hyperprism.math.mirror import sign_power
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.rounds import round_loop
 from strategies import ALGORITHMS
-from strategies.decentralized import make_strategy, run_in_process
-from strategies.rule import NodeTask
+from strategies.base.rule import NodeTask
 from tests.variants import VARIANTS, drive, make_config, nodes_for, spread_states
 
 
@@ -51,7 +52,7 @@ def test_identical_models_stay_identical_without_learning(tmp_path, variant,
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_nodes_give_finite_models_and_metrics(tmp_path, variant):
     config = make_config(tmp_path, variant, num_nodes=2)
-    rows = run_in_process(make_strategy(config))
+    rows = run_in_process(round_loop(config))
     for row in rows:
         assert row["nodes_replied"] == config.num_nodes
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float))
@@ -62,7 +63,7 @@ def test_runs_are_deterministic_under_a_seed(tmp_path, variant):
     config = make_config(tmp_path, variant)
 
     def rows() -> list[dict]:
-        result = run_in_process(make_strategy(config))
+        result = run_in_process(round_loop(config))
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result]
 
     assert rows() == rows()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flwr_hyperprism.config import RunConfig
-from strategies.decentralized import make_strategy, run_in_process
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.rounds import round_loop
+from flwr_hyperprism.setup.config import RunConfig
 from tests.variants import drive, make_config, nodes_for, spread_states
 
 
@@ -16,7 +17,7 @@ def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
     def rows(algorithm: str, **changes) -> list[dict]:
         config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
                            algorithm=algorithm, **changes)
-        result = run_in_process(make_strategy(config))
+        result = run_in_process(round_loop(config))
         drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean", "p_theta_std",
                 "p_phi_std"}
         return [{k: v for k, v in row.items() if k not in drop} for row in result]

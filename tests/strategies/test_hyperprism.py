@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from flwr_hyperprism.config import RunConfig
-from flwr_hyperprism.degrees import scheduled_degree
-from flwr_hyperprism.graphs import metropolis_hastings_weights
-from flwr_hyperprism.mirror import inverse_sign_power, sign_power
-from strategies.decentralized import make_strategy, run_in_process
+from flwr_hyperprism.math.degrees import scheduled_degree
+from flwr_hyperprism.math.graphs import metropolis_hastings_weights
+from flwr_hyperprism.math.mirror import inverse_sign_power, sign_power
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.rounds import round_loop
+from flwr_hyperprism.setup.config import RunConfig
 from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismNode
 
 
@@ -156,7 +157,7 @@ def test_at_consensus_the_hypernetwork_gets_no_gradient(tmp_path):
 def test_in_process_runs_learn_and_the_last_round_trip_only_merges(tmp_path):
     # (determinism under a seed: the battery, for every algorithm)
     config = small_config(tmp_path, num_rounds=4, momentum=0.5)
-    rows = run_in_process(make_strategy(config))
+    rows = run_in_process(round_loop(config))
     assert [row["round"] for row in rows] == [0, 1, 2, 3, 4]
     assert rows[-1]["accuracy_mean"] > rows[0]["accuracy_mean"] + 0.3
     assert "train_loss_mean" not in rows[-1]
@@ -178,7 +179,7 @@ def test_the_schedule_mode_merges_with_the_scheduled_degree_on_every_node(tmp_pa
     config = RunConfig(num_nodes=4, num_rounds=5, eval_size=200, p_mode="schedule",
                        p_schedule="linear", p_max=9.0, p_min=2.0, p_horizon=3,
                        output_dir=str(tmp_path))
-    rows = run_in_process(make_strategy(config, None))
+    rows = run_in_process(round_loop(config, None))
     for row in rows:  # row r comes from round-trip r + 1
         expected = scheduled_degree("linear", row["round"] + 1, 9.0, 2.0, 3)
         assert row["p_phi"] == pytest.approx(dict.fromkeys(map(str, range(4)), expected))
@@ -244,7 +245,7 @@ def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_
     # (README, "HyperPrism's degrees"): every node starts at p-max and lowers its own p.
     config = RunConfig(num_nodes=8, num_rounds=12, eval_size=500, p_mode="tracking",
                        output_dir=str(tmp_path), run_name="run")
-    rows = run_in_process(make_strategy(config))
+    rows = run_in_process(round_loop(config))
     assert set(rows[1]["p_phi"].values()) == {15.0}
     final = rows[-1]["p_phi"]
     assert max(final.values()) < 15.0 and sum(final.values()) / len(final) < 12.0
@@ -262,7 +263,7 @@ def test_descent_chooses_each_layer_groups_degree_from_its_part_of_the_tracker(t
     models = [{k: torch.randn(v.shape, generator=gen) for k, v in initial.items()}
               for _ in range(3)]
     weights = torch.tensor([0.5, 0.3, 0.2])
-    from strategies.node import merge_models
+    from flwr_hyperprism.math.merge import merge_models
     far = merge_models(models, weights, {"theta": 15.0, "phi": 15.0}, rule.groups)
     linear = merge_models(models, weights, {"theta": 1.0, "phi": 1.0}, rule.groups)
     wanted = {n: (far[n] - linear[n]) * (1 if n in rule.groups["theta"] else -1)
@@ -283,8 +284,8 @@ def test_descent_keeps_the_default_task_near_plain_averaging(tmp_path):
     # trust region of one local update keeps the degrees small (measured here: 2.2 in the
     # first informative merge, then 1.0-1.5) and the accuracy at least D-PSGD's.
     settings = {"num_nodes": 8, "num_rounds": 6, "eval_size": 500, "output_dir": str(tmp_path)}
-    rows = run_in_process(make_strategy(RunConfig(**settings, run_name="descent")))
-    linear = run_in_process(make_strategy(RunConfig(**settings, run_name="linear",
+    rows = run_in_process(round_loop(RunConfig(**settings, run_name="descent")))
+    linear = run_in_process(round_loop(RunConfig(**settings, run_name="linear",
                                                     p_mode="fixed", fixed_p=1.0)))
     assert rows[0]["p_phi_mean"] == 1.0  # identical models: nothing to choose
     assert all(row["p_phi_mean"] < 3.0 for row in rows) and rows[-1]["p_phi_mean"] < 1.5

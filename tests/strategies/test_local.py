@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from flwr_hyperprism.config import RunConfig
-from strategies.decentralized import make_strategy, run_in_process
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.rounds import round_loop
+from flwr_hyperprism.setup.config import RunConfig
 from strategies.local import Local, LocalNode
 
 
 def run(config: RunConfig) -> list[dict]:
-    rows = run_in_process(make_strategy(config))
+    rows = run_in_process(round_loop(config))
     return [{k: v for k, v in row.items() if k not in ("seconds", "algorithm")} for row in rows]
 
 

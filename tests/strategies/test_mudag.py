@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_hyperprism.graphs import fastmix_momentum
+from flwr_hyperprism.math.graphs import fastmix_momentum
+from flwr_hyperprism.orchestration.in_process import run_in_process
+from flwr_hyperprism.orchestration.rounds import round_loop
 from strategies import ALGORITHMS
-from strategies.decentralized import make_strategy, run_in_process
 from strategies.mudag import MudagNode
 from tests.variants import MODEL_GROUPS, drive, make_config, nodes_for, spread_states
 
@@ -85,7 +86,7 @@ def test_mudag_rounds_take_k_exchanges_and_rows_count_them(tmp_path):
     assert list(plan.schedule()) == [(t, s) for t in (1, 2, 3) for s in range(5)] + [(4, 0)]
     first = plan.plan_round(1, range(6))
     assert all(not t.neighbours and t.self_weight == 1.0 for t in first.values())
-    rows = run_in_process(make_strategy(config))
+    rows = run_in_process(round_loop(config))
     assert [row["exchanges"] for row in rows] == [0, 5, 10, 15]
     assert [row["round"] for row in rows] == [0, 1, 2, 3]
 

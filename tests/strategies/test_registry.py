@@ -9,7 +9,7 @@ import pkgutil
 import pytest
 
 import strategies
-from flwr_hyperprism.config import RunConfig
+from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS, AlgorithmSpec, algorithm_spec, ignored_keys
 
 

@@ -1,0 +1,144 @@
+"""Transport: push a round's messages, pull the replies, attribute each reply to its partition.
+
+Replies are attributed by the id of the message they answer (``reply_to_message_id``), never
+by their sender: the SuperLink signs the error reply for an unreachable node with its own id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
+from flwr_hyperprism.messages.protocol import MODEL_KEY, scalar_metrics
+
+log = logging.getLogger("flwr")
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
+                     label: str, waiting_for: Callable[[list[Message]], str] | None = None,
+                     max_poll: float = 0.1, report_every: float = 5.0
+                     ) -> tuple[dict[str, Message], list[Message]]:
+    """Push ``messages`` and pull their replies until all are in or ``timeout`` seconds pass.
+
+    Like ``Grid.send_and_receive``, but polls every 5 ms growing to ``max_poll`` seconds: the
+    deployed Grid sleeps 3 s between pulls, longer than a whole round of a small model. Every
+    ``report_every`` seconds it logs "<label>: <n> of <m> replies after <s>s", with
+    ``waiting_for(the messages still unanswered)`` (e.g. their partitions) when given.
+    Returns {message id: message as sent} and the replies.
+    """
+    messages = list(messages)
+    sent = dict(zip(grid.push_messages(messages), messages))
+    pending = set(sent)
+    begun = time.monotonic()
+    deadline, next_report = begun + timeout, begun + report_every
+    replies: list[Message] = []
+    poll = 0.005
+    while pending:
+        received = list(grid.pull_messages(pending))
+        replies.extend(received)
+        pending.difference_update(m.metadata.reply_to_message_id for m in received)
+        now = time.monotonic()
+        if not pending or now >= deadline:
+            break
+        if now >= next_report:
+            missing = f"; waiting for {waiting_for([sent[m] for m in pending])}" \
+                if waiting_for is not None else ""
+            log.info("%s: %s of %s replies after %.0fs%s (up to %.0fs more)", label,
+                     len(sent) - len(pending), len(sent), now - begun, missing, deadline - now)
+            next_report += report_every
+        time.sleep(poll)
+        poll = min(2 * poll, max_poll)
+    return sent, replies
+
+
+def reply_fault(reply: Message) -> str | None:
+    """Why a train reply carries no usable result (None if it does)."""
+    if reply.has_error():
+        return reply.error.reason
+    if not reply.has_content() or "arrays" not in reply.content or \
+            "metrics" not in reply.content:
+        return "the reply has no 'arrays' and 'metrics' records"
+    return None
+
+
+def partition_list(partitions: Iterable[int]) -> str:
+    """``partitions 3, 7, 12`` (sorted), for log lines."""
+    ids = sorted(partitions)
+    return f"partition{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))}"
+
+
+@dataclass
+class Exchange:
+    """One exchange's replies, attributed to the partitions their messages went to.
+
+    Attributes
+    ----------
+    addressed : message id -> partition, of every message sent
+    replies : partition -> its reply (an error reply too: see ``reply_fault``)
+    """
+
+    addressed: dict[str, int] = field(default_factory=dict)
+    replies: dict[int, Message] = field(default_factory=dict)
+
+    @property
+    def silent(self) -> list[int]:
+        """Partitions that were sent a message and did not reply."""
+        return sorted(set(self.addressed.values()) - set(self.replies))
+
+
+def exchange(grid: Grid, messages: Iterable[Message], partition_of: Mapping[int, int],
+             timeout: float, label: str) -> Exchange:
+    """Send ``messages`` (to nodes in ``partition_of``: node id -> partition) and attribute
+    the replies; a reply to a message this exchange did not send is logged and ignored."""
+    sent, replies = send_and_receive(
+        grid, messages, timeout, label,
+        waiting_for=lambda left: partition_list(partition_of[m.metadata.dst_node_id]
+                                                for m in left))
+    result = Exchange({mid: partition_of[m.metadata.dst_node_id] for mid, m in sent.items()})
+    for reply in replies:
+        pid = result.addressed.get(reply.metadata.reply_to_message_id)
+        if pid is None:
+            log.warning("%s: ignored a reply to unknown message %s from node %s", label,
+                        reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        else:
+            result.replies[pid] = reply
+    return result
+
+
+@dataclass
+class TrainResults:
+    """What the replying nodes of a train exchange sent, per partition: their new shared
+    tensors (to route), their metrics and, when asked, their evaluated model."""
+
+    shared: dict[int, ArrayRecord] = field(default_factory=dict)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    models: dict[int, ArrayRecord] = field(default_factory=dict)
+
+
+def train_results(replies: Exchange, node_ids: Mapping[int, int], label: str,
+                  timeout: float, num_nodes: int) -> TrainResults:
+    """The usable results of a train exchange. A node that failed (an error reply, e.g. the
+    SuperLink's for an unreachable node) or did not reply in time is logged."""
+    results = TrainResults()
+    for pid, reply in replies.replies.items():
+        fault = reply_fault(reply)
+        if fault is not None:
+            log.error("%s: node %s (partition %s) failed: %s", label, node_ids.get(pid), pid,
+                      fault)
+            continue
+        results.shared[pid] = reply.content.array_records["arrays"]
+        if MODEL_KEY in reply.content.array_records:
+            results.models[pid] = reply.content.array_records[MODEL_KEY]
+        results.metrics[pid] = scalar_metrics(reply.content.metric_records["metrics"])
+    if replies.silent:
+        log.error("%s: no reply within round-timeout=%ss from %s", label, timeout,
+                  partition_list(replies.silent))
+    if len(results.metrics) < num_nodes:
+        log.warning("%s: %s of %s partitions replied; the others keep their last routed model",
+                    label, len(results.metrics), num_nodes)
+    return results

@@ -1,0 +1,323 @@
+"""The node rules' shared machinery: a node that gossips models, a node driven by gradients.
+
+A node rule decides what a node merges, when it trains and what it keeps between round-trips;
+its ``Learner`` (``strategies.base.learner``) does the training and evaluation, natively on the
+node's own model and data, in plug-in mode through the user's train handler.
+
+``GossipNode`` mixes its model with its neighbours' and trains locally; the gossip algorithms
+subclass it and define how models are combined. Two orders (config ``order``):
+
+- ``atc`` (adapt then combine, the paper's Algorithm 1; default): in round-trip t the node
+  combines its neighbours' freshly trained models with its own, evaluates the result (the model
+  after round t-1) and trains it locally.
+- ``cta`` (combine then adapt, Lian et al.'s D-PSGD): the node evaluates its own model (the model
+  after round t-1), computes a local update from it, and applies that update to the combination
+  of its own and its neighbours' models: w_i <- combine_j(w_j) + update_i(w_i).
+
+``GradientNode`` runs a ``GradientMethod`` (Mudag, ADOM+), which needs only gradients at points
+it chooses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from flwr_hyperprism.math.models import DECISION, REPRESENTATION
+from flwr_hyperprism.math.seeding import round_seed
+from flwr_hyperprism.setup.config import RunConfig
+
+from .learner import DataLearner, Learner, LocalUpdate, clone_tensors, node_data, to_device
+from .rule import NodeState, NodeTask, StateDict
+from .screening import divergence_fault, nonfinite_fault, screen_neighbours
+
+log = logging.getLogger("flwr")
+
+LINEAR = {REPRESENTATION: 1.0, DECISION: 1.0}  # p = 1 for both layer groups: plain averaging
+
+
+class LearningNode:
+    """A node rule of one partition around its ``Learner``.
+
+    Stateless itself (the state lives in ``NodeState``); subclasses define ``init_state`` and
+    ``round_trip``. ``step`` runs a round-trip single-threaded with the round's generator.
+    """
+
+    def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
+        self.config, self.partition_id, self.learner = config, partition_id, learner
+
+    @classmethod
+    def for_partition(cls, config: RunConfig, partition_id: int) -> LearningNode:
+        """The rule of ``partition_id`` with the native learner (its own model and data)."""
+        return cls(config, partition_id, cls.native_learner(config, partition_id))
+
+    @classmethod
+    def native_learner(cls, config: RunConfig, partition_id: int) -> DataLearner:
+        return DataLearner(config, node_data(config, partition_id))
+
+    @property
+    def groups(self) -> Mapping[str, list[str]]:
+        return self.learner.groups
+
+    def init_state(self) -> NodeState:
+        raise NotImplementedError
+
+    def restore(self, shared: StateDict) -> NodeState:
+        """``init_state()`` with the node's last ``shared`` tensors (``NodeRule.restore``)."""
+        state = self.init_state()
+        return NodeState(state.round, {**state.tensors, "shared": clone_tensors(shared)})
+
+    def round_trip(self, state: NodeState, task: NodeTask,
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator
+                   ) -> tuple[NodeState, dict[str, float]]:
+        raise NotImplementedError
+
+    def generator(self, task: NodeTask) -> torch.Generator:
+        """The round's random generator, seeded by (run seed, partition, round)."""
+        return torch.Generator().manual_seed(round_seed(self.config.seed, self.partition_id,
+                                                        task.round))
+
+    def step(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
+             ) -> tuple[NodeState, dict[str, float]]:
+        """One round-trip; ``neighbours`` maps partition ids to their shared tensors.
+
+        Computes on the learner's device; the state it returns (and the learner's
+        ``evaluated`` model) are on the CPU, where messages and checkpoints need them.
+        """
+        self.learner.evaluated = None  # the learner is reused: only this round-trip's counts
+        device, cpu = self.learner.device, torch.device("cpu")
+        neighbours = {j: to_device(m, device) for j, m in neighbours.items()}
+        with _single_thread():
+            new, metrics = self.round_trip(state.to(device), task, neighbours,
+                                           self.generator(task))
+        if self.learner.evaluated is not None:
+            self.learner.evaluated = to_device(self.learner.evaluated, cpu)
+        return new.to(cpu), metrics
+
+    def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
+               ) -> tuple[NodeTask, dict[str, float]]:
+        """Leave out unusable neighbours (logged); the task to use and the first metrics."""
+        task, metrics = screen_and_log(state.shared, task, neighbours, self.config,
+                                       self.partition_id)
+        if self.learner.num_examples is not None:
+            metrics["num_examples"] = float(self.learner.num_examples)
+        return task, metrics
+
+    def report_divergence(self, task: NodeTask, fault: str, metrics: dict[str, float]) -> None:
+        """Log a rolled-back round-trip and count it in the metric ``diverged``."""
+        log.warning("round %s: partition %s diverged (%s); it keeps its last finite model",
+                    task.round, self.partition_id, fault)
+        metrics["diverged"] = 1.0
+
+    def full_model(self, tensors: Mapping[str, Tensor]) -> StateDict:
+        """The learner's model keys from ``tensors``, the rest (e.g. integer buffers) from
+        the initial model."""
+        initial = self.learner.initial_model
+        return {k: tensors[k] if k in tensors else v for k, v in initial.items()}
+
+
+Gradient = Callable[[StateDict], StateDict]
+"""A stochastic gradient oracle: parameters in, the gradient of the local loss there out."""
+
+
+class GradientMethod(Protocol):
+    """A node update that needs only gradients at points it chooses (Mudag, ADOM+).
+
+    Pure tensor arithmetic on parameter dicts: where the gradients come from is the learner's
+    business.
+    """
+
+    def __init__(self, config: RunConfig) -> None: ...
+
+    def init_state(self, x: StateDict) -> NodeState:
+        """The state at the initial parameters ``x``."""
+        ...
+
+    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   gradient: Gradient) -> tuple[NodeState, StateDict | None]:
+        """The new state and the parameters to evaluate in this round-trip (None: none)."""
+        ...
+
+
+class GradientNode(LearningNode):
+    """A ``GradientMethod`` whose gradients and evaluations come from the learner."""
+
+    method: ClassVar[type[GradientMethod]]
+
+    def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
+        super().__init__(config, partition_id, learner)
+        self.update = self.method(config)
+
+    def init_state(self) -> NodeState:
+        initial = self.learner.initial_model
+        return self.update.init_state({n: initial[n].clone() for n in self.learner.names})
+
+    def round_trip(self, state: NodeState, task: NodeTask,
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator
+                   ) -> tuple[NodeState, dict[str, float]]:
+        task, metrics = self.screen(state, task, neighbours)
+
+        def gradient(params: StateDict) -> StateDict:
+            reported, grad = self.learner.gradient(params, gen)
+            metrics.update(reported)
+            return grad
+
+        new, evaluated = self.update.round_trip(state, task, neighbours, gradient)
+        fault = next(filter(None, (nonfinite_fault(tensors) for tensors in new.tensors.values())),
+                     None) or (nonfinite_fault(evaluated) if evaluated is not None else None)
+        if fault is not None:  # keep the last state; its gradients' metrics may be NaN too
+            self.report_divergence(task, fault, metrics)
+            return NodeState(task.round, state.tensors), {
+                k: v for k, v in metrics.items() if math.isfinite(v)}
+        if evaluated is not None:
+            metrics.update(self.learner.evaluate(self.full_model(evaluated)))
+        return new, metrics
+
+
+class GossipNode(LearningNode):
+    """A node that mixes its model with its neighbours' and trains locally.
+
+    Subclasses implement ``combine`` and may extend the state (``init_extra``, ``load_extra``,
+    ``save_extra``), react to a local update (``trained``) and change the update under ``cta``
+    (``combine_with_step``). The shared tensors are the model plus the ``riders``, vectors an
+    algorithm routes with it (e.g. HyperPrism's gradient tracker).
+    """
+
+    riders: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def model_of(cls, shared: Mapping[str, Tensor]) -> StateDict:
+        """The model in a node's shared tensors (without the riders)."""
+        return {k: v for k, v in shared.items() if k not in cls.riders}
+
+    def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
+                metrics: dict[str, float]) -> StateDict:
+        """Merge k models (own first) with mixing weights (k,); may add to ``metrics``.
+
+        Returns the merged parameters (the learner's ``names``; other keys stay the node's).
+        """
+        raise NotImplementedError
+
+    def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
+                          gen: torch.Generator, metrics: dict[str, float]) -> StateDict:
+        """``cta``: the merge plus this node's local update ``step`` (primal by default)."""
+        merged = self.combine(models, weights, gen, metrics)
+        return {k: v + step[k] for k, v in merged.items()}
+
+    def trained(self, start: StateDict, update: LocalUpdate) -> None:
+        """Called after the learner trained ``start`` into ``update.model``."""
+
+    def init_extra(self) -> dict[str, StateDict]:
+        return {}
+
+    def load_extra(self, state: NodeState) -> None:
+        """Load algorithm-specific state before a round-trip."""
+
+    def save_extra(self) -> dict[str, StateDict]:
+        return {}
+
+    def init_state(self) -> NodeState:
+        return NodeState(0, {"shared": clone_tensors(self.learner.initial_model),
+                             **self.init_extra()})
+
+    def round_trip(self, state: NodeState, task: NodeTask,
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator
+                   ) -> tuple[NodeState, dict[str, float]]:
+        # the shared tensors are the model, plus what an algorithm routes with it
+        own = self.full_model(state.shared)
+        self.learner.load(state)
+        self.load_extra(state)
+        task, metrics = self.screen(state, task, neighbours)
+        models = [state.shared] + [neighbours[j] for j in task.neighbours]
+        weights = torch.tensor((task.self_weight,) + task.weights, device=self.learner.device)
+
+        if self.config.order == "atc":
+            model = self.full_model({**own, **self.combine(models, weights, gen, metrics)})
+            fault = nonfinite_fault(model)
+            if fault is not None:
+                model = self._roll_back(own, task, f"its merge: {fault}", metrics)
+            metrics.update(self.learner.evaluate(model))
+            if task.train:
+                update = self._train(model, task, gen, metrics)
+                model = update.model if update is not None else model
+        else:
+            metrics.update(self.learner.evaluate(own))
+            model = own
+            if task.train:
+                update = self._train(own, task, gen, metrics)
+                if update is not None:
+                    step = {k: v - own[k] for k, v in update.model.items()}
+                    model = self.full_model({**update.model, **self.combine_with_step(
+                        models, weights, step, gen, metrics)})
+                    fault = nonfinite_fault(model)
+                    if fault is not None:
+                        model = self._roll_back(own, task, f"its merge: {fault}", metrics)
+
+        tensors = {"shared": clone_tensors(model), **self.learner.save(), **self.save_extra()}
+        return NodeState(task.round, tensors), metrics
+
+    def _train(self, start: StateDict, task: NodeTask, gen: torch.Generator,
+               metrics: dict[str, float]) -> LocalUpdate | None:
+        """The learner's local update of ``start``, or None when it diverged (rolled back to
+        ``start``, which is then the node's model)."""
+        update = self.learner.train(start, gen)
+        fault = divergence_fault(start, update.model, update.metrics,
+                                 self.config.max_neighbour_ratio)
+        if fault is not None:
+            self._roll_back(start, task, f"training: {fault}", metrics)
+            return None
+        metrics.update(update.metrics)
+        self.trained(start, update)
+        return update
+
+    def _roll_back(self, finite: StateDict, task: NodeTask, fault: str,
+                   metrics: dict[str, float]) -> StateDict:
+        """A diverged round-trip: keep the last finite model, restart the learner's own state
+        (momentum that went non-finite with the model), let the algorithm react
+        (``diverged``), log it, and count it in the metric ``diverged``."""
+        self.report_divergence(task, fault, metrics)
+        self.learner.load(NodeState())
+        self.diverged()
+        return finite
+
+    def diverged(self) -> None:
+        """Called when this round-trip's model diverged and was rolled back; e.g. HyperPrism
+        makes its next merge linear."""
+
+
+def screen_and_log(own: StateDict, task: NodeTask, neighbours: Mapping[int, StateDict],
+                   config: RunConfig, partition_id: int) -> tuple[NodeTask, dict[str, float]]:
+    """``screen_neighbours`` with one warning per round-trip naming each dropped neighbour and
+    why; the task to use and the metrics ``neighbours`` / ``neighbours_dropped``."""
+    task, dropped = screen_neighbours(own, task, neighbours, config.max_neighbour_ratio)
+    if dropped:
+        log.warning("round %s%s: partition %s dropped neighbours %s", task.round,
+                    f" exchange {task.stage + 1}" if task.stage else "", partition_id,
+                    "; ".join(f"{j}: {reason}" for j, reason in dropped.items()))
+    return task, {"neighbours": float(len(task.neighbours)),
+                  "neighbours_dropped": float(len(dropped))}
+
+
+def mix_row(task: NodeTask, own: StateDict, neighbours: Mapping[int, StateDict]) -> StateDict:
+    """Row i of W times the stacked vectors: a_ii own + sum_j a_ij neighbour_j (tensorwise)."""
+    return {key: task.self_weight * value + sum(w * neighbours[j][key]
+                                                for j, w in zip(task.neighbours, task.weights))
+            for key, value in own.items()}
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    # One intra-op thread: a node's arithmetic (and so every metric) is then identical in
+    # Flower's actors and in-process, whatever the machine's core count.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

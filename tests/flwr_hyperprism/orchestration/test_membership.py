@@ -1,0 +1,70 @@
+"""Elastic membership through the real ClientApp on an in-memory grid: nodes that die, come
+back under a new node id, or claim a partition twice (the real-fleet versions are in
+tests/test_fleet.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from flwr_hyperprism.client.app import make_client_app
+from flwr_hyperprism.server.app import run
+from flwr_hyperprism.setup.config import RunConfig
+from tests.harness import ElasticGrid
+from tests.variants import metrics_rows
+
+NODES = {1000 + pid: (pid, 4) for pid in range(4)}
+
+
+def messages(caplog, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= level]
+
+
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["routed-model", "node-checkpoint"])
+def test_a_node_that_dies_and_comes_back_under_a_new_id_rejoins_its_partition(
+        tmp_path, caplog, checkpoints):
+    config = RunConfig(num_nodes=4, num_rounds=8, density=1.0, eval_size=500,
+                       output_dir=str(tmp_path), run_name="run", node_wait_timeout=5.0,
+                       max_staleness=2,
+                       state_dir=str(tmp_path / "state") if checkpoints else "")
+    # partition 2's node dies before round-trip 3 (its message is answered by the SuperLink)
+    # and a new node for partition 2 connects before round-trip 5
+    grid = ElasticGrid(make_client_app(), NODES, {(3, 0): [("leave", 1002)],
+                                                  (5, 0): [("join", 2002, 2)]})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run(grid, config)
+    rows = metrics_rows(tmp_path / "run")
+    # row r comes from round-trip r + 1: partition 2 misses round-trips 3..6; the new node is
+    # asked for its partition in round-trip 6 and is bound from round-trip 7 on
+    assert [r["nodes_replied"] for r in rows] == [4, 4, 3, 3, 3, 3, 4, 4, 4]
+    assert [r["partitions_missing"] for r in rows] == [[]] * 2 + [[2]] * 4 + [[]] * 3
+    assert all(set(r["accuracy"]) == ({"0", "1", "3"} if r["partitions_missing"] else
+                                      {"0", "1", "2", "3"}) for r in rows)
+    # its model from round 2 misses rounds 3, 4, ...: not routed once it missed > 2
+    assert [r["partitions_stale"] for r in rows] == [[]] * 5 + [[2]] * 2 + [[]] * 2
+    logged = messages(caplog)
+    # the SuperLink's error reply (signed with its own id) counts for partition 2
+    assert any("round 3: node 1002 (partition 2) failed: Node Unavailable" in m for m in logged)
+    assert any("partition 2 lost its node 1002" in m for m in logged)
+    assert any("round 7: partition 2 joins on node 2002" in m for m in logged)
+    resumed_from = [m for m in logged if "partition 2 resumes from its checkpoint" in m or
+                    "partition 2 has no state of its own" in m]
+    assert len(resumed_from) == 1
+    assert ("checkpoint of round 2 in" in resumed_from[0]) == checkpoints
+    assert rows[-1]["accuracy"]["2"] > 0.5
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"complete": false' in summary and '"2": 5' in summary
+
+
+def test_a_second_node_claiming_a_live_partition_stays_idle(tmp_path, caplog):
+    config = RunConfig(num_nodes=4, num_rounds=4, density=1.0, eval_size=500,
+                       output_dir=str(tmp_path), run_name="run", node_wait_timeout=5.0)
+    grid = ElasticGrid(make_client_app(), NODES, {(2, 0): [("join", 2001, 1)]})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run(grid, config)
+    rows = metrics_rows(tmp_path / "run")
+    assert [r["nodes_replied"] for r in rows] == [4] * 5
+    idle = [m for m in messages(caplog) if "node 2001 also claims partition 1" in m]
+    assert len(idle) == 1 and "held by node 1001, which replies" in idle[0]
+    assert grid.contexts[2001].state.array_records == {}  # it never got a train message
