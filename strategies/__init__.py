@@ -29,6 +29,15 @@ def _discover() -> dict[str, AlgorithmSpec]:
 ALGORITHMS: dict[str, AlgorithmSpec] = _discover()
 
 
+def register(spec: AlgorithmSpec) -> None:
+    """Add an algorithm declared outside this package (e.g. in the user's own project) to
+    ``ALGORITHMS``; a ValueError if its name is taken."""
+    if spec.name in ALGORITHMS and ALGORITHMS[spec.name] is not spec:
+        raise ValueError(f"an algorithm named {spec.name!r} is already registered "
+                         f"({ALGORITHMS[spec.name].orchestrator.__module__}); rename yours")
+    ALGORITHMS[spec.name] = spec
+
+
 def algorithm_spec(name: str) -> AlgorithmSpec:
     """The registered algorithm ``name``; a ValueError lists the valid names."""
     if name not in ALGORITHMS:
@@ -45,5 +54,5 @@ def ignored_keys(algorithm: str) -> set[str]:
 
 __all__ = [
     "ALGORITHMS", "AlgorithmSpec", "NodeRule", "NodeState", "NodeTask", "algorithm_spec",
-    "ignored_keys",
+    "ignored_keys", "register",
 ]

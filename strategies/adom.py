@@ -178,6 +178,7 @@ class ADOMNode(GradientNode):
     """ADOM+ on the node's learner (its own model and data, or a train handler)."""
 
     method = ADOMUpdate
+    model_groups = ("x_f", "x")
 
 
 SPEC = AlgorithmSpec(ADOM, ADOMNode)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from flwr_hyperprism.math.merge import merge_models
+from flwr_hyperprism.setup.config import RunConfig
 
 from .base.node import LINEAR, GossipNode
 from .base.plan import RoutingPlan
@@ -28,6 +29,10 @@ class DPSGD(RoutingPlan):
 
 class DPSGDNode(GossipNode):
     """Weighted arithmetic mean of the node's and its neighbours' models."""
+
+    @classmethod
+    def conserved_degree(cls, config: RunConfig) -> float | None:
+        return 1.0  # the network average
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
                 metrics: dict[str, float]) -> StateDict:

@@ -104,6 +104,11 @@ class HyperPrismNode(GossipNode):
 
     riders = (TRACKER,)
 
+    @classmethod
+    def conserved_degree(cls, config: RunConfig) -> float | None:
+        """With one fixed degree p the merge conserves the mirror-space mass of degree p."""
+        return config.fixed_p if config.p_mode == "fixed" else None
+
     def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
         super().__init__(config, partition_id, learner)
         self.names = [n for names in self.groups.values() for n in names]  # flattening order

@@ -147,6 +147,11 @@ class MudagNode(GradientNode):
     """Mudag on the node's learner (its own model and data, or a train handler)."""
 
     method = MudagUpdate
+    model_groups = ("x", "y", "y_prev", "shared", "previous")
+
+    @classmethod
+    def conserved_degree(cls, config: RunConfig) -> float | None:
+        return 1.0  # FastMix mixes with doubly stochastic weights
 
 
 SPEC = AlgorithmSpec(Mudag, MudagNode)

@@ -12,7 +12,30 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from strategies import register  # noqa: E402
 from strategies.base.learner import DataLearner  # noqa: E402
+
+# Algorithm modules outside the package to register before the tests are collected, so that
+# every battery runs them too (``os.pathsep``-separated files that declare ``SPEC``; used by
+# tests/strategies/test_new_algorithm.py).
+EXTRA_ALGORITHMS = "FLWR_HYPERPRISM_TEST_ALGORITHMS"
+
+
+def _register_extra_algorithms() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    for file in filter(None, os.environ.get(EXTRA_ALGORITHMS, "").split(os.pathsep)):
+        path = Path(file)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"{EXTRA_ALGORITHMS}: {file} is not a Python module")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        register(module.SPEC)
+
+
+_register_extra_algorithms()
 
 
 @pytest.fixture

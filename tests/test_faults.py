@@ -28,7 +28,8 @@ from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS
 from strategies.base.rule import NodeTask
 from tests.harness import LocalGrid, stamp
-from tests.variants import MODEL_GROUPS, VARIANTS, make_config, metrics_rows, nodes_for
+from tests.variants import make_config, metrics_rows, model_groups, nodes_for
+from tests.variants import variant as variant_of
 
 
 def poisoned(model: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def test_a_bad_neighbour_is_dropped_and_the_rest_renormalised(tmp_path, caplog, 
     states = {pid: rule.init_state() for pid, rule in rules.items()}
     gen = torch.Generator().manual_seed(3)
     for state in states.values():  # distinct, honest neighbours
-        for name in MODEL_GROUPS.get(type(rules[0]), ()) + ("shared",):
+        for name in dict.fromkeys(model_groups(rules[0]) + ("shared",)):
             state.tensors[name] = {k: v + 0.1 * torch.randn(v.shape, generator=gen)
                                    for k, v in state.tensors[name].items()}
     laplacian = variant == "adom"  # ADOM+ mixes with a Laplacian row (sum 0)
@@ -258,7 +259,7 @@ class Interrupted(Exception):
 
 @pytest.mark.parametrize("variant", [*sorted(ALGORITHMS), "hyperprism-hypernetwork"])
 def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
-    algorithm, changes, _ = VARIANTS[variant]
+    algorithm, changes = variant_of(variant)
     config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=4, eval_size=500,
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
                        mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)

@@ -1,7 +1,7 @@
 """The algorithm variants the shared batteries run, and helpers to build and read them.
 
-Every registered algorithm appears at least once (``test_battery`` checks it), so a new
-algorithm is covered by every test that iterates over ``VARIANTS``.
+Every registered algorithm is a variant with its defaults, read from the registry, so a new
+algorithm is covered by every test that iterates over ``VARIANTS`` without being listed here.
 """
 
 from __future__ import annotations
@@ -13,35 +13,50 @@ import torch
 
 from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS, NodeRule
-from strategies.adom import ADOMNode
 from strategies.base.plan import RoutingPlan
-from strategies.mudag import MudagNode
 
-# name -> (algorithm, config changes, p of the quantity the algorithm conserves in mirror space)
-VARIANTS: dict[str, tuple[str, dict, float | None]] = {
-    "hyperprism-fixed-p3": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0}, 3.0),
+# Variants beyond each registered algorithm's defaults: name -> (algorithm, config changes).
+MODES: dict[str, tuple[str, dict]] = {
+    "hyperprism-fixed-p3": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0}),
     "hyperprism-fixed-p3-cta": ("hyperprism", {"p_mode": "fixed", "fixed_p": 3.0,
-                                               "order": "cta"}, 3.0),
-    "hyperprism": ("hyperprism", {}, None),  # the default degrees (p-mode descent)
-    "hyperprism-tracking": ("hyperprism", {"p_mode": "tracking"}, None),
-    "hyperprism-hypernetwork": ("hyperprism", {"p_mode": "hypernetwork"}, None),
-    "dpsgd": ("dpsgd", {}, 1.0),
-    "dpsgd-cta": ("dpsgd", {"order": "cta"}, 1.0),
-    "swarmsgd": ("swarmsgd", {}, 1.0),
-    "mudag": ("mudag", {}, 1.0),
-    "adom": ("adom", {}, None),
-    "local": ("local", {}, None),  # no mixing: nothing to conserve
+                                               "order": "cta"}),
+    "hyperprism-tracking": ("hyperprism", {"p_mode": "tracking"}),
+    "hyperprism-hypernetwork": ("hyperprism", {"p_mode": "hypernetwork"}),
+    "dpsgd-cta": ("dpsgd", {"order": "cta"}),
 }
 
-# The state groups that hold a node's model (the first one is evaluated), by node rule.
-MODEL_GROUPS = {ADOMNode: ("x_f", "x"), MudagNode: ("x", "y", "y_prev", "shared", "previous")}
+
+def variant(name: str) -> tuple[str, dict]:
+    """(algorithm, config changes) of a variant: a mode above, or a registered algorithm with
+    its defaults (also one registered after this module was imported)."""
+    if name in MODES:
+        return MODES[name]
+    if name in ALGORITHMS:
+        return name, {}
+    raise KeyError(f"{name!r} is neither a registered algorithm nor one of {sorted(MODES)}")
 
 
-def make_config(tmp_path: Path, variant: str, **changes: object) -> RunConfig:
-    """A small, fast config of ``variant`` (6 nodes, 2 rounds of 2 local steps)."""
-    algorithm, variant_changes, _ = VARIANTS[variant]
+# Every registered algorithm with its defaults, then the modes: the batteries run all of them.
+VARIANTS = [*sorted(ALGORITHMS), *MODES]
+
+
+def conserved_degree(name: str) -> float | None:
+    """The degree whose mirror-space mass variant ``name``'s rounds conserve (None: none)."""
+    algorithm, changes = variant(name)
+    spec = ALGORITHMS[algorithm]
+    return spec.node_rule.conserved_degree(RunConfig(algorithm=algorithm, **changes))
+
+
+def model_groups(rule: NodeRule) -> tuple[str, ...]:
+    """The state groups that hold a rule's model (the evaluated one first)."""
+    return getattr(rule, "model_groups", ("shared",))
+
+
+def make_config(tmp_path: Path, name: str, **changes: object) -> RunConfig:
+    """A small, fast config of variant ``name`` (6 nodes, 2 rounds of 2 local steps)."""
+    algorithm, variant_changes = variant(name)
     settings = {"num_nodes": 6, "num_rounds": 2, "local_steps": 2, "eval_size": 500,
-                "output_dir": str(tmp_path), "run_name": variant, "algorithm": algorithm}
+                "output_dir": str(tmp_path), "run_name": name, "algorithm": algorithm}
     return RunConfig(**{**settings, **variant_changes, **changes})
 
 
@@ -65,7 +80,7 @@ def spread_states(rules, seed: int = 1, identical: bool = False) -> dict:
     template = None
     for pid, rule in rules.items():
         state = rule.init_state()
-        groups = MODEL_GROUPS.get(type(rule), ("shared",))
+        groups = model_groups(rule)
         if template is None or not identical:
             template = {k: torch.randn(v.shape, generator=gen)
                         for k, v in state.tensors[groups[0]].items()}
@@ -79,7 +94,7 @@ def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
     """Round-trips of rounds 1..rounds; the stacked, flattened models (float64) at the start
     and after the stage-0 round-trip of each round (for Mudag, round r's stage 0 completes
     round r - 1)."""
-    group = MODEL_GROUPS.get(type(rules[0]), ("shared",))[0]
+    group = model_groups(rules[0])[0]
     names = list(rules[0].init_state().tensors[group])  # the model (not what rides with it)
 
     def stacked():

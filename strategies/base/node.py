@@ -49,6 +49,16 @@ class LearningNode:
     ``round_trip``. ``step`` runs a round-trip single-threaded with the round's generator.
     """
 
+    # the state groups that hold the node's model, the evaluated one first
+    model_groups: ClassVar[tuple[str, ...]] = ("shared",)
+
+    @classmethod
+    def conserved_degree(cls, config: RunConfig) -> float | None:
+        """The degree p whose network mirror-space mass sum_i s_p(w_i) a round of this rule
+        conserves without learning under doubly stochastic weights (p = 1: the network
+        average); None when it conserves none. The test battery checks it."""
+        return None
+
     def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
         self.config, self.partition_id, self.learner = config, partition_id, learner
 

@@ -13,7 +13,7 @@ from flwr_hyperprism.orchestration.in_process import run_in_process
 from flwr_hyperprism.orchestration.rounds import round_loop
 from strategies import ALGORITHMS
 from strategies.mudag import MudagNode
-from tests.variants import MODEL_GROUPS, drive, make_config, nodes_for, spread_states
+from tests.variants import drive, make_config, nodes_for, spread_states
 
 
 def fastmix_reference(weights: np.ndarray, u: np.ndarray, eta: float, steps: int) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_mudag_without_gradients_stays_at_its_consensus_init(tmp_path, zero_lear
     assert len(history) == config.num_rounds + 2
     for state in states.values():
         assert state.round == config.num_rounds + 1
-        for name in MODEL_GROUPS[MudagNode]:
+        for name in MudagNode.model_groups:
             for k, v in state.tensors[name].items():
                 torch.testing.assert_close(v, init[k], rtol=1e-6, atol=1e-7)
 
