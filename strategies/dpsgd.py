@@ -14,7 +14,7 @@ from torch import Tensor
 from flwr_hyperprism.math.merge import merge_models
 from flwr_hyperprism.setup.config import RunConfig
 
-from .base.node import LINEAR, GossipNode
+from .base.node import LINEAR, GossipNode, NoExtra
 from .base.plan import RoutingPlan
 from .base.rule import StateDict
 from .base.spec import AlgorithmSpec
@@ -27,7 +27,7 @@ class DPSGD(RoutingPlan):
     description = "D-PSGD"
 
 
-class DPSGDNode(GossipNode):
+class DPSGDNode(GossipNode[NoExtra]):
     """Weighted arithmetic mean of the node's and its neighbours' models."""
 
     @classmethod
@@ -35,9 +35,9 @@ class DPSGDNode(GossipNode):
         return 1.0  # the network average
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
-                metrics: dict[str, float]) -> StateDict:
+                metrics: dict[str, float], extra: NoExtra) -> tuple[StateDict, NoExtra]:
         # The p = 1 power mean: the same arithmetic as HyperPrism with fixed p = 1.
-        return merge_models(models, weights, LINEAR, self.groups)
+        return merge_models(models, weights, LINEAR, self.groups), extra
 
 
 SPEC = AlgorithmSpec(DPSGD, DPSGDNode)

@@ -15,7 +15,8 @@ With ``order='cta'`` the local update is applied in mirror space instead (the pa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -62,8 +63,9 @@ class HyperPrism(RoutingPlan):
 class NodeHypernetwork:
     """A node's hypernetwork HN_i (seeded per node) and its SGD optimizer (p-mode hypernetwork).
 
-    The module and optimizer are reused across round-trips (and runs, when the node rule is
-    cached); their weights travel in the node state groups ``hypernet`` and ``hn_optimizer``.
+    The module and optimizer are scratch space reused across round-trips: each round-trip
+    loads the node's weights from its extra state (groups ``hypernet`` and ``hn_optimizer``)
+    and a step writes them back there.
     ``num_tensors``: how many parameter tensors the gradient summary describes.
     """
 
@@ -81,25 +83,84 @@ class NodeHypernetwork:
     def init_state(self) -> dict[str, StateDict]:
         return {"hypernet": clone_tensors(self.initial), "hn_optimizer": {}}
 
-    def load(self, state: NodeState) -> None:
-        self.module.load_state_dict(state.tensors["hypernet"])
-        load_optimizer_state(self.optimizer, state.tensors["hn_optimizer"])
+    def load(self, extra: HyperPrismExtra) -> None:
+        """Put the node's hypernetwork weights and optimizer state into the module."""
+        assert extra.hypernet is not None and extra.hn_optimizer is not None
+        self.module.load_state_dict(extra.hypernet)
+        load_optimizer_state(self.optimizer, extra.hn_optimizer)
 
-    def save(self) -> dict[str, StateDict]:
-        return {"hypernet": clone_tensors(self.module.state_dict()),
-                "hn_optimizer": optimizer_state(self.optimizer)}
-
-    def step(self, merged: StateDict, gradient: StateDict) -> None:
+    def step(self, merged: StateDict, gradient: StateDict, extra: HyperPrismExtra
+             ) -> HyperPrismExtra:
         """One SGD step on psi_i and v_i along <gradient, d merged / d (psi_i, v_i)>: the
         chain rule of the local loss through the merge, with ``gradient`` its gradient at the
-        merged model."""
+        merged model; ``extra`` with the new weights."""
         self.optimizer.zero_grad()
         names = [n for n in gradient if merged[n].requires_grad]
         torch.autograd.backward([merged[n] for n in names], [gradient[n] for n in names])
         self.optimizer.step()
+        return dataclasses.replace(extra, hypernet=clone_tensors(self.module.state_dict()),
+                                   hn_optimizer=optimizer_state(self.optimizer))
 
 
-class HyperPrismNode(GossipNode):
+@dataclass(frozen=True)
+class HyperPrismExtra:
+    """A HyperPrism node's own state (groups ``grad_summary``, ``tracking``, ``hypernet``,
+    ``hn_optimizer``, ``diverged``) and what its hooks hand each other within a round-trip.
+
+    Attributes
+    ----------
+    summary : (SUMMARY_STATS * tensors,) the last local update's gradient summary (the
+        hypernetwork's input)
+    local_update : (n,) p-modes descent and tracking: the last local update g^(t-1) as a
+        gradient, flattened in ``names`` order
+    p : p-mode tracking: the node's degree
+    hypernet, hn_optimizer : p-mode hypernetwork: HN_i's weights and optimizer state
+    linear_merge : the previous round-trip diverged: this one merges linearly (p-min)
+    diverged : this round-trip diverged (saved as the group ``diverged``)
+    tracker : (n,) the gradient tracker y_i routed with the model (None before training)
+    tracker_mixed : (n,) sum_j a_ij y_j of this round-trip's merge
+    degrees : {group: p} of this round-trip's merge
+    pending : a merge whose hypernetwork step waits for the local update (plug-in learners)
+    round : the round-trip's round (p-mode schedule's degree depends on it)
+    """
+
+    summary: Tensor
+    local_update: Tensor | None = None
+    p: float | None = None
+    hypernet: StateDict | None = None
+    hn_optimizer: StateDict | None = None
+    linear_merge: bool = False
+    diverged: bool = False
+    tracker: Tensor | None = None
+    tracker_mixed: Tensor | None = None
+    degrees: dict[str, float] = field(default_factory=dict)
+    pending: StateDict | None = None
+    round: int = 0
+
+    @classmethod
+    def from_state(cls, state: NodeState, round_: int) -> HyperPrismExtra:
+        """The extra state ``to_groups`` saved in ``state``, for round-trip ``round_``."""
+        groups = state.tensors
+        tracking = groups.get("tracking", {})
+        return cls(groups["grad_summary"]["summary"], tracking.get("local_update"),
+                   float(tracking["p"]) if "p" in tracking else None, groups.get("hypernet"),
+                   groups.get("hn_optimizer"), linear_merge="diverged" in groups,
+                   tracker=state.shared.get(TRACKER), round=round_)
+
+    def to_groups(self) -> dict[str, StateDict]:
+        groups: dict[str, StateDict] = {"grad_summary": {"summary": self.summary}}
+        if self.diverged:
+            groups["diverged"] = {"flag": torch.ones(())}
+        if self.local_update is not None:
+            groups["tracking"] = {"local_update": self.local_update.clone()}
+            if self.p is not None:
+                groups["tracking"]["p"] = torch.tensor(self.p, dtype=torch.float64)
+        if self.hypernet is not None and self.hn_optimizer is not None:
+            groups.update(hypernet=self.hypernet, hn_optimizer=self.hn_optimizer)
+        return groups
+
+
+class HyperPrismNode(GossipNode[HyperPrismExtra]):
     """Mirror-space power-mean merges with degrees from ``p-mode``."""
 
     riders = (TRACKER,)
@@ -112,14 +173,12 @@ class HyperPrismNode(GossipNode):
     def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
         super().__init__(config, partition_id, learner)
         self.names = [n for names in self.groups.values() for n in names]  # flattening order
-        self.summary = torch.zeros(SUMMARY_STATS * len(self.names))
         self.hypernet = (NodeHypernetwork(config, partition_id, len(self.names), learner.device)
                          if config.p_mode == "hypernetwork" else None)
-        self.pending: StateDict | None = None  # a merge whose hypernetwork step waits for training
         self.tracks = config.p_mode in TRACKED_MODES
 
     def init_extra(self) -> dict[str, StateDict]:
-        extra = {"grad_summary": {"summary": torch.zeros_like(self.summary)}}
+        extra = {"grad_summary": {"summary": torch.zeros(SUMMARY_STATS * len(self.names))}}
         if self.tracks:  # the last local update g^(t-1) (and p-mode tracking's p)
             extra["tracking"] = {"local_update": torch.zeros_like(
                 flatten(self.learner.initial_model, self.names))}
@@ -129,62 +188,38 @@ class HyperPrismNode(GossipNode):
             extra.update(self.hypernet.init_state())
         return extra
 
-    def load_extra(self, state: NodeState) -> None:
-        # after a divergence (``diverged``) the next merge is linear
-        self.linear_merge = "diverged" in state.tensors
-        self.diverged_now = False
-        self.summary = state.tensors["grad_summary"]["summary"]
-        if self.tracks:
-            self.local_update = state.tensors["tracking"]["local_update"]
-            if self.config.p_mode == "tracking":
-                self.p = float(state.tensors["tracking"]["p"])
-        if self.hypernet is not None:
-            self.hypernet.load(state)
+    def load_extra(self, state: NodeState, task: NodeTask) -> HyperPrismExtra:
+        return HyperPrismExtra.from_state(state, task.round)
 
-    def save_extra(self) -> dict[str, StateDict]:
-        extra: dict[str, StateDict] = {"grad_summary": {"summary": self.summary}}
-        if self.diverged_now:
-            extra["diverged"] = {"flag": torch.ones(())}
-        if self.tracks:
-            extra["tracking"] = {"local_update": self.local_update.clone()}
-            if self.config.p_mode == "tracking":
-                extra["tracking"]["p"] = torch.tensor(self.p, dtype=torch.float64)
-        if self.hypernet is not None:
-            extra.update(self.hypernet.save())
-        return extra
-
-    def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
-                   gen: torch.Generator) -> tuple[NodeState, dict[str, float]]:
-        self.round = task.round  # the round a degree schedule is evaluated at
-        self.tracker = state.shared.get(TRACKER)  # sent with the model (p-mode tracking)
-        new, metrics = super().round_trip(state, task, neighbours, gen)
-        if self.tracker is not None:
-            new.tensors["shared"][TRACKER] = self.tracker.clone()
-        return new, metrics
+    def riders_of(self, extra: HyperPrismExtra) -> StateDict:
+        return {TRACKER: extra.tracker.clone()} if extra.tracker is not None else {}
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
-                metrics: dict[str, float]) -> StateDict:
+                metrics: dict[str, float], extra: HyperPrismExtra
+                ) -> tuple[StateDict, HyperPrismExtra]:
         """Power-mean merge with the node's degrees (``p-mode``), then, with the hypernetwork,
         one hypernetwork step: through the merge, with the gradient of a fresh minibatch at
         the merged model (the learner's ``probe``), or, for a learner that knows gradients only
         through training, with the local update's pseudo-gradient (``trained``)."""
-        self.pending = None
-        self.tracker_mixed = self._mixed_tracker(models, weights) if self.tracks else None
-        if self.linear_merge:
+        extra = dataclasses.replace(extra, pending=None, tracker_mixed=(
+            self._mixed_tracker(models, weights) if self.tracks else None))
+        if extra.linear_merge:
             degrees = dict.fromkeys(self.groups, torch.tensor(self.config.p_min,
                                                               device=weights.device))
         elif self.hypernet is not None:
-            degrees = self.hypernet.module(self.summary)
+            self.hypernet.load(extra)
+            degrees = self.hypernet.module(extra.summary)
         elif self.config.p_mode == "descent":
             degrees = {g: torch.tensor(p, device=weights.device)
-                       for g, p in self._descent_degrees(models, weights).items()}
+                       for g, p in self._descent_degrees(models, weights, extra).items()}
         else:  # one degree for both layer groups
-            degrees = dict.fromkeys(self.groups, torch.tensor(self._one_degree(models, weights),
-                                                              device=weights.device))
-        self.degrees = {g: float(p.detach()) for g, p in degrees.items()}
-        metrics.update(p_theta=self.degrees[REPRESENTATION], p_phi=self.degrees[DECISION])
+            p, extra = self._one_degree(models, weights, extra)
+            degrees = dict.fromkeys(self.groups, torch.tensor(p, device=weights.device))
+        extra = dataclasses.replace(extra, degrees={g: float(p.detach())
+                                                    for g, p in degrees.items()})
+        metrics.update(p_theta=extra.degrees[REPRESENTATION], p_phi=extra.degrees[DECISION])
         # alone (d loss / d p = 0) or linear after a divergence: no hypernetwork step
-        trained_hypernet = self.hypernet if len(models) > 1 and not self.linear_merge else None
+        trained_hypernet = self.hypernet if len(models) > 1 and not extra.linear_merge else None
         with torch.set_grad_enabled(trained_hypernet is not None):
             merged = merge_models(models, weights, degrees, self.groups)
         detached = {k: v.detach() for k, v in merged.items()}
@@ -192,21 +227,23 @@ class HyperPrismNode(GossipNode):
         if trained_hypernet is not None and nonfinite_fault(detached) is None:
             probe = self.learner.probe(detached, gen)
             if probe is None:
-                self.pending = merged
+                extra = dataclasses.replace(extra, pending=merged)
             else:
                 metrics["hn_loss"], gradient = probe
-                trained_hypernet.step(merged, gradient)
-        return detached
+                extra = trained_hypernet.step(merged, gradient, extra)
+        return detached, extra
 
-    def _one_degree(self, models: list[StateDict], weights: Tensor) -> float:
+    def _one_degree(self, models: list[StateDict], weights: Tensor, extra: HyperPrismExtra
+                    ) -> tuple[float, HyperPrismExtra]:
         """The degree of p-mode schedule, tracking or fixed (the same for both groups)."""
         config = self.config
         if config.p_mode == "schedule":
-            return scheduled_degree(config.p_schedule, self.round, config.p_max, config.p_min,
-                                    config.p_horizon)
+            return scheduled_degree(config.p_schedule, extra.round, config.p_max, config.p_min,
+                                    config.p_horizon), extra
         if config.p_mode == "tracking":
-            return self._tracked_degree(models, weights)
-        return config.fixed_p
+            p = self._tracked_degree(models, weights, extra)
+            return p, dataclasses.replace(extra, p=p)
+        return config.fixed_p, extra
 
     def _mixed_tracker(self, models: list[StateDict], weights: Tensor) -> Tensor | None:
         """sum_j a_ij y_j over the merge's models: the estimate of the network's gradient
@@ -216,17 +253,18 @@ class HyperPrismNode(GossipNode):
         mixed: Tensor = sum(w * m[TRACKER] for w, m in zip(weights.tolist(), models))
         return mixed
 
-    def _descent_degrees(self, models: list[StateDict], weights: Tensor) -> dict[str, float]:
+    def _descent_degrees(self, models: list[StateDict], weights: Tensor,
+                         extra: HyperPrismExtra) -> dict[str, float]:
         """p-mode descent: per layer group, the degree whose merge lands nearest the step
         -p_trust * lr * (mixed tracker) from the linear merge (``descent_degree``): p-min
         unless a larger degree is predicted to lower the network's loss. Without trackers
         (round-trip 1, a neighbour that has not trained yet) or neighbours: p-min."""
         grid = degree_grid(self.config.p_min, self.config.p_max)
         degrees = dict.fromkeys(self.groups, self.config.p_min)
-        if self.tracker_mixed is None or len(models) < 2:
+        if extra.tracker_mixed is None or len(models) < 2:
             return degrees
         offset = 0
-        step = -self.config.p_trust * self.config.lr * self.tracker_mixed
+        step = -self.config.p_trust * self.config.lr * extra.tracker_mixed
         for group, names in self.groups.items():
             size = sum(models[0][n].numel() for n in names)
             if names:
@@ -235,51 +273,56 @@ class HyperPrismNode(GossipNode):
             offset += size
         return degrees
 
-    def _tracked_degree(self, models: list[StateDict], weights: Tensor) -> float:
+    def _tracked_degree(self, models: list[StateDict], weights: Tensor,
+                        extra: HyperPrismExtra) -> float:
         """p-mode tracking: step p against the sign of the tracked d loss / d p.
 
         The neighbourhood's trackers, mixed with the merge's weights, estimate the network-mean
         gradient g; d loss / d p ~ <g, d merge / d p> at the node's current p. Until every
         model carries a tracker (round 1) p stays where it is.
         """
-        if self.tracker_mixed is None or len(models) < 2:  # alone: d merge / d p = 0
-            return self.p
-        p = torch.tensor(self.p, requires_grad=True, device=weights.device)
+        assert extra.p is not None  # p-mode tracking keeps its degree
+        if extra.tracker_mixed is None or len(models) < 2:  # alone: d merge / d p = 0
+            return extra.p
+        p = torch.tensor(extra.p, requires_grad=True, device=weights.device)
         with torch.enable_grad():
             merged = merge_models(models, weights, dict.fromkeys(self.groups, p), self.groups)
             (slope,) = torch.autograd.grad(flatten(merged, self.names), p,
-                                           grad_outputs=self.tracker_mixed)
-        self.p = tracked_degree_step(self.p, float(slope), self.config.p_step,
-                                     self.config.p_min, self.config.p_max)
-        return self.p
+                                           grad_outputs=extra.tracker_mixed)
+        return tracked_degree_step(extra.p, float(slope), self.config.p_step,
+                                   self.config.p_min, self.config.p_max)
 
-    def diverged(self) -> None:
+    def diverged(self, extra: HyperPrismExtra) -> HyperPrismExtra:
         """Back off: the next merge is linear (p-min), and p-mode tracking's p restarts there."""
-        self.diverged_now = True
-        if self.config.p_mode == "tracking":
-            self.p = self.config.p_min
+        return dataclasses.replace(extra, diverged=True, p=(
+            self.config.p_min if self.config.p_mode == "tracking" else extra.p))
 
     def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
-                          gen: torch.Generator, metrics: dict[str, float]) -> StateDict:
+                          gen: torch.Generator, metrics: dict[str, float],
+                          extra: HyperPrismExtra) -> tuple[StateDict, HyperPrismExtra]:
         """Eq. 6: the local update is added in mirror space, s_p^{-1}(s_p(merged) + step)."""
-        merged = self.combine(models, weights, gen, metrics)
-        return {name: mirror_step(merged[name], step[name], self.degrees[group])
-                for group, names in self.groups.items() for name in names}
+        merged, extra = self.combine(models, weights, gen, metrics, extra)
+        return {name: mirror_step(merged[name], step[name], extra.degrees[group])
+                for group, names in self.groups.items() for name in names}, extra
 
-    def trained(self, start: StateDict, update: LocalUpdate) -> None:
-        """The next gradient summary, the pending hypernetwork step and, with p-mode tracking,
-        the tracker: y <- sum_j a_ij y_j + g^t - g^(t-1), with the local update as a gradient,
-        g = (start - trained) / lr."""
-        self.summary = gradient_summary(update.gradient.values())
-        if self.pending is not None:
+    def trained(self, start: StateDict, update: LocalUpdate, extra: HyperPrismExtra
+                ) -> HyperPrismExtra:
+        """The next gradient summary, the pending hypernetwork step and, with p-modes descent
+        and tracking, the tracker: y <- sum_j a_ij y_j + g^t - g^(t-1), with the local
+        update as a gradient, g = (start - trained) / lr."""
+        extra = dataclasses.replace(extra, summary=gradient_summary(update.gradient.values()))
+        if extra.pending is not None:
             assert self.hypernet is not None  # only its merges wait
-            self.hypernet.step(self.pending, {n: (start[n] - update.model[n]) / self.config.lr
-                                              for n in self.pending})
-            self.pending = None
+            pseudo = {n: (start[n] - update.model[n]) / self.config.lr for n in extra.pending}
+            extra = dataclasses.replace(self.hypernet.step(extra.pending, pseudo, extra),
+                                        pending=None)
         if self.tracks:
+            assert extra.local_update is not None  # tracked modes keep it
             g = (flatten(start, self.names) - flatten(update.model, self.names)) / self.config.lr
-            mixed = self.tracker_mixed if self.tracker_mixed is not None else 0.0
-            self.tracker = mixed + g - self.local_update
-            self.local_update = g
+            mixed = extra.tracker_mixed if extra.tracker_mixed is not None else 0.0
+            extra = dataclasses.replace(extra, tracker=mixed + g - extra.local_update,
+                                        local_update=g)
+        return extra
+
 
 SPEC = AlgorithmSpec(HyperPrism, HyperPrismNode)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .base.learner import clone_tensors
-from .base.node import GossipNode
+from .base.node import GossipNode, NoExtra
 from .base.plan import RoutingPlan
 from .base.rule import StateDict
 from .base.spec import AlgorithmSpec
@@ -30,12 +30,12 @@ class Local(RoutingPlan):
         return np.eye(graph.number_of_nodes())
 
 
-class LocalNode(GossipNode):
+class LocalNode(GossipNode[NoExtra]):
     """Keeps its own model: the merge of one model is that model."""
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
-                metrics: dict[str, float]) -> StateDict:
-        return clone_tensors(models[0])
+                metrics: dict[str, float], extra: NoExtra) -> tuple[StateDict, NoExtra]:
+        return clone_tensors(models[0]), extra
 
 
 SPEC = AlgorithmSpec(Local, LocalNode)

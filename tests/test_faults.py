@@ -78,8 +78,8 @@ def test_a_bad_neighbour_is_dropped_and_the_rest_renormalised(tmp_path, caplog, 
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        state, metrics = rules[0].step(states[0], task, {1: good, 2: bad})
-    expected, expected_metrics = rules[0].step(states[0], task.without([2]), {1: good})
+        state, metrics, _ = rules[0].step(states[0], task, {1: good, 2: bad})
+    expected, expected_metrics, _ = rules[0].step(states[0], task.without([2]), {1: good})
 
     warnings = records(caplog)
     assert len(warnings) == 1 and "partition 0 dropped neighbours 2:" in warnings[0]
@@ -102,12 +102,12 @@ def test_the_magnitude_guard_keeps_a_large_p_merge_from_following_one_neighbour(
                                for k, v in state.shared.items()}
     huge = {k: 1e4 * v for k, v in state.shared.items()}
     task = NodeTask(1, (1,), (0.5,), 0.5)
-    after, metrics = rules[0].step(state, task, {1: huge})
+    after, metrics, _ = rules[0].step(state, task, {1: huge})
     assert metrics["neighbours_dropped"] == 1.0
     scale = max(float(v.abs().max()) for v in state.shared.values())
     assert max(float(v.abs().max()) for v in after.shared.values()) < 2 * scale
     lenient = ALGORITHMS["hyperprism"].make_rule(config.replace(max_neighbour_ratio=1e5), 0)
-    followed, _ = lenient.step(state, task, {1: huge})
+    followed, _, _ = lenient.step(state, task, {1: huge})
     assert max(float(v.abs().max()) for v in followed.shared.values()) > 1000 * scale
 
 

@@ -107,7 +107,7 @@ def drive(strategy, rules, states, rounds: int) -> list[torch.Tensor]:
             break
         latest = {p: s.shared for p, s in states.items()}
         for pid, task in strategy.plan_round(round_, latest, stage).items():
-            states[pid], _ = rules[pid].step(states[pid], task,
+            states[pid], _, _ = rules[pid].step(states[pid], task,
                                              {j: latest[j] for j in task.neighbours})
         if stage == 0:
             history.append(stacked())

@@ -81,12 +81,11 @@ def _train(msg: Message, context: Context) -> Message:
                                    partition_id)
     state = starting_state(task, load_state(context), checkpoints, routed_own(msg),
                            rule.init_state, rule.restore, partition_id)
-    state, metrics = rule.step(state, task, neighbours)
+    state, metrics, evaluated = rule.step(state, task, neighbours)
     save_state(context, state)
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
-    report = REPORT_KEY in msg.content
-    return train_reply(msg, state, metrics, rule.learner.evaluated if report else None)
+    return train_reply(msg, state, metrics, evaluated if REPORT_KEY in msg.content else None)
 
 
 def train_reply(msg: Message, state: NodeState, metrics: dict[str, float],

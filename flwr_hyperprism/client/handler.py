@@ -81,7 +81,6 @@ class HandlerLearner:
                            if v.is_floating_point() and not config.is_local(k))
         self.groups = parameter_groups(list(self.names))
         self.previous, self.partition_id = previous, partition_id
-        self.evaluated: StateDict | None = None
 
     def load(self, state: NodeState) -> None:
         """Nothing to load: the handler keeps its own optimizer."""
@@ -90,7 +89,6 @@ class HandlerLearner:
         return {}
 
     def evaluate(self, model: StateDict) -> dict[str, float]:
-        self.evaluated = model
         return {}
 
     def train(self, model: StateDict, gen: torch.Generator) -> LocalUpdate:

@@ -115,12 +115,13 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
                   for key, record in content.array_records.items()
                   if key.startswith(NEIGHBOUR_PREFIX)}
     try:
-        state, metrics = rule.round_trip(state, task, neighbours, rule.generator(task))
+        state, metrics, evaluated = rule.round_trip(state, task, neighbours,
+                                                    rule.generator(task))
     except _HandlerFailed as failure:
         return failure.reply
     # what the node holds now: a gossip node's new model (trained, with its newest personal
     # layers, which the user's handlers may keep in their own state), else the rule's point
-    held = gossip.model_of(state.shared) if gossip is not None else learner.evaluated
+    held = gossip.model_of(state.shared) if gossip is not None else evaluated
     state.tensors[EVALUATED] = held if held is not None else model
     save_state(context, state)
     if checkpoints is not None:

@@ -48,7 +48,7 @@ def run_in_process(loop: RoundLoop, *,
             state = starting_state(task, states.get(pid), checkpoints[pid],
                                    routing.latest.get(pid) if resumed else None,
                                    rule.init_state, rule.restore, pid)
-            states[pid], metrics[pid] = rule.step(state, task, routing.neighbour_models(task))
+            states[pid], metrics[pid], _ = rule.step(state, task, routing.neighbour_models(task))
             saver = checkpoints[pid]
             if saver is not None:
                 saver.save(states[pid], stage)

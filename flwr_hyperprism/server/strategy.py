@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_hyperprism.messages import protocol
 from flwr_hyperprism.orchestration import evaluation, membership, routing, transport
-from flwr_hyperprism.orchestration.rounds import NodeMetrics, RoundLoop, round_loop
+from flwr_hyperprism.orchestration.rounds import NodeMetrics, RoundCallback, RoundLoop, round_loop
 from flwr_hyperprism.setup.config import RunConfig
 
 log = logging.getLogger("flwr")
@@ -46,6 +46,20 @@ class DecentralizedStrategy(Strategy):
     @property
     def config(self) -> RunConfig:
         return self.loop.config
+
+    @property
+    def run_dir(self) -> Path | None:
+        """Where the run's outputs go (metrics.jsonl, summary.json, config.json)."""
+        return self.loop.store.run_dir
+
+    @property
+    def on_round(self) -> RoundCallback | None:
+        """Called with every metrics row and the round's models (``RoundCallback``)."""
+        return self.loop.on_round
+
+    @on_round.setter
+    def on_round(self, callback: RoundCallback | None) -> None:
+        self.loop.on_round = callback
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

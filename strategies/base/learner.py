@@ -88,9 +88,6 @@ class Learner(Protocol):
         """Where the node rule computes (its state and messages stay on the CPU)."""
         ...
 
-    evaluated: StateDict | None
-    """The model ``evaluate`` last scored (None before any): the node's model of the round."""
-
     def load(self, state: NodeState) -> None:
         """Take the learner's own state (e.g. optimizer momentum) from a node state; a state
         without it starts the learner afresh."""
@@ -261,7 +258,6 @@ class DataLearner:
         self.local_steps = local_steps or config.local_steps or config.local_epochs * batches
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
                                          momentum=config.momentum)
-        self.evaluated: StateDict | None = None
 
     def load(self, state: NodeState) -> None:
         """The optimizer's state; a state without one (a new node) resets it."""
@@ -271,7 +267,6 @@ class DataLearner:
         return {"optimizer": optimizer_state(self.optimizer)}
 
     def evaluate(self, model: StateDict) -> dict[str, float]:
-        self.evaluated = model
         self.model.load_state_dict(model)
         accuracy, loss = evaluate(self.model, self.data.test)
         return {"accuracy": accuracy, "loss": loss}

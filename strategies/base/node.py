@@ -24,7 +24,8 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import ClassVar, Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Generic, Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ from flwr_hyperprism.math.seeding import round_seed
 from flwr_hyperprism.setup.config import RunConfig
 
 from .learner import DataLearner, Learner, LocalUpdate, clone_tensors, node_data, to_device
-from .rule import NodeState, NodeTask, StateDict
+from .rule import NodeState, NodeTask, Outcome, StateDict
 from .screening import divergence_fault, nonfinite_fault, screen_neighbours
 
 log = logging.getLogger("flwr")
@@ -84,8 +85,7 @@ class LearningNode:
         return NodeState(state.round, {**state.tensors, "shared": clone_tensors(shared)})
 
     def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator
-                   ) -> tuple[NodeState, dict[str, float]]:
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator) -> Outcome:
         raise NotImplementedError
 
     def generator(self, task: NodeTask) -> torch.Generator:
@@ -94,21 +94,19 @@ class LearningNode:
                                                         task.round))
 
     def step(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
-             ) -> tuple[NodeState, dict[str, float]]:
+             ) -> Outcome:
         """One round-trip; ``neighbours`` maps partition ids to their shared tensors.
 
-        Computes on the learner's device; the state it returns (and the learner's
-        ``evaluated`` model) are on the CPU, where messages and checkpoints need them.
+        Computes on the learner's device; the state and evaluated model it returns are on the
+        CPU, where messages and checkpoints need them.
         """
-        self.learner.evaluated = None  # the learner is reused: only this round-trip's counts
         device, cpu = self.learner.device, torch.device("cpu")
         neighbours = {j: to_device(m, device) for j, m in neighbours.items()}
         with _single_thread():
-            new, metrics = self.round_trip(state.to(device), task, neighbours,
-                                           self.generator(task))
-        if self.learner.evaluated is not None:
-            self.learner.evaluated = to_device(self.learner.evaluated, cpu)
-        return new.to(cpu), metrics
+            new, metrics, evaluated = self.round_trip(state.to(device), task, neighbours,
+                                                      self.generator(task))
+        return Outcome(new.to(cpu), metrics,
+                       to_device(evaluated, cpu) if evaluated is not None else None)
 
     def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
                ) -> tuple[NodeTask, dict[str, float]]:
@@ -169,8 +167,7 @@ class GradientNode(LearningNode):
         return self.update.init_state({n: initial[n].clone() for n in self.learner.names})
 
     def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator
-                   ) -> tuple[NodeState, dict[str, float]]:
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator) -> Outcome:
         task, metrics = self.screen(state, task, neighbours)
 
         def gradient(params: StateDict) -> StateDict:
@@ -183,20 +180,45 @@ class GradientNode(LearningNode):
                      None) or (nonfinite_fault(evaluated) if evaluated is not None else None)
         if fault is not None:  # keep the last state; its gradients' metrics may be NaN too
             self.report_divergence(task, fault, metrics)
-            return NodeState(task.round, state.tensors), {
-                k: v for k, v in metrics.items() if math.isfinite(v)}
-        if evaluated is not None:
-            metrics.update(self.learner.evaluate(self.full_model(evaluated)))
-        return new, metrics
+            return Outcome(NodeState(task.round, state.tensors),
+                           {k: v for k, v in metrics.items() if math.isfinite(v)}, None)
+        if evaluated is None:
+            return Outcome(new, metrics, None)
+        model = self.full_model(evaluated)
+        metrics.update(self.learner.evaluate(model))
+        return Outcome(new, metrics, model)
 
 
-class GossipNode(LearningNode):
+class NodeExtra(Protocol):
+    """An algorithm's own node state, as a typed (frozen dataclass) value: what a node keeps
+    between round-trips besides its model and its learner's state, plus the values the
+    algorithm's hooks hand each other within one round-trip. It saves itself as state groups
+    (``to_groups``); the node rule reads it back (``GossipNode.load_extra``)."""
+
+    def to_groups(self) -> dict[str, StateDict]: ...
+
+
+@dataclass(frozen=True)
+class NoExtra:
+    """The extra state of an algorithm that keeps none (D-PSGD, SwarmSGD, local)."""
+
+    def to_groups(self) -> dict[str, StateDict]:
+        return {}
+
+
+Extra = TypeVar("Extra", bound=NodeExtra)
+
+
+class GossipNode(LearningNode, Generic[Extra]):
     """A node that mixes its model with its neighbours' and trains locally.
 
-    Subclasses implement ``combine`` and may extend the state (``init_extra``, ``load_extra``,
-    ``save_extra``), react to a local update (``trained``) and change the update under ``cta``
-    (``combine_with_step``). The shared tensors are the model plus the ``riders``, vectors an
-    algorithm routes with it (e.g. HyperPrism's gradient tracker).
+    Subclasses implement ``combine`` and may keep their own state, a typed ``Extra`` value
+    (``init_extra``, ``load_extra``; it saves itself), react to a local update (``trained``)
+    or a divergence (``diverged``) and change the update under ``cta``
+    (``combine_with_step``): each hook takes the round-trip's extra value and returns the
+    new one, so a rule holds nothing between round-trips. The shared tensors are the model
+    plus the ``riders``, vectors an algorithm routes with it (e.g. HyperPrism's gradient
+    tracker, ``riders_of``).
     """
 
     riders: ClassVar[tuple[str, ...]] = ()
@@ -207,98 +229,107 @@ class GossipNode(LearningNode):
         return {k: v for k, v in shared.items() if k not in cls.riders}
 
     def combine(self, models: list[StateDict], weights: Tensor, gen: torch.Generator,
-                metrics: dict[str, float]) -> StateDict:
+                metrics: dict[str, float], extra: Extra) -> tuple[StateDict, Extra]:
         """Merge k models (own first) with mixing weights (k,); may add to ``metrics``.
 
-        Returns the merged parameters (the learner's ``names``; other keys stay the node's).
+        Returns the merged parameters (the learner's ``names``; other keys stay the node's)
+        and the extra state after the merge.
         """
         raise NotImplementedError
 
     def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
-                          gen: torch.Generator, metrics: dict[str, float]) -> StateDict:
+                          gen: torch.Generator, metrics: dict[str, float], extra: Extra
+                          ) -> tuple[StateDict, Extra]:
         """``cta``: the merge plus this node's local update ``step`` (primal by default)."""
-        merged = self.combine(models, weights, gen, metrics)
-        return {k: v + step[k] for k, v in merged.items()}
+        merged, extra = self.combine(models, weights, gen, metrics, extra)
+        return {k: v + step[k] for k, v in merged.items()}, extra
 
-    def trained(self, start: StateDict, update: LocalUpdate) -> None:
-        """Called after the learner trained ``start`` into ``update.model``."""
+    def trained(self, start: StateDict, update: LocalUpdate, extra: Extra) -> Extra:
+        """The extra state after the learner trained ``start`` into ``update.model``."""
+        return extra
+
+    def diverged(self, extra: Extra) -> Extra:
+        """The extra state when this round-trip's model diverged and was rolled back (e.g.
+        HyperPrism makes its next merge linear)."""
+        return extra
+
+    def riders_of(self, extra: Extra) -> StateDict:
+        """What is routed with the model after the round-trip (``riders``)."""
+        return {}
 
     def init_extra(self) -> dict[str, StateDict]:
+        """The state groups of a new node's extra state."""
         return {}
 
-    def load_extra(self, state: NodeState) -> None:
-        """Load algorithm-specific state before a round-trip."""
-
-    def save_extra(self) -> dict[str, StateDict]:
-        return {}
+    def load_extra(self, state: NodeState, task: NodeTask) -> Extra:
+        """The extra state in ``state``, for round-trip ``task`` (none by default)."""
+        return cast(Extra, NoExtra())
 
     def init_state(self) -> NodeState:
         return NodeState(0, {"shared": clone_tensors(self.learner.initial_model),
                              **self.init_extra()})
 
     def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator
-                   ) -> tuple[NodeState, dict[str, float]]:
+                   neighbours: Mapping[int, StateDict], gen: torch.Generator) -> Outcome:
         # the shared tensors are the model, plus what an algorithm routes with it
         own = self.full_model(state.shared)
         self.learner.load(state)
-        self.load_extra(state)
+        extra = self.load_extra(state, task)
         task, metrics = self.screen(state, task, neighbours)
         models = [state.shared] + [neighbours[j] for j in task.neighbours]
         weights = torch.tensor((task.self_weight,) + task.weights, device=self.learner.device)
 
         if self.config.order == "atc":
-            model = self.full_model({**own, **self.combine(models, weights, gen, metrics)})
+            merged, extra = self.combine(models, weights, gen, metrics, extra)
+            model = self.full_model({**own, **merged})
             fault = nonfinite_fault(model)
             if fault is not None:
-                model = self._roll_back(own, task, f"its merge: {fault}", metrics)
+                model, extra = self._roll_back(own, task, f"its merge: {fault}", metrics, extra)
+            evaluated = model
             metrics.update(self.learner.evaluate(model))
             if task.train:
-                update = self._train(model, task, gen, metrics)
+                update, extra = self._train(model, task, gen, metrics, extra)
                 model = update.model if update is not None else model
         else:
+            evaluated = model = own
             metrics.update(self.learner.evaluate(own))
-            model = own
             if task.train:
-                update = self._train(own, task, gen, metrics)
+                update, extra = self._train(own, task, gen, metrics, extra)
                 if update is not None:
                     step = {k: v - own[k] for k, v in update.model.items()}
-                    model = self.full_model({**update.model, **self.combine_with_step(
-                        models, weights, step, gen, metrics)})
+                    merged, extra = self.combine_with_step(models, weights, step, gen, metrics,
+                                                           extra)
+                    model = self.full_model({**update.model, **merged})
                     fault = nonfinite_fault(model)
                     if fault is not None:
-                        model = self._roll_back(own, task, f"its merge: {fault}", metrics)
+                        model, extra = self._roll_back(own, task, f"its merge: {fault}",
+                                                       metrics, extra)
 
-        tensors = {"shared": clone_tensors(model), **self.learner.save(), **self.save_extra()}
-        return NodeState(task.round, tensors), metrics
+        shared = {**clone_tensors(model), **self.riders_of(extra)}
+        tensors = {"shared": shared, **self.learner.save(), **extra.to_groups()}
+        return Outcome(NodeState(task.round, tensors), metrics, evaluated)
 
     def _train(self, start: StateDict, task: NodeTask, gen: torch.Generator,
-               metrics: dict[str, float]) -> LocalUpdate | None:
+               metrics: dict[str, float], extra: Extra) -> tuple[LocalUpdate | None, Extra]:
         """The learner's local update of ``start``, or None when it diverged (rolled back to
-        ``start``, which is then the node's model)."""
+        ``start``, which is then the node's model); the extra state after it."""
         update = self.learner.train(start, gen)
         fault = divergence_fault(start, update.model, update.metrics,
                                  self.config.max_neighbour_ratio)
         if fault is not None:
-            self._roll_back(start, task, f"training: {fault}", metrics)
-            return None
+            _, extra = self._roll_back(start, task, f"training: {fault}", metrics, extra)
+            return None, extra
         metrics.update(update.metrics)
-        self.trained(start, update)
-        return update
+        return update, self.trained(start, update, extra)
 
     def _roll_back(self, finite: StateDict, task: NodeTask, fault: str,
-                   metrics: dict[str, float]) -> StateDict:
+                   metrics: dict[str, float], extra: Extra) -> tuple[StateDict, Extra]:
         """A diverged round-trip: keep the last finite model, restart the learner's own state
         (momentum that went non-finite with the model), let the algorithm react
         (``diverged``), log it, and count it in the metric ``diverged``."""
         self.report_divergence(task, fault, metrics)
         self.learner.load(NodeState())
-        self.diverged()
-        return finite
-
-    def diverged(self) -> None:
-        """Called when this round-trip's model diverged and was rolled back; e.g. HyperPrism
-        makes its next merge linear."""
+        return finite, self.diverged(extra)
 
 
 def screen_and_log(own: StateDict, task: NodeTask, neighbours: Mapping[int, StateDict],

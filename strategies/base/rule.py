@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -58,6 +58,16 @@ class NodeState:
                                       for group, tensors in self.tensors.items()})
 
 
+class Outcome(NamedTuple):
+    """What a node's round-trip gives: its new state, the scalar metrics of the model it
+    evaluated, and that model (None when the round-trip evaluated none, e.g. Mudag's mixing
+    stages)."""
+
+    state: NodeState
+    metrics: dict[str, float]
+    evaluated: StateDict | None
+
+
 class NodeRule(Protocol):
     """An algorithm's node update; pure torch, no Flower."""
 
@@ -69,6 +79,7 @@ class NodeRule(Protocol):
         ...
 
     def step(self, state: NodeState, task: NodeTask,
-             neighbour_models: Mapping[int, StateDict]) -> tuple[NodeState, dict[str, float]]:
-        """One round-trip: the new state and scalar metrics of the merged model."""
+             neighbour_models: Mapping[int, StateDict]) -> Outcome:
+        """One round-trip from ``state``: the new state, the metrics and the evaluated model.
+        A rule keeps nothing between round-trips, so one rule object may serve them all."""
         ...

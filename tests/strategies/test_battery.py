@@ -77,7 +77,7 @@ def test_a_node_without_neighbours_keeps_training_alone(tmp_path, variant):
     strategy, rules = nodes_for(config)
     state = rules[0].init_state()
     task = NodeTask(1, coefficients=strategy.coefficients(1))
-    after, metrics = rules[0].step(state, task, {})
+    after, metrics, _ = rules[0].step(state, task, {})
     assert metrics["neighbours"] == 0.0 and "train_loss" in metrics
     assert all(math.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(after.shared[k], v) for k, v in state.shared.items())

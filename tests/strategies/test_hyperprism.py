@@ -10,11 +10,12 @@ import torch
 
 from flwr_hyperprism.math.degrees import scheduled_degree
 from flwr_hyperprism.math.graphs import metropolis_hastings_weights
+from flwr_hyperprism.math.merge import merge_models
 from flwr_hyperprism.math.mirror import inverse_sign_power, sign_power
 from flwr_hyperprism.orchestration.in_process import run_in_process
 from flwr_hyperprism.orchestration.rounds import round_loop
 from flwr_hyperprism.setup.config import RunConfig
-from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismNode
+from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismExtra, HyperPrismNode
 
 
 def small_config(tmp_path, **changes) -> RunConfig:
@@ -45,7 +46,7 @@ def gossip_without_training(strategy, rules, states, rounds: int) -> list[torch.
     for round_ in range(1, rounds + 1):
         latest = {p: s.shared for p, s in states.items()}
         for pid, task in strategy.plan_round(round_, latest).items():
-            states[pid], _ = rules[pid].step(states[pid], dataclasses.replace(task, train=False),
+            states[pid], _, _ = rules[pid].step(states[pid], dataclasses.replace(task, train=False),
                                              {j: latest[j] for j in task.neighbours})
         history.append(torch.stack([flat(states[p].shared) for p in sorted(states)]))
     return history
@@ -137,7 +138,7 @@ def test_a_cnn_trains_both_heads_and_merges_each_layer_group_with_its_own_degree
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert {"heads.theta.weight", "heads.phi.weight"} <= changed
     assert bool(torch.isfinite(history[-1]).all())
-    _, metrics = rules[0].step(states[0], HyperPrism(config).plan_round(2, range(3))[0],
+    _, metrics, _ = rules[0].step(states[0], HyperPrism(config).plan_round(2, range(3))[0],
                                {j: states[j].shared for j in (1, 2)})
     assert 1.0 <= metrics["p_theta"] <= 15.0 and 1.0 <= metrics["p_phi"] <= 15.0
     assert math.isfinite(metrics["accuracy"])
@@ -169,7 +170,7 @@ def test_a_non_finite_neighbour_does_not_poison_the_node(tmp_path):
     state = rule.init_state()
     poisoned = {k: torch.full_like(v, float("nan")) for k, v in state.shared.items()}
     task = HyperPrism(config).plan_round(1, range(config.num_nodes))[0]
-    state, metrics = rule.step(state, task, dict.fromkeys(task.neighbours, poisoned))
+    state, metrics, _ = rule.step(state, task, dict.fromkeys(task.neighbours, poisoned))
     assert metrics["neighbours_dropped"] == len(task.neighbours) and metrics["neighbours"] == 0
     assert all(bool(torch.isfinite(v).all()) for v in state.shared.values())
     assert all(bool(torch.isfinite(v).all()) for v in state.tensors["hypernet"].values())
@@ -190,7 +191,7 @@ def train_and_gossip(strategy, rules, states, round_: int) -> None:
     """Round-trip ``round_`` with local training, every node present."""
     latest = {p: s.shared for p, s in states.items()}
     for pid, task in strategy.plan_round(round_, latest).items():
-        states[pid], _ = rules[pid].step(states[pid], task,
+        states[pid], _, _ = rules[pid].step(states[pid], task,
                                          {j: latest[j] for j in task.neighbours})
 
 
@@ -227,8 +228,8 @@ def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sig
     for model in models:
         model[TRACKER] = sign * tracker
     weights = torch.tensor([0.5, 0.3, 0.2])
-    rule.p = 4.0
-    rule.tracker_mixed = rule._mixed_tracker(models, weights)
+    extra = HyperPrismExtra(torch.zeros(1), p=4.0,
+                            tracker_mixed=rule._mixed_tracker(models, weights))
 
     def objective(p: float) -> float:
         mirrored = sum(w * sign_power(flat({n: m[n] for n in rule.names}), p)
@@ -237,7 +238,7 @@ def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sig
 
     slope = (objective(4.0 + 1e-4) - objective(4.0 - 1e-4)) / 2e-4
     assert abs(slope) > 1e-3
-    assert rule._tracked_degree(models, weights) == 4.0 - 0.5 * math.copysign(1.0, slope)
+    assert rule._tracked_degree(models, weights, extra) == 4.0 - 0.5 * math.copysign(1.0, slope)
 
 
 def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_path):
@@ -263,7 +264,6 @@ def test_descent_chooses_each_layer_groups_degree_from_its_part_of_the_tracker(t
     models = [{k: torch.randn(v.shape, generator=gen) for k, v in initial.items()}
               for _ in range(3)]
     weights = torch.tensor([0.5, 0.3, 0.2])
-    from flwr_hyperprism.math.merge import merge_models
     far = merge_models(models, weights, {"theta": 15.0, "phi": 15.0}, rule.groups)
     linear = merge_models(models, weights, {"theta": 1.0, "phi": 1.0}, rule.groups)
     wanted = {n: (far[n] - linear[n]) * (1 if n in rule.groups["theta"] else -1)
@@ -271,12 +271,12 @@ def test_descent_chooses_each_layer_groups_degree_from_its_part_of_the_tracker(t
     tracker = -flat({n: wanted[n] for n in rule.names}).float() / config.lr
     for model in models:
         model[TRACKER] = tracker
-    rule.tracker_mixed = rule._mixed_tracker(models, weights)
-    assert rule._descent_degrees(models, weights) == {"theta": pytest.approx(15.0),
-                                                      "phi": 1.0}
+    extra = HyperPrismExtra(torch.zeros(1), tracker_mixed=rule._mixed_tracker(models, weights))
+    assert rule._descent_degrees(models, weights, extra) == {"theta": pytest.approx(15.0),
+                                                             "phi": 1.0}
     models[2] = {k: v for k, v in models[2].items() if k != TRACKER}  # no tracker yet: linear
-    rule.tracker_mixed = rule._mixed_tracker(models, weights)
-    assert rule._descent_degrees(models, weights) == {"theta": 1.0, "phi": 1.0}
+    extra = HyperPrismExtra(torch.zeros(1), tracker_mixed=rule._mixed_tracker(models, weights))
+    assert rule._descent_degrees(models, weights, extra) == {"theta": 1.0, "phi": 1.0}
 
 
 def test_descent_keeps_the_default_task_near_plain_averaging(tmp_path):

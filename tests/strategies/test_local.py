@@ -7,6 +7,7 @@ import torch
 from flwr_hyperprism.orchestration.in_process import run_in_process
 from flwr_hyperprism.orchestration.rounds import round_loop
 from flwr_hyperprism.setup.config import RunConfig
+from strategies.base.node import NoExtra
 from strategies.local import Local, LocalNode
 
 
@@ -36,7 +37,7 @@ def test_local_training_is_d_psgd_on_a_graph_without_edges(tmp_path):
 def test_a_node_keeps_exactly_its_own_model():
     rule = LocalNode.for_partition(RunConfig(algorithm="local", num_nodes=3, eval_size=100), 1)
     own = {k: torch.randn(v.shape) for k, v in rule.learner.initial_model.items()}
-    merged = rule.combine([own], torch.tensor([1.0]), torch.Generator(), {})
+    merged, _ = rule.combine([own], torch.tensor([1.0]), torch.Generator(), {}, NoExtra())
     assert all(torch.equal(merged[k], own[k]) and merged[k] is not own[k] for k in own)
 
 

@@ -44,7 +44,7 @@ def test_mudag_fastmix_stages_match_the_dense_reference(tmp_path, identical):
     for k in range(1, 2 * steps + 1):
         latest = {p: s.shared for p, s in states.items()}
         for pid, task in strategy.plan_round(1, latest, stage=1).items():
-            states[pid], _ = rules[pid].step(states[pid], task,
+            states[pid], _, _ = rules[pid].step(states[pid], task,
                                              {j: latest[j] for j in task.neighbours})
         mixed = torch.stack([torch.cat([v.reshape(-1) for v in states[p].shared.values()])
                              for p in range(8)]).double().numpy()

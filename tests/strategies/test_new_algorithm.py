@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from strategies import AlgorithmSpec
-from strategies.base.node import GossipNode
+from strategies.base.node import GossipNode, NoExtra
 from strategies.base.plan import RoutingPlan
 
 
@@ -29,10 +29,10 @@ class MedianGossip(RoutingPlan):
     description = "Median gossip"
 
 
-class MedianNode(GossipNode):
-    def combine(self, models, weights, gen, metrics):
+class MedianNode(GossipNode[NoExtra]):
+    def combine(self, models, weights, gen, metrics, extra):
         return {name: torch.stack([m[name] for m in models]).median(dim=0).values
-                for name in self.learner.names}
+                for name in self.learner.names}, extra
 
 
 SPEC = AlgorithmSpec(MedianGossip, MedianNode)

@@ -18,9 +18,9 @@ def test_each_partition_routes_the_shared_tensors_its_rule_returned_last(tmp_pat
         step = rule.step
 
         def recording_step(state, task, neighbours):
-            new, metrics = step(state, task, neighbours)
-            returned[pid] = new.shared
-            return new, metrics
+            outcome = step(state, task, neighbours)
+            returned[pid] = outcome.state.shared
+            return outcome
 
         rule.step = recording_step
         return rule

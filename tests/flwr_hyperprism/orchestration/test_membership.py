@@ -1,6 +1,6 @@
 """Elastic membership through the real ClientApp on an in-memory grid: nodes that die, come
 back under a new node id, or claim a partition twice (the real-fleet versions are in
-tests/test_fleet.py)."""
+tests/fleet/)."""
 
 from __future__ import annotations
 

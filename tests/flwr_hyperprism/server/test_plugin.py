@@ -46,10 +46,11 @@ def test_linear_merge_is_the_weighted_average_and_keeps_integer_tensors():
     rule = DPSGDNode(RunConfig(algorithm="dpsgd"), 0, learner)
     own, other = model(1), model(2)
     task = NodeTask(1, (5,), (0.25,), 0.75)
-    after, _ = rule.round_trip(rule.init_state(), task, {5: other}, rule.generator(task))
+    after, _, evaluated = rule.round_trip(rule.init_state(), task, {5: other},
+                                          rule.generator(task))
     for name in NAMES:
         torch.testing.assert_close(after.shared[name], 0.75 * own[name] + 0.25 * other[name])
-        assert torch.equal(learner.evaluated[name], after.shared[name])  # what is scored
+        assert torch.equal(evaluated[name], after.shared[name])  # what is scored
     assert after.shared["bn.num_batches_tracked"] == own["bn.num_batches_tracked"]
 
 
@@ -69,7 +70,7 @@ def test_the_hypernetwork_steps_on_the_pseudo_gradient_after_training():
     rule = HyperPrismNode(config, 0, HandlerLearner(model(1), sgd, config))
     state = rule.init_state()
     task = NodeTask(1, (3,), (0.5,), 0.5)
-    after, metrics = rule.round_trip(state, task, {3: model(2)}, rule.generator(task))
+    after, metrics, _ = rule.round_trip(state, task, {3: model(2)}, rule.generator(task))
     assert {"p_theta", "p_phi", "x"} <= metrics.keys()
     assert "hn_loss" not in metrics  # no fresh minibatch: the user's loss is unknown
     assert any(not torch.equal(after.tensors["hypernet"][k], state.tensors["hypernet"][k])
@@ -77,7 +78,7 @@ def test_the_hypernetwork_steps_on_the_pseudo_gradient_after_training():
     torch.testing.assert_close(after.tensors["grad_summary"]["summary"].reshape(-1, 3),
                                torch.tensor([[1.0, 0.0, n ** 0.5] for n in (12, 4, 8, 2)]))
 
-    alone, _ = rule.round_trip(state, NodeTask(1), {}, rule.generator(NodeTask(1)))
+    alone, _, _ = rule.round_trip(state, NodeTask(1), {}, rule.generator(NodeTask(1)))
     assert all(torch.equal(alone.tensors["hypernet"][k], v)  # without neighbours d loss/d p = 0
                for k, v in state.tensors["hypernet"].items())
 
@@ -106,7 +107,7 @@ def test_plug_in_hyperprism_runs_the_native_rule(tmp_path):
             latest = {p: s.shared for p, s in states[mode].items()}
             for pid, task in tasks.items():
                 gens[pid] = rules[pid].generator(task)
-                states[mode][pid], metrics = rules[pid].round_trip(
+                states[mode][pid], metrics, _ = rules[pid].round_trip(
                     states[mode][pid], task, {j: latest[j] for j in task.neighbours}, gens[pid])
                 degrees[mode, pid] = metrics["p_theta"]
         for pid in range(4):
@@ -155,10 +156,10 @@ def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(rule_type, m
         tasks = {i: NodeTask(round_, (1 - i,), (weight,), self_weight, train_round,
                              coefficients, stage) for i in (0, 1)}
         shared = {i: plugged[i].shared for i in (0, 1)}
+        scored = {}
         for i in (0, 1):
-            learners[i].evaluated = None
-            plugged[i], _ = rules[i].round_trip(plugged[i], tasks[i], {1 - i: shared[1 - i]},
-                                                rules[i].generator(tasks[i]))
+            plugged[i], _, scored[i] = rules[i].round_trip(
+                plugged[i], tasks[i], {1 - i: shared[1 - i]}, rules[i].generator(tasks[i]))
         shared = {i: reference[i].shared for i in (0, 1)}
         outcome = {i: method.round_trip(reference[i], tasks[i], {1 - i: shared[1 - i]},
                                         gradient) for i in (0, 1)}
@@ -170,11 +171,11 @@ def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(rule_type, m
                     torch.testing.assert_close(plugged[i].tensors[group][k], v,
                                                rtol=1e-5, atol=1e-6)
             evaluated = outcome[i][1]
-            assert (learners[i].evaluated is None) == (evaluated is None)
+            assert (scored[i] is None) == (evaluated is None)
             if evaluated is not None:  # the evaluate message scores the method's model
                 for k, v in evaluated.items():
-                    torch.testing.assert_close(learners[i].evaluated[k], v)
-                assert learners[i].evaluated["bn.num_batches_tracked"] == i + 1
+                    torch.testing.assert_close(scored[i][k], v)
+                assert scored[i]["bn.num_batches_tracked"] == i + 1
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -208,12 +209,12 @@ def test_local_layers_stay_out_of_the_merge_and_the_pseudo_gradient():
     task = NodeTask(1, (5,), (0.5,), 0.5)
     state = rule.init_state()
     state.shared[TRACKER] = torch.zeros(16)  # fc1's 12 + 4 parameters: fc2 is not tracked
-    after, _ = rule.round_trip(state, task, {5: {**other, TRACKER: torch.ones(16)}},
-                               rule.generator(task))
+    after, _, evaluated = rule.round_trip(state, task, {5: {**other, TRACKER: torch.ones(16)}},
+                                          rule.generator(task))
     for name in ("fc2.weight", "fc2.bias"):  # the node's own, then its own training
-        torch.testing.assert_close(learner.evaluated[name], own[name])
+        torch.testing.assert_close(evaluated[name], own[name])
         torch.testing.assert_close(after.shared[name], own[name] - 0.1)
-    assert not torch.equal(learner.evaluated["fc1.weight"], own["fc1.weight"])  # merged
+    assert not torch.equal(evaluated["fc1.weight"], own["fc1.weight"])  # merged
     assert after.shared[TRACKER].shape == (16,)
 
 

@@ -24,7 +24,7 @@ from strategies.dpsgd import DPSGDNode
 def test_the_optimizer_state_round_trips_through_the_node_state():
     config = RunConfig(num_nodes=5, momentum=0.9, local_steps=2, eval_size=100)
     rule = DPSGDNode.for_partition(config, 0)
-    state, _ = rule.step(rule.init_state(), NodeTask(1), {})
+    state, _, _ = rule.step(rule.init_state(), NodeTask(1), {})
     buffers = state.tensors["optimizer"]
     assert buffers and all(torch.count_nonzero(v) > 0 for v in buffers.values())
     optimizer = rule.learner.optimizer
@@ -64,7 +64,7 @@ def test_native_local_layers_keep_the_nodes_own_tensors(zero_learning_rate):
     other = {k: torch.randn(v.shape) for k, v in own.items()}
     state = rule.init_state()
     state.tensors["shared"] = own
-    after, _ = rule.step(state, NodeTask(1, (4,), (0.5,), 0.5), {4: other})
+    after, _, _ = rule.step(state, NodeTask(1, (4,), (0.5,), 0.5), {4: other})
     torch.testing.assert_close(after.shared["classifier.weight"],
                                0.5 * own["classifier.weight"] + 0.5 * other["classifier.weight"])
     assert torch.equal(after.shared["classifier.bias"], own["classifier.bias"])
@@ -93,7 +93,7 @@ def test_device_cpu_and_auto_runs_agree_and_keep_state_on_the_cpu(tmp_path, algo
     spec = algorithm_spec(algorithm)
     rule = spec.make_rule(config, 0)
     task = NodeTask(1, coefficients=spec.orchestrator(config).coefficients(1))
-    state, _ = rule.step(rule.init_state(), task, {})
+    state, _, _ = rule.step(rule.init_state(), task, {})
     assert {t.device.type for group in state.tensors.values() for t in group.values()} == {"cpu"}
 
 

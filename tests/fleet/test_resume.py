@@ -1,0 +1,43 @@
+"""A fleet run resumed after its ServerApp was stopped has the uninterrupted run's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flwr_hyperprism.setup.config import RunConfig
+from simulations.run import run_experiment
+from tests.fleet import REPO, read_rows, wait_until
+from tests.local_flower import loopback_fleet
+from tests.variants import metrics_rows
+
+
+@pytest.mark.slow
+def test_a_fleet_run_resumed_after_stopping_its_serverapp_has_the_uninterrupted_metrics(
+        tmp_path: Path) -> None:
+    num_nodes, num_rounds = 3, 4
+    run_dir = tmp_path / "runs" / "resumed"
+    settings = (f"num-nodes={num_nodes} num-rounds={num_rounds} momentum=0.5 eval-size=500 "
+                f"node-wait-timeout=120 round-timeout=120 output-dir='{run_dir.parent}' "
+                f"run-name='{run_dir.name}'")
+    with loopback_fleet(tmp_path / "fleet", num_nodes,
+                        node_config=lambda i: f"state-dir='{tmp_path / f'state-{i}'}'") as fleet:
+        submitted = json.loads(fleet.flwr(["run", str(REPO), fleet.connection, "--format",
+                                           "json", "--run-config", settings]))
+        wait_until(lambda: len(read_rows(run_dir)) >= 2, 240, "no row 2")
+        fleet.flwr(["stop", str(submitted["run-id"]), fleet.connection])
+        wait_until(lambda: not fleet.serverapps(), 60, "the stopped ServerApp still runs")
+        stopped_at = len(read_rows(run_dir))
+        output = fleet.flwr(["run", str(REPO), fleet.connection, "--stream", "--run-config",
+                             f"{settings} resume=true"], timeout=420)
+    assert fleet.leftovers() == [], "processes left running"
+    assert stopped_at < num_rounds + 1, "the run finished before it was stopped"
+    assert "resuming" in output, output[-3000:]
+
+    reference = run_experiment(RunConfig(num_nodes=num_nodes, num_rounds=num_rounds,
+                                         momentum=0.5, eval_size=500,
+                                         output_dir=str(tmp_path / "runs"),
+                                         run_name="reference"))
+    assert metrics_rows(run_dir) == metrics_rows(reference)
