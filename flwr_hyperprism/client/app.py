@@ -36,6 +36,7 @@ from strategies.base.rule import StateDict
 
 STATE_PREFIX = "node."  # context.state records "node.<group>" hold the node's tensors
 ROUND_KEY = "node-round"
+CONFIG_KEY = "node-run-config"  # context.state: the run config the orchestrator last sent
 
 def info(msg: Message, context: Context) -> Message:
     """Tell the orchestrator which partition this node holds and whether it can load it.
@@ -70,7 +71,7 @@ def _train(msg: Message, context: Context) -> Message:
     last routed (``OWN_KEY``), else from the initial state (``starting_state``). With a state
     directory the new state is checkpointed before the reply goes out.
     """
-    config = RunConfig.from_run_config(msg.content.config_records[RUN_KEY])
+    config = run_config(msg, context)
     partition_id = int(context.node_config["partition-id"])
     rule = _node_rule(config, partition_id)
     task = record_task(msg.content.config_records[TASK_KEY])
@@ -96,6 +97,24 @@ def train_reply(msg: Message, state: NodeState, metrics: dict[str, float],
     if model is not None:
         content[MODEL_KEY] = ArrayRecord(model)
     return Message(content, reply_to=msg)
+
+
+def run_config(msg: Message, context: Context) -> RunConfig:
+    """The run config of a train message: the one it carries, which the node keeps in
+    ``context.state``, else the one the node kept (the orchestrator sends it once per run, and
+    again to a node that may have lost it or when it changes)."""
+    if RUN_KEY in msg.content.config_records:
+        context.state[CONFIG_KEY] = msg.content.config_records[RUN_KEY]
+    elif CONFIG_KEY not in context.state:
+        raise ValueError(f"partition {context.node_config.get('partition-id')} got a train "
+                         f"message without the run config and has none kept")
+    return _parsed(tuple(context.state.config_records[CONFIG_KEY].items()))
+
+
+@lru_cache(maxsize=16)
+def _parsed(items: tuple[tuple[str, object], ...]) -> RunConfig:
+    # one parse and validation per distinct config, not one per round-trip
+    return RunConfig.from_run_config(dict(items))
 
 
 def run_key(msg: Message) -> str:
@@ -128,7 +147,11 @@ def _node_rule(config: RunConfig, partition_id: int) -> LearningNode:
 
 
 def save_state(context: Context, state: NodeState) -> None:
-    """Store a ``NodeState`` in ``context.state`` (one ArrayRecord per tensor group)."""
+    """Store a ``NodeState`` in ``context.state`` (one ArrayRecord per tensor group; groups
+    the new state no longer has are removed)."""
+    for key in [k for k in context.state.array_records if k.startswith(STATE_PREFIX)
+                and k[len(STATE_PREFIX):] not in state.tensors]:
+        del context.state[key]
     for group, tensors in state.tensors.items():
         context.state[STATE_PREFIX + group] = ArrayRecord(tensors)
     context.state[ROUND_KEY] = ConfigRecord({"round": state.round})

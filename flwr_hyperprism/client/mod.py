@@ -27,12 +27,10 @@ from flwr_hyperprism.messages.protocol import (
     INFO_KEY,
     NEIGHBOUR_PREFIX,
     REPORT_KEY,
-    RUN_KEY,
     TASK_KEY,
     record_task,
     scalar_metrics,
 )
-from flwr_hyperprism.setup.config import RunConfig
 from strategies import NodeState, algorithm_spec
 from strategies.base.checkpoint import node_checkpoints, starting_state
 from strategies.base.node import GossipNode, LearningNode
@@ -42,6 +40,7 @@ from .app import (
     load_state,
     partition_info,
     routed_own,
+    run_config,
     run_key,
     save_state,
     train_reply,
@@ -69,7 +68,7 @@ def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 
 def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     content = msg.content
-    config = RunConfig.from_run_config(content.config_records[RUN_KEY])
+    config = run_config(msg, context)
     task = record_task(content.config_records[TASK_KEY])
     partition_id = int(context.node_config["partition-id"])
     spec = algorithm_spec(config.algorithm)

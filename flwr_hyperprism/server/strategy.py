@@ -42,6 +42,7 @@ class DecentralizedStrategy(Strategy):
         self.loop, self.members = loop, membership.Membership(query_type)
         self.train_message_type = train_message_type
         self.final_models: Models = {}
+        self._sent_config: RunConfig | None = None  # the run config the nodes were last sent
 
     @property
     def config(self) -> RunConfig:
@@ -80,11 +81,17 @@ class DecentralizedStrategy(Strategy):
     def train_contents(self, round_: int, stage: int, passed_on: ConfigRecord,
                        report: bool = False) -> dict[int, RecordDict]:
         """The content of each bound partition's train message."""
-        records = {protocol.RUN_KEY: protocol.run_record(self.round_config(passed_on)),
-                   protocol.SESSION_KEY: ConfigRecord({"run-key": self.loop.store.run_key}),
+        config = self.round_config(passed_on)
+        changed, self._sent_config = config != self._sent_config, config
+        session = {protocol.SESSION_KEY: ConfigRecord({"run-key": self.loop.store.run_key}),
                    "config": passed_on}
-        return {pid: routing.train_content(pid, task, self.loop.routing, records,
-                                           pid not in self.members.in_sync, report)
+        with_config = {protocol.RUN_KEY: protocol.run_record(config), **session}
+        # the run config goes once per run: again only to a node that may not hold it (it
+        # failed, was silent or (re)joined) and to all when it changes (plug-in lr schedules)
+        return {pid: routing.train_content(
+                    pid, task, self.loop.routing,
+                    with_config if changed or pid not in self.members.in_sync else session,
+                    pid not in self.members.in_sync, report)
                 for pid, task in self.loop.tasks(round_, stage).items()
                 if pid in self.members.node_ids}
 
@@ -137,6 +144,7 @@ class DecentralizedStrategy(Strategy):
             self.loop.reconfigure(**changes)
         self.prepare(grid, train_config)
         self.summary()
+        self._sent_config = None
         resumed = self.loop.open(initial_arrays, ArrayRecord, self.described_settings())
         self.members.bind(membership.wait_for_partitions(
             grid, self.config.num_nodes, self.config.node_wait_timeout, self.members.query_type,

@@ -11,7 +11,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
 from flwr_hyperprism.client.app import app as client_app
-from flwr_hyperprism.messages.protocol import OWN_KEY, REPORT_KEY, STAGE_KEY, record_task
+from flwr_hyperprism.messages.protocol import OWN_KEY, REPORT_KEY, RUN_KEY, STAGE_KEY, record_task
 from flwr_hyperprism.server.app import initial_model
 from flwr_hyperprism.server.plugin import PluginStrategy, decentralized_strategy
 from flwr_hyperprism.server.strategy import make_strategy
@@ -62,3 +62,25 @@ def test_flowers_own_aggregate_hooks_point_to_start():
         strategy.aggregate_train(1, [])
     with pytest.raises(NotImplementedError, match="call start()"):
         strategy.aggregate_evaluate(1, [])
+
+
+def test_the_run_config_goes_once_per_run_and_again_where_it_may_be_missing(tmp_path):
+    strategy = opened(RunConfig(num_nodes=3, density=1.0), tmp_path)
+
+    def sent_config(round_: int) -> list[int]:
+        contents = strategy.train_contents(round_, 0, ConfigRecord())
+        return sorted(pid for pid, content in contents.items() if RUN_KEY in content)
+
+    assert sent_config(1) == [0, 1, 2]
+    assert sent_config(2) == []
+    strategy.members.replied({0, 1, 2}, {0, 2})  # partition 1 failed: it may have lost it
+    assert sent_config(3) == [1]
+
+
+def test_a_changed_round_config_goes_to_every_node(tmp_path):
+    strategy = decentralized_strategy("dpsgd", num_nodes=2, density=1.0)
+    strategy.loop.open(initial_model(RunConfig(num_nodes=2)), ArrayRecord)
+    strategy.members.bind({0: 1000, 1: 1001}, in_sync=True)
+    for lr, expected in ((0.1, [0, 1]), (0.1, []), (0.05, [0, 1])):
+        contents = strategy.train_contents(1, 0, ConfigRecord({"lr": lr}))
+        assert sorted(p for p, c in contents.items() if RUN_KEY in c) == expected
