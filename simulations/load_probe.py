@@ -177,7 +177,7 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
     config = RunConfig.from_run_config({**_typed(overrides), "num-nodes": num_nodes,
                                         "algorithm": algorithm, "num-rounds": rounds})
     spec = algorithm_spec(algorithm)
-    plan, routing, model = spec.orchestrator(config), RoutingTable(), initial_model(config)
+    plan, routing, model = spec.plan(config), RoutingTable(), initial_model(config)
     routing.start(model, num_nodes)
     records = {RUN_KEY: run_record(config), SESSION_KEY: ConfigRecord({"run-key": ""}),
                "config": ConfigRecord()}

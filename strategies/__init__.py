@@ -1,7 +1,7 @@
 """Decentralized strategies: one module per algorithm (orchestration + node rule + ``SPEC``).
 
 ``ALGORITHMS`` is the registry: every module of this package that declares ``SPEC`` (an
-``AlgorithmSpec``) is an algorithm, under its orchestrator's name. Adding an algorithm is adding
+``AlgorithmSpec``) is an algorithm, under its plan's name. Adding an algorithm is adding
 a module; the apps, plug-in mode, the sweeps and the test battery read the registry. Importing
 the package and its algorithms needs no Flower: the Flower strategy is
 ``flwr_hyperprism.server.strategy``.
@@ -34,7 +34,7 @@ def register(spec: AlgorithmSpec) -> None:
     ``ALGORITHMS``; a ValueError if its name is taken."""
     if spec.name in ALGORITHMS and ALGORITHMS[spec.name] is not spec:
         raise ValueError(f"an algorithm named {spec.name!r} is already registered "
-                         f"({ALGORITHMS[spec.name].orchestrator.__module__}); rename yours")
+                         f"({ALGORITHMS[spec.name].plan.__module__}); rename yours")
     ALGORITHMS[spec.name] = spec
 
 

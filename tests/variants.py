@@ -63,7 +63,7 @@ def make_config(tmp_path: Path, name: str, **changes: object) -> RunConfig:
 def nodes_for(config: RunConfig) -> tuple[RoutingPlan, dict[int, NodeRule]]:
     """The plan of ``config``'s orchestrator and the node rule of every partition."""
     spec = ALGORITHMS[config.algorithm]
-    return (spec.orchestrator(config),
+    return (spec.plan(config),
             {pid: spec.make_rule(config, pid) for pid in range(config.num_nodes)})
 
 

@@ -145,4 +145,4 @@ def round_loop(config: RunConfig, run_dir: str | Path | None = None,
     """The round loop of ``config.algorithm`` (its settings checked), outputs in ``run_dir``."""
     spec = algorithm_spec(config.algorithm)
     spec.check(config)
-    return RoundLoop(spec.orchestrator(config), run_dir, on_round)
+    return RoundLoop(spec.plan(config), run_dir, on_round)

@@ -193,7 +193,7 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: st
     root = default_run_root()
     run_dir = root / (run_dir if run_dir is not None else
                       f"{algorithm}-plugin-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    return PluginStrategy(RoundLoop(spec.orchestrator(config), run_dir, on_round),
+    return PluginStrategy(RoundLoop(spec.plan(config), run_dir, on_round),
                           accuracy_metric=accuracy_metric, loss_metric=loss_metric,
                           num_nodes_from_federation="num_nodes" not in settings,
                           lr_key=None if "lr" in settings else lr_key,

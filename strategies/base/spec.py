@@ -1,11 +1,10 @@
-"""What makes an algorithm: its orchestrator and its node rule, declared once in its module.
+"""What makes an algorithm: its routing plan and its node rule, declared once in its module.
 
-Each algorithm module ends with ``SPEC = AlgorithmSpec(Orchestrator, NodeRule)``; the package
-collects every module's ``SPEC`` into ``strategies.ALGORITHMS`` (``strategies/__init__.py``),
-which the apps, plug-in mode, the sweeps and the test battery read. The orchestrator (a
-``RoutingPlan``) carries the algorithm's name, display name and own config keys; the Flower
-strategy that carries the plan out is the same for every algorithm
-(``flwr_hyperprism.server.strategy.make_strategy``).
+Each algorithm module ends with ``SPEC = AlgorithmSpec(Plan, NodeRule)``; the package collects
+every module's ``SPEC`` into ``strategies.ALGORITHMS`` (``strategies/__init__.py``), which the
+apps, plug-in mode, the sweeps and the test battery read. The plan (a ``RoutingPlan``) carries
+the algorithm's name, display name and own config keys; the orchestrator that carries a plan
+out is the same for every algorithm (``flwr_hyperprism/orchestration``).
 """
 
 from __future__ import annotations
@@ -21,25 +20,25 @@ from .plan import RoutingPlan
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """One algorithm: the orchestrator that plans its rounds and the rule its nodes follow."""
+    """One algorithm: the plan of its rounds and the rule its nodes follow."""
 
-    orchestrator: type[RoutingPlan]
+    plan: type[RoutingPlan]
     node_rule: type[LearningNode]
 
     @property
     def name(self) -> str:
         """The ``algorithm`` config value."""
-        return self.orchestrator.algorithm
+        return self.plan.algorithm
 
     @property
     def display_name(self) -> str:
         """The algorithm's name in logs and outputs."""
-        return self.orchestrator.description
+        return self.plan.description
 
     @property
     def config_keys(self) -> tuple[str, ...]:
         """The RunConfig fields only this algorithm reads."""
-        return self.orchestrator.config_keys
+        return self.plan.config_keys
 
     def check(self, config: RunConfig) -> None:
         """Raise ValueError for settings this algorithm cannot honour."""

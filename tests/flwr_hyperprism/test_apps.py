@@ -137,7 +137,7 @@ def test_simulation_runtime_run_learns_and_equals_in_process_run(tmp_path, algor
     assert all(r["neighbours_dropped_mean"] == 0 for r in rows)  # the guard spares honest peers
     assert rows == metrics_rows(tmp_path / "inprocess")
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
-    assert summary["algorithm_name"] == ALGORITHMS[algorithm].orchestrator.description
+    assert summary["algorithm_name"] == ALGORITHMS[algorithm].plan.description
 
 
 @pytest.mark.parametrize("algorithm", ["hyperprism", "adom"])

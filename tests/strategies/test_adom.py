@@ -14,7 +14,7 @@ from tests.variants import drive, make_config, nodes_for
 
 def test_adom_tasks_carry_gossip_matrix_rows_and_chi():
     config = RunConfig(num_nodes=12, algorithm="adom")
-    strategy = ALGORITHMS["adom"].orchestrator(config)
+    strategy = ALGORITHMS["adom"].plan(config)
     assert strategy.chi >= 1.0
     task = strategy.plan_round(1, range(12))[0]
     assert task.coefficients == {"chi": strategy.chi}

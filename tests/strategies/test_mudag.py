@@ -79,7 +79,7 @@ def test_mudag_without_gradients_stays_at_its_consensus_init(tmp_path, zero_lear
 def test_mudag_rounds_take_k_exchanges_and_rows_count_them(tmp_path):
     config = make_config(tmp_path, "mudag", num_nodes=6, num_rounds=3, topology="ring")
     spec = ALGORITHMS["mudag"]
-    plan = spec.orchestrator(config)
+    plan = spec.plan(config)
     steps = [plan.gossip_steps(t) for t in (1, 2, 3)]
     assert steps == [5, 5, 5]  # ring of 6: lambda2(Wm) = 3/4, K = ceil(ln 10 / (1/2))
     assert [plan.stages(t) for t in (1, 2, 3, 4)] == steps + [1]

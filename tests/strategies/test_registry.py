@@ -13,7 +13,7 @@ from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS, AlgorithmSpec, algorithm_spec, ignored_keys
 
 
-def test_every_module_that_declares_a_spec_is_registered_under_its_orchestrators_name():
+def test_every_module_that_declares_a_spec_is_registered_under_its_plans_name():
     declared = {}
     for module in pkgutil.iter_modules(strategies.__path__):
         spec = getattr(importlib.import_module(f"strategies.{module.name}"), "SPEC", None)
@@ -28,11 +28,11 @@ def test_every_module_that_declares_a_spec_is_registered_under_its_orchestrators
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_a_spec_builds_its_orchestrator_and_node_rules(name, tmp_path):
+def test_a_spec_builds_its_plan_and_node_rules(name, tmp_path):
     config = RunConfig(algorithm=name, num_nodes=3, eval_size=100, output_dir=str(tmp_path))
     spec = algorithm_spec(name)
-    orchestrator = spec.orchestrator(config)
-    assert orchestrator.algorithm == name and spec.display_name == orchestrator.description
+    plan = spec.plan(config)
+    assert plan.algorithm == name and spec.display_name == plan.description
     rule = spec.make_rule(config, 2)
     assert rule.init_state().round == 0
     fields = {f.name for f in dataclasses.fields(RunConfig)}

@@ -88,7 +88,7 @@ def test_plug_in_hyperprism_runs_the_native_rule(tmp_path):
     # learned degrees) then follows the native run's degrees and models exactly.
     config = make_config(tmp_path, "hyperprism", num_nodes=4, num_rounds=3, momentum=0.5)
     spec = algorithm_spec("hyperprism")
-    plan = spec.orchestrator(config)
+    plan = spec.plan(config)
     native = {pid: spec.make_rule(config, pid) for pid in range(4)}
     trainers = {pid: spec.node_rule.native_learner(config, pid) for pid in range(4)}
     gens: dict[int, torch.Generator] = {}

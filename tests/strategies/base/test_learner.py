@@ -92,7 +92,7 @@ def test_device_cpu_and_auto_runs_agree_and_keep_state_on_the_cpu(tmp_path, algo
     assert rows["cpu"] == rows["auto"]  # a CPU machine (conftest): bit for bit
     spec = algorithm_spec(algorithm)
     rule = spec.make_rule(config, 0)
-    task = NodeTask(1, coefficients=spec.orchestrator(config).coefficients(1))
+    task = NodeTask(1, coefficients=spec.plan(config).coefficients(1))
     state, _, _ = rule.step(rule.init_state(), task, {})
     assert {t.device.type for group in state.tensors.values() for t in group.values()} == {"cpu"}
 
