@@ -38,25 +38,6 @@ def _register_extra_algorithms() -> None:
 _register_extra_algorithms()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Two kinds of real-Flower tests each run one at a time on one pytest-xdist worker (the
-    README's test command runs two): the SuperLink fleets (tests/fleet/), and the other slow
-    tests (Ray simulations, ``flwr run``), so that a fleet and a simulation may overlap but
-    never two of a kind, whose processes would then compete for the same two cores. They are
-    collected first, so that the two groups start on different workers; the fast tests fill
-    in around them."""
-    def group(item: pytest.Item) -> str | None:
-        if "fleet" in item.path.parts:
-            return "fleet"
-        return "flower-runtime" if item.get_closest_marker("slow") else None
-
-    for item in items:
-        name = group(item)
-        if name is not None:
-            item.add_marker(pytest.mark.xdist_group(name))
-    items.sort(key=lambda item: {"fleet": 0, "flower-runtime": 1}.get(group(item) or "", 2))
-
-
 @pytest.fixture
 def zero_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     """No learning: no optimizer moves a parameter, and ADOM+ and Mudag see zero gradients."""
