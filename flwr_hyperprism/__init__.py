@@ -1,9 +1,10 @@
 """flwr-hyperprism: HyperPrism (NeurIPS 2024) decentralized learning as a Flower extension.
 
-Layers, each importing only the ones before it: the math (``mirror``, ``graphs``, ``degrees``,
-``hypernetwork``, ``models``, ``data``, ``config``, ``metrics``: PyTorch/NetworkX, no Flower) →
-the node rules and orchestrators in the ``strategies`` package → the Flower glue (``server_app``,
-``client_app``, ``plugin``, ``mod``) → the CLI (``simulations``).
+Layers are folders, each importing only the ones before it: ``math/`` (pure math: no Flower,
+no files) → ``setup/`` (settings and data) → the algorithms (the ``strategies`` package) →
+``messages/`` (the wire format) → ``client/`` (what a node runs) and ``orchestration/`` (the
+orchestrator's parts) → ``server/`` (the Flower Strategy, ServerApp, plug-in) → the CLI
+(``simulations``).
 
 For an existing Flower app (plug-in mode)::
 

@@ -39,7 +39,7 @@ ADOM_VECTORS = ("x", "x_f", "y", "y_f", "z", "z_f", "m")
 
 
 class ADOM(RoutingPlan):
-    """Routing-only ADOM+ orchestrator: gossip-matrix rows and chi."""
+    """ADOM+'s routing plan: gossip-matrix rows and chi."""
 
     algorithm = "adom"
     description = "ADOM+ (primal ADOM)"

@@ -21,7 +21,7 @@ from .base.spec import AlgorithmSpec
 
 
 class DPSGD(RoutingPlan):
-    """Routing-only D-PSGD orchestrator."""
+    """D-PSGD's routing plan."""
 
     algorithm = "dpsgd"
     description = "D-PSGD"

@@ -51,7 +51,7 @@ def flatten(tensors: StateDict, names: list[str]) -> Tensor:
 
 
 class HyperPrism(RoutingPlan):
-    """Routing-only HyperPrism orchestrator (MH weights on a time-varying graph)."""
+    """HyperPrism's routing plan (MH weights on a time-varying graph)."""
 
     algorithm = "hyperprism"
     description = "HyperPrism"

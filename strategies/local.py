@@ -20,7 +20,7 @@ from .base.spec import AlgorithmSpec
 
 
 class Local(RoutingPlan):
-    """An orchestrator that only schedules: no node is told of a neighbour."""
+    """A routing plan that only schedules: no node is told of a neighbour."""
 
     algorithm = "local"
     description = "Local (no communication)"

@@ -46,7 +46,7 @@ from .base.spec import AlgorithmSpec
 
 
 class Mudag(RoutingPlan):
-    """Routing-only Mudag orchestrator: K(t) FastMix stages per round over Wm(t) = I - Wg(t)."""
+    """Mudag's routing plan: K(t) FastMix stages per round over Wm(t) = I - Wg(t)."""
 
     algorithm = "mudag"
     description = "Mudag"

@@ -25,7 +25,7 @@ from .dpsgd import DPSGDNode
 
 
 class SwarmSGD(RoutingPlan):
-    """Routing-only SwarmSGD orchestrator: a random matching per round."""
+    """SwarmSGD's routing plan: a random matching per round."""
 
     algorithm = "swarmsgd"
     description = "SwarmSGD"

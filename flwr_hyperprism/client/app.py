@@ -107,7 +107,9 @@ def run_config(msg: Message, context: Context) -> RunConfig:
         context.state[CONFIG_KEY] = msg.content.config_records[RUN_KEY]
     elif CONFIG_KEY not in context.state:
         raise ValueError(f"partition {context.node_config.get('partition-id')} got a train "
-                         f"message without the run config and has none kept")
+                         f"message without the run config and has none kept (its node lost "
+                         f"its state under the same node id): the orchestrator sends it with "
+                         f"the next message, after this failed round-trip")
     return _parsed(tuple(context.state.config_records[CONFIG_KEY].items()))
 
 

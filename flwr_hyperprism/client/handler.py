@@ -54,8 +54,9 @@ class HandlerLearner:
     ``train`` hands the model to the handler and takes the pseudo-gradient (start - trained) /
     ``lr`` as the local gradient; ``gradient`` (Mudag, ADOM+) trains from the point and returns
     that pseudo-gradient; there is no fresh-minibatch ``probe``, so HyperPrism's hypernetwork
-    steps on the pseudo-gradient. ``evaluate`` only records the model (``evaluated``): the
-    evaluate message after the round scores it with the user's handler.
+    steps on the pseudo-gradient. ``evaluate`` scores nothing: the node rule returns the model
+    it evaluated, which the mod keeps and the evaluate message after the round scores with the
+    user's handler.
 
     Parameters
     ----------

@@ -48,6 +48,7 @@ class Membership:
         partitions' state already (a fresh run's nodes start from the initial model)."""
         self.node_ids = dict(partitions)
         self._claims = {nid: pid for pid, nid in partitions.items()}
+        self._retired, self._joining = set(), {}
         self.in_sync = set(partitions) if in_sync else set()
 
     @property

@@ -34,11 +34,12 @@ class DecentralizedStrategy(Strategy):
 
     ``loop``: the plan's rounds, routing table and run store; ``members``: which node serves
     which partition; ``final_models``: each partition's model after the run. Train messages go
-    to ``<train_message_type>.<algorithm>`` (no suffix when ``train_message_type`` is "train").
+    to ``train.<algorithm>`` (the native ClientApp's handlers) unless ``train_message_type``
+    names one type for all (plug-in mode: "train").
     """
 
     def __init__(self, loop: RoundLoop, query_type: str = "query.info",
-                 train_message_type: str = "train.") -> None:
+                 train_message_type: str | None = None) -> None:
         self.loop, self.members = loop, membership.Membership(query_type)
         self.train_message_type = train_message_type
         self.final_models: Models = {}
@@ -71,8 +72,7 @@ class DecentralizedStrategy(Strategy):
             if protocol.STAGE_KEY in config else 0
         passed_on = ConfigRecord({k: v for k, v in config.items()
                                   if k not in (protocol.STAGE_KEY, protocol.REPORT_KEY)})
-        kind = self.train_message_type
-        kind += self.loop.plan.algorithm if kind.endswith(".") else ""
+        kind = self.train_message_type or f"train.{self.loop.plan.algorithm}"
         return [Message(content, dst_node_id=self.members.node_ids[pid], message_type=kind,
                         group_id=f"{server_round}.{stage}")
                 for pid, content in self.train_contents(
@@ -172,7 +172,8 @@ class DecentralizedStrategy(Strategy):
             if asked:
                 replies = self.exchange(grid, asked, f"round {round_} evaluation")
                 for pid, metrics in self.collect_evaluation(round_, replies).items():
-                    node_metrics.get(pid, {}).update(metrics)
+                    if pid in node_metrics:
+                        node_metrics[pid].update(metrics)
             return node_metrics, reported
 
         rows = self.loop.run(round_trip)

@@ -1,9 +1,9 @@
 """The routing plan of an algorithm: who hears from whom, with which weights (no Flower).
 
-Each algorithm's orchestrator is a ``RoutingPlan``: every round-trip it samples G(t) and gives
-each node its ``NodeTask`` (neighbours, mixing weights, constants). The round loop
-(``flwr_hyperprism.orchestration.rounds``) carries out the same plan over Flower and in-process;
-nothing here touches a parameter.
+Each algorithm's plan is a ``RoutingPlan``, built as ``Plan(config)``: every round-trip it
+samples G(t) and gives each node its ``NodeTask`` (neighbours, mixing weights, constants). The
+round loop (``flwr_hyperprism.orchestration.rounds``) carries out the same plan over Flower and
+in-process; nothing here touches a parameter.
 """
 
 from __future__ import annotations
