@@ -10,6 +10,7 @@ from torch import Tensor
 from .mirror import power_mean
 
 StateDict = dict[str, Tensor]
+"""Named tensors: a model's state dict, or any named group of a node's state."""
 
 
 def merge_models(models: list[StateDict], weights: Tensor,

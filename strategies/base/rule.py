@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
-from torch import Tensor
 
-StateDict = dict[str, Tensor]
+from flwr_hyperprism.math.merge import StateDict as StateDict  # re-exported: the nodes use it
 
 
 @dataclass(frozen=True)
