@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord
 
 from flwr_hyperprism.client.app import app as client_app
-from flwr_hyperprism.client.app import load_state, run_config, save_state
 from flwr_hyperprism.math.models import build_model
-from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX, RUN_KEY, TASK_KEY, run_record
-from flwr_hyperprism.orchestration.membership import wait_for_partitions
+from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX, TASK_KEY
 from flwr_hyperprism.server.app import initial_model, run
 from flwr_hyperprism.server.strategy import make_strategy
 from flwr_hyperprism.setup.config import RunConfig
 from flwr_hyperprism.setup.data import INPUT_SHAPES, NUM_CLASSES
 from simulations.run import run_experiment
-from strategies import ALGORITHMS, NodeState
+from strategies import ALGORITHMS
 from strategies.base.learner import evaluate, node_data
 from tests.harness import LocalGrid
 from tests.variants import metrics_rows
@@ -93,27 +91,6 @@ def test_the_orchestrator_routes_exactly_what_the_neighbours_sent(tmp_path, algo
     assert grid.routed > 0 and grid.mismatches == []
 
 
-def test_wait_for_partitions_maps_partitions_to_node_ids():
-    grid = LocalGrid.with_nodes(client_app, 3)
-    mapping = wait_for_partitions(grid, 3, timeout=1.0)
-    assert mapping == {pid: 1000 + 7 * pid for pid in range(3)}
-
-
-@pytest.mark.parametrize("partitions, expected, message", [
-    ({1: (0, 2), 2: (1, 2)}, 3, "num-partitions=2 but the run config has num-nodes=3"),
-    ({1: (0, 2), 2: (0, 2)}, 2, "partition id 0 is claimed by nodes"),
-])
-def test_wait_for_partitions_rejects_a_mismatched_federation(partitions, expected, message):
-    with pytest.raises(RuntimeError, match=message):
-        wait_for_partitions(LocalGrid(client_app, partitions), expected, timeout=1.0)
-
-
-def test_wait_for_partitions_times_out_with_the_fix_in_the_message():
-    grid = LocalGrid(client_app, {5: (0, 3), 6: (1, 3)})
-    with pytest.raises(RuntimeError, match=r"only 2 of num-nodes=3 .*num-supernodes=3"):
-        wait_for_partitions(grid, 3, timeout=0.3)
-
-
 # ADOM+ and Mudag take one stochastic gradient per round: they need more rounds to get going,
 # and ADOM+ on the synthetic task is still at 44% after 15 rounds (chance is 10%). Local
 # training sees only its own classes (alpha = 0.1): 38% after round 1, then flat.
@@ -166,28 +143,3 @@ def test_a_native_run_scores_node_models_on_the_server_and_returns_the_final_one
     assert sorted(strategy.final_models) == list(range(config.num_nodes))
     assert result.arrays.to_torch_state_dict().keys() == model.state_dict().keys()
     model.load_state_dict(result.arrays.to_torch_state_dict())
-
-
-def test_a_node_keeps_the_run_config_it_was_sent_and_says_when_it_has_none():
-    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                      node_config={"partition-id": 3, "num-partitions": 4})
-    config = RunConfig(num_nodes=4, lr=0.05)
-    first = Message(RecordDict({RUN_KEY: run_record(config)}), dst_node_id=7,
-                    message_type="train.dpsgd")
-    assert run_config(first, context) == config
-    later = Message(RecordDict(), dst_node_id=7, message_type="train.dpsgd")
-    assert run_config(later, context) == config
-    fresh = Context(run_id=1, node_id=8, state=RecordDict(), run_config={},
-                    node_config={"partition-id": 3, "num-partitions": 4})
-    with pytest.raises(ValueError, match="partition 3 got a train message without the run"):
-        run_config(later, fresh)
-
-
-def test_a_saved_node_state_drops_the_groups_the_new_state_no_longer_has():
-    # e.g. HyperPrism's "diverged" group: kept, every later merge would stay linear
-    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config={})
-    save_state(context, NodeState(3, {"shared": {"w": torch.ones(2)},
-                                      "diverged": {"flag": torch.ones(())}}))
-    save_state(context, NodeState(4, {"shared": {"w": torch.zeros(2)}}))
-    state = load_state(context)
-    assert state is not None and state.round == 4 and list(state.tensors) == ["shared"]

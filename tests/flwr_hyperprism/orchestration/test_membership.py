@@ -1,6 +1,6 @@
-"""Elastic membership through the real ClientApp on an in-memory grid: nodes that die, come
-back under a new node id, or claim a partition twice (the real-fleet versions are in
-tests/fleet/)."""
+"""Membership through the real ClientApp on an in-memory grid: waiting for the partitions
+before round 1, and nodes that die, come back under a new node id, or claim a partition twice
+(the real-fleet versions are in tests/fleet/)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import logging
 
 import pytest
 
+from flwr_hyperprism.client.app import app as client_app
 from flwr_hyperprism.client.app import make_client_app
+from flwr_hyperprism.orchestration.membership import wait_for_partitions
 from flwr_hyperprism.server.app import run
 from flwr_hyperprism.setup.config import RunConfig
-from tests.harness import ElasticGrid
+from tests.harness import ElasticGrid, LocalGrid
 from tests.variants import metrics_rows
 
 NODES = {1000 + pid: (pid, 4) for pid in range(4)}
@@ -68,3 +70,24 @@ def test_a_second_node_claiming_a_live_partition_stays_idle(tmp_path, caplog):
     idle = [m for m in messages(caplog) if "node 2001 also claims partition 1" in m]
     assert len(idle) == 1 and "held by node 1001, which replies" in idle[0]
     assert grid.contexts[2001].state.array_records == {}  # it never got a train message
+
+
+def test_wait_for_partitions_maps_partitions_to_node_ids():
+    grid = LocalGrid.with_nodes(client_app, 3)
+    mapping = wait_for_partitions(grid, 3, timeout=1.0)
+    assert mapping == {pid: 1000 + 7 * pid for pid in range(3)}
+
+
+@pytest.mark.parametrize("partitions, expected, message", [
+    ({1: (0, 2), 2: (1, 2)}, 3, "num-partitions=2 but the run config has num-nodes=3"),
+    ({1: (0, 2), 2: (0, 2)}, 2, "partition id 0 is claimed by nodes"),
+])
+def test_wait_for_partitions_rejects_a_mismatched_federation(partitions, expected, message):
+    with pytest.raises(RuntimeError, match=message):
+        wait_for_partitions(LocalGrid(client_app, partitions), expected, timeout=1.0)
+
+
+def test_wait_for_partitions_times_out_with_the_fix_in_the_message():
+    grid = LocalGrid(client_app, {5: (0, 3), 6: (1, 3)})
+    with pytest.raises(RuntimeError, match=r"only 2 of num-nodes=3 .*num-supernodes=3"):
+        wait_for_partitions(grid, 3, timeout=0.3)
