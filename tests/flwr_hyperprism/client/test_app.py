@@ -6,23 +6,23 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
+from flwr_hyperprism.client.app import app as client_app
 from flwr_hyperprism.client.app import load_state, run_config, save_state
 from flwr_hyperprism.messages.protocol import RUN_KEY, run_record
 from flwr_hyperprism.setup.config import RunConfig
 from strategies import NodeState
+from tests.harness import LocalGrid
 
 
 def test_a_node_keeps_the_run_config_it_was_sent_and_says_when_it_has_none():
-    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                      node_config={"partition-id": 3, "num-partitions": 4})
+    grid = LocalGrid(client_app, {7: (3, 4), 8: (3, 4)})  # two nodes' contexts
+    context, fresh = grid.contexts[7], grid.contexts[8]
     config = RunConfig(num_nodes=4, lr=0.05)
     first = Message(RecordDict({RUN_KEY: run_record(config)}), dst_node_id=7,
                     message_type="train.dpsgd")
     assert run_config(first, context) == config
     later = Message(RecordDict(), dst_node_id=7, message_type="train.dpsgd")
     assert run_config(later, context) == config
-    fresh = Context(run_id=1, node_id=8, state=RecordDict(), run_config={},
-                    node_config={"partition-id": 3, "num-partitions": 4})
     with pytest.raises(ValueError, match="partition 3 got a train message without the run"):
         run_config(later, fresh)
 
