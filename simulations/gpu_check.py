@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hyperprism": {"algorithm": "hyperprism", "p_mode": "tracking"},
     "hyperprism-hypernetwork": {"algorithm": "hyperprism", "p_mode": "hypernetwork"},
     **{name: {"algorithm": name} for name in sorted(ALGORITHMS) if name != "hyperprism"},
+    "mudag": {"algorithm": "mudag", "mudag_max_gossip": 2},  # a short check
 }
 
 
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = RunConfig(model=args.model, dataset=args.dataset,
                          data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
                          num_nodes=args.nodes, num_rounds=args.rounds, eval_size=1000,
-                         mudag_max_gossip=2, output_dir=out)
+                         output_dir=out)
         timed_run(base.replace(num_rounds=1, device=args.against, run_name="warm-up"))
         for variant in variants:
             (cpu, cpu_seconds), (other, other_seconds) = (

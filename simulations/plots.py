@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from flwr_hyperprism.orchestration.metrics import node_values  # noqa: E402
 from flwr_hyperprism.setup.config import RunConfig  # noqa: E402
 from strategies.base.learner import partitioned  # noqa: E402
+from strategies.hyperprism import HyperPrismSettings  # noqa: E402
 
 from .sweep_file import REFERENCE_METHOD, Cell, Sweep, cell_rows, file_name  # noqa: E402
 
@@ -166,7 +167,7 @@ def per_node_degree_methods(sweep: Sweep) -> dict[str, str]:
     for method, settings in sweep.methods.items():
         if settings.get("algorithm", sweep.base.algorithm) != "hyperprism":
             continue
-        p_mode = settings.get("p_mode", sweep.base.p_mode)
+        p_mode = HyperPrismSettings.of(sweep.base.replace(**settings)).p_mode
         if p_mode in ("descent", "hypernetwork", "tracking"):
             name = "p_nodes.png" if method == REFERENCE_METHOD else f"p_nodes_{p_mode}.png"
             if name in methods.values():

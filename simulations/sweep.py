@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flwr_hyperprism.setup.config import RunConfig
-from strategies import ignored_keys
 
 from .run import ENGINES, run_experiment
 from .sweep_file import REFERENCE_METHOD, Cell, Sweep, cell_rows
@@ -153,12 +152,11 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    # what the algorithm does not read (another algorithm's keys) cannot make a cell outdated
-    ignored = {key.replace("_", "-") for key in ignored_keys(config.algorithm)}
+    # the run's and its algorithm's keys (what another algorithm reads cannot outdate a cell)
     comparable = {k: v for k, v in config.to_run_config().items()
-                  if k not in (*PATH_KEYS, "run-name", "resume") and k not in ignored}
+                  if k not in (*PATH_KEYS, "run-name", "resume")}
     # a key newer than the saved run has the value its default stands for
-    defaults = RunConfig().to_run_config()
+    defaults = RunConfig(algorithm=config.algorithm).to_run_config()
     return (summary.get("rounds_completed") == config.num_rounds
             and all(saved.get(k, defaults[k]) == v for k, v in comparable.items()))
 

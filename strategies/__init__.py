@@ -10,6 +10,8 @@ the package and its algorithms needs no Flower: the Flower strategy is
 import importlib
 import pkgutil
 
+from flwr_hyperprism.setup.config import register_settings
+
 from .base.rule import NodeRule, NodeState, NodeTask
 from .base.spec import AlgorithmSpec
 
@@ -23,6 +25,7 @@ def _discover() -> dict[str, AlgorithmSpec]:
             raise TypeError(f"strategies/{module}.py is neither shared machinery nor an "
                             f"algorithm: it declares no SPEC = AlgorithmSpec(...)")
         specs[spec.name] = spec
+        register_settings(spec.name, spec.settings)
     return specs
 
 
@@ -35,6 +38,7 @@ def register(spec: AlgorithmSpec) -> None:
     if spec.name in ALGORITHMS and ALGORITHMS[spec.name] is not spec:
         raise ValueError(f"an algorithm named {spec.name!r} is already registered "
                          f"({ALGORITHMS[spec.name].plan.__module__}); rename yours")
+    register_settings(spec.name, spec.settings)
     ALGORITHMS[spec.name] = spec
 
 
@@ -46,13 +50,7 @@ def algorithm_spec(name: str) -> AlgorithmSpec:
     return ALGORITHMS[name]
 
 
-def ignored_keys(algorithm: str) -> set[str]:
-    """The RunConfig fields ``algorithm`` does not read: the other algorithms' own keys."""
-    own = set(algorithm_spec(algorithm).config_keys)
-    return {key for spec in ALGORITHMS.values() for key in spec.config_keys} - own
-
-
 __all__ = [
     "ALGORITHMS", "AlgorithmSpec", "NodeRule", "NodeState", "NodeTask", "algorithm_spec",
-    "ignored_keys", "register",
+    "register",
 ]

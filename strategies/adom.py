@@ -29,6 +29,7 @@ import torch
 from flwr_hyperprism.math.graphs import gossip_matrix
 from flwr_hyperprism.setup.config import RunConfig
 
+from .base.accelerated import AcceleratedSettings
 from .base.learner import clone_tensors
 from .base.node import Gradient, GradientNode, mix_row
 from .base.plan import RoutingPlan
@@ -43,7 +44,6 @@ class ADOM(RoutingPlan):
 
     algorithm = "adom"
     description = "ADOM+ (primal ADOM)"
-    config_keys = ("smoothness", "strong_convexity")
     routes_initial_model = False  # nodes share q and y_g + z_g, zero at the start
 
     def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:
@@ -119,7 +119,7 @@ class ADOMUpdate:
     """ADOM+'s node update on parameter dicts (a ``GradientMethod``): one gradient at x_g."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.config = config
+        self.settings = AcceleratedSettings.of(config)
 
     def init_state(self, x: StateDict) -> NodeState:
         tensors = {"x": clone_tensors(x), "x_f": clone_tensors(x)}
@@ -132,7 +132,7 @@ class ADOMUpdate:
     def round_trip(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
                    gradient: Gradient) -> tuple[NodeState, StateDict | None]:
         """Evaluates x_f (the model after round t - 1), then updates unless told not to train."""
-        c = ADOMConstants(self.config.smoothness, self.config.strong_convexity,
+        c = ADOMConstants(self.settings.smoothness, self.settings.strong_convexity,
                           task.coefficients["chi"])
         v = state.tensors
         if not task.train:
@@ -181,4 +181,4 @@ class ADOMNode(GradientNode):
     model_groups = ("x_f", "x")
 
 
-SPEC = AlgorithmSpec(ADOM, ADOMNode)
+SPEC = AlgorithmSpec(ADOM, ADOMNode, AcceleratedSettings)

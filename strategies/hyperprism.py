@@ -22,17 +22,25 @@ import torch
 from torch import Tensor
 
 from flwr_hyperprism.math.degrees import (
+    P_SCHEDULES,
     degree_grid,
     descent_degree,
     scheduled_degree,
     tracked_degree_step,
 )
-from flwr_hyperprism.math.hypernetwork import SUMMARY_STATS, HyperNetwork, gradient_summary
+from flwr_hyperprism.math.hypernetwork import (
+    HN_INPUTS,
+    P_SELECT_MODES,
+    SUMMARY_STATS,
+    HyperNetwork,
+    gradient_summary,
+    parse_candidates,
+)
 from flwr_hyperprism.math.merge import merge_models, stack_group
 from flwr_hyperprism.math.mirror import mirror_step
 from flwr_hyperprism.math.models import DECISION, REPRESENTATION
 from flwr_hyperprism.math.seeding import round_seed
-from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.config import AlgorithmSettings, RunConfig
 
 from .base.learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, optimizer_state
 from .base.node import GossipNode
@@ -42,7 +50,62 @@ from .base.screening import nonfinite_fault
 from .base.spec import AlgorithmSpec
 
 TRACKER = "tracker"  # p-modes descent and tracking: the gradient tracker, routed with the model
+P_MODES = ("descent", "tracking", "hypernetwork", "fixed", "schedule")
 TRACKED_MODES = ("descent", "tracking")
+
+
+@dataclass(frozen=True)
+class HyperPrismSettings(AlgorithmSettings):
+    """How HyperPrism's nodes choose their degrees p_theta, p_phi."""
+
+    # how the degrees are chosen: 'descent' (per node, round and layer group: the degree whose
+    # merge is predicted to lower the network's loss, estimated with a gradient tracker, most
+    # within a trust region; p = 1 unless a larger one is predicted to help; docs/algorithms.md),
+    # 'tracking' (per node: p starts at p-max and moves p-step per round against the tracked
+    # d loss/d p), 'hypernetwork' (the paper's), 'fixed' (fixed-p for both layer groups) or
+    # 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the same on every node)
+    p_mode: str = "descent"
+    fixed_p: float = 1.0  # p-mode fixed: the degree of both layer groups
+    p_schedule: str = "step"  # step, linear, cosine or exponential (math/degrees.py)
+    p_max: float = 15.0  # the largest degree (schedule start, tracking start, grid top)
+    p_min: float = 1.0  # the smallest degree (1: plain averaging)
+    p_horizon: int = 10  # rounds (the exponential's time constant)
+    p_step: float = 1.0  # 'tracking': degrees p moves per round against the tracked d loss/d p
+    # 'descent': how far a merge may depart from the linear merge, in local updates: the
+    # trust region's radius is p-trust times lr times the tracked gradient
+    p_trust: float = 1.0
+    p_candidates: str = "1,3,5,7,9,11,13,15"  # the hypernetwork's degrees
+    p_select: str = "soft"  # expectation over candidates; 'st' = argmax, straight-through
+    hn_input: str = "gradient"  # embedding + gradient summary; 'embedding' = embedding only
+    embedding_dim: int = 32  # the hypernetwork's node embedding v_i
+    hn_hidden: int = 64  # the hypernetwork's hidden width
+    hn_lr: float = 0.01  # the hypernetwork's SGD step size
+    hn_p_init: float = 0.0  # 0: heads start near uniform (p ~ 8); else start p near this degree
+
+    def validate(self) -> None:
+        self.require_choices({"p_mode": P_MODES, "p_schedule": P_SCHEDULES,
+                              "p_select": P_SELECT_MODES, "hn_input": HN_INPUTS})
+        self.require_ranges([
+            ("fixed_p", 1.0, None, ">= 1"), ("p_min", 1.0, None, ">= 1"),
+            ("p_max", self.p_min, None, ">= p-min"), ("p_horizon", 1, None, "an integer >= 1"),
+            ("embedding_dim", 1, None, ">= 1"), ("hn_hidden", 1, None, ">= 1")])
+        self.require_positive(("p_step", "p_trust", "hn_lr"))
+        candidates = self.candidates
+        if self.hn_p_init != 0.0 and not min(candidates) <= self.hn_p_init <= max(candidates):
+            raise ValueError(f"config key 'hn-p-init' must be 0 or within the p-candidates "
+                             f"[{min(candidates)}, {max(candidates)}], got {self.hn_p_init!r}")
+
+    def check(self, config: RunConfig) -> None:
+        if self.p_mode in TRACKED_MODES and config.order != "atc":
+            default = " (the default)" if self.p_mode == HyperPrismSettings.p_mode else ""
+            raise ValueError(f"p-mode={self.p_mode!r}{default} needs order='atc': its gradient "
+                             f"tracker takes the local update of the merged model; for "
+                             f"order='cta' set p-mode to 'hypernetwork', 'fixed' or 'schedule'")
+
+    @property
+    def candidates(self) -> tuple[float, ...]:
+        """The hypernetwork's candidate degrees (``p-candidates``)."""
+        return parse_candidates(self.p_candidates)
 
 
 def flatten(tensors: StateDict, names: list[str]) -> Tensor:
@@ -55,9 +118,6 @@ class HyperPrism(RoutingPlan):
 
     algorithm = "hyperprism"
     description = "HyperPrism"
-    config_keys = ("p_mode", "fixed_p", "p_schedule", "p_max", "p_min", "p_horizon", "p_step",
-                   "p_candidates", "p_select", "hn_input", "embedding_dim", "hn_hidden", "hn_lr",
-                   "hn_p_init", "p_trust")
 
 
 class NodeHypernetwork:
@@ -71,13 +131,14 @@ class NodeHypernetwork:
 
     def __init__(self, config: RunConfig, partition_id: int, num_tensors: int,
                  device: torch.device) -> None:
-        summary_dim = SUMMARY_STATS * num_tensors if config.hn_input == "gradient" else 0
+        settings = HyperPrismSettings.of(config)
+        summary_dim = SUMMARY_STATS * num_tensors if settings.hn_input == "gradient" else 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed(config.seed, partition_id, 0x4E))
-            self.module = HyperNetwork(summary_dim, config.candidates, config.embedding_dim,
-                                       config.hn_hidden, config.p_select,
-                                       config.hn_p_init or None).to(device)
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=config.hn_lr)
+            self.module = HyperNetwork(summary_dim, settings.candidates, settings.embedding_dim,
+                                       settings.hn_hidden, settings.p_select,
+                                       settings.hn_p_init or None).to(device)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.hn_lr)
         self.initial = clone_tensors(self.module.state_dict())  # every new state starts here
 
     def init_state(self) -> dict[str, StateDict]:
@@ -168,22 +229,24 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
     @classmethod
     def conserved_degree(cls, config: RunConfig) -> float | None:
         """With one fixed degree p the merge conserves the mirror-space mass of degree p."""
-        return config.fixed_p if config.p_mode == "fixed" else None
+        settings = HyperPrismSettings.of(config)
+        return settings.fixed_p if settings.p_mode == "fixed" else None
 
     def __init__(self, config: RunConfig, partition_id: int, learner: Learner) -> None:
         super().__init__(config, partition_id, learner)
+        self.settings = HyperPrismSettings.of(config)
         self.names = [n for names in self.groups.values() for n in names]  # flattening order
         self.hypernet = (NodeHypernetwork(config, partition_id, len(self.names), learner.device)
-                         if config.p_mode == "hypernetwork" else None)
-        self.tracks = config.p_mode in TRACKED_MODES
+                         if self.settings.p_mode == "hypernetwork" else None)
+        self.tracks = self.settings.p_mode in TRACKED_MODES
 
     def init_extra(self) -> dict[str, StateDict]:
         extra = {"grad_summary": {"summary": torch.zeros(SUMMARY_STATS * len(self.names))}}
         if self.tracks:  # the last local update g^(t-1) (and p-mode tracking's p)
             extra["tracking"] = {"local_update": torch.zeros_like(
                 flatten(self.learner.initial_model, self.names))}
-            if self.config.p_mode == "tracking":
-                extra["tracking"]["p"] = torch.tensor(self.config.p_max, dtype=torch.float64)
+            if self.settings.p_mode == "tracking":
+                extra["tracking"]["p"] = torch.tensor(self.settings.p_max, dtype=torch.float64)
         if self.hypernet is not None:
             extra.update(self.hypernet.init_state())
         return extra
@@ -204,12 +267,12 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
         extra = dataclasses.replace(extra, pending=None, tracker_mixed=(
             self._mixed_tracker(models, weights) if self.tracks else None))
         if extra.linear_merge:
-            degrees = dict.fromkeys(self.groups, torch.tensor(self.config.p_min,
+            degrees = dict.fromkeys(self.groups, torch.tensor(self.settings.p_min,
                                                               device=weights.device))
         elif self.hypernet is not None:
             self.hypernet.load(extra)
             degrees = self.hypernet.module(extra.summary)
-        elif self.config.p_mode == "descent":
+        elif self.settings.p_mode == "descent":
             degrees = {g: torch.tensor(p, device=weights.device)
                        for g, p in self._descent_degrees(models, weights, extra).items()}
         else:  # one degree for both layer groups
@@ -236,14 +299,14 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
     def _one_degree(self, models: list[StateDict], weights: Tensor, extra: HyperPrismExtra
                     ) -> tuple[float, HyperPrismExtra]:
         """The degree of p-mode schedule, tracking or fixed (the same for both groups)."""
-        config = self.config
-        if config.p_mode == "schedule":
-            return scheduled_degree(config.p_schedule, extra.round, config.p_max, config.p_min,
-                                    config.p_horizon), extra
-        if config.p_mode == "tracking":
+        settings = self.settings
+        if settings.p_mode == "schedule":
+            return scheduled_degree(settings.p_schedule, extra.round, settings.p_max,
+                                    settings.p_min, settings.p_horizon), extra
+        if settings.p_mode == "tracking":
             p = self._tracked_degree(models, weights, extra)
             return p, dataclasses.replace(extra, p=p)
-        return config.fixed_p, extra
+        return settings.fixed_p, extra
 
     def _mixed_tracker(self, models: list[StateDict], weights: Tensor) -> Tensor | None:
         """sum_j a_ij y_j over the merge's models: the estimate of the network's gradient
@@ -259,12 +322,12 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
         -p_trust * lr * (mixed tracker) from the linear merge (``descent_degree``): p-min
         unless a larger degree is predicted to lower the network's loss. Without trackers
         (round-trip 1, a neighbour that has not trained yet) or neighbours: p-min."""
-        grid = degree_grid(self.config.p_min, self.config.p_max)
-        degrees = dict.fromkeys(self.groups, self.config.p_min)
+        grid = degree_grid(self.settings.p_min, self.settings.p_max)
+        degrees = dict.fromkeys(self.groups, self.settings.p_min)
         if extra.tracker_mixed is None or len(models) < 2:
             return degrees
         offset = 0
-        step = -self.config.p_trust * self.config.lr * extra.tracker_mixed
+        step = -self.settings.p_trust * self.config.lr * extra.tracker_mixed
         for group, names in self.groups.items():
             size = sum(models[0][n].numel() for n in names)
             if names:
@@ -289,13 +352,13 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
             merged = merge_models(models, weights, dict.fromkeys(self.groups, p), self.groups)
             (slope,) = torch.autograd.grad(flatten(merged, self.names), p,
                                            grad_outputs=extra.tracker_mixed)
-        return tracked_degree_step(extra.p, float(slope), self.config.p_step,
-                                   self.config.p_min, self.config.p_max)
+        return tracked_degree_step(extra.p, float(slope), self.settings.p_step,
+                                   self.settings.p_min, self.settings.p_max)
 
     def diverged(self, extra: HyperPrismExtra) -> HyperPrismExtra:
         """Back off: the next merge is linear (p-min), and p-mode tracking's p restarts there."""
         return dataclasses.replace(extra, diverged=True, p=(
-            self.config.p_min if self.config.p_mode == "tracking" else extra.p))
+            self.settings.p_min if self.settings.p_mode == "tracking" else extra.p))
 
     def combine_with_step(self, models: list[StateDict], weights: Tensor, step: StateDict,
                           gen: torch.Generator, metrics: dict[str, float],
@@ -325,4 +388,4 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
         return extra
 
 
-SPEC = AlgorithmSpec(HyperPrism, HyperPrismNode)
+SPEC = AlgorithmSpec(HyperPrism, HyperPrismNode, HyperPrismSettings)

@@ -38,6 +38,7 @@ import torch
 from flwr_hyperprism.math.graphs import fastmix_momentum, fastmix_steps, gossip_matrix
 from flwr_hyperprism.setup.config import RunConfig
 
+from .base.accelerated import AcceleratedSettings
 from .base.learner import clone_tensors
 from .base.node import Gradient, GradientNode, mix_row
 from .base.plan import RoutingPlan
@@ -45,15 +46,29 @@ from .base.rule import NodeState, NodeTask, StateDict
 from .base.spec import AlgorithmSpec
 
 
+@dataclass(frozen=True)
+class MudagSettings(AcceleratedSettings):
+    """L, mu and the number of FastMix gossip steps per round."""
+
+    # K = ceil(factor * ln(kappa) / sqrt(1 - lambda2)) FastMix gossip steps, at most the cap
+    mudag_gossip_factor: float = 1.0  # c_K
+    mudag_max_gossip: int = 20
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_positive(("mudag_gossip_factor",))
+        self.require_ranges([("mudag_max_gossip", 1, None, "an integer >= 1")])
+
+
 class Mudag(RoutingPlan):
     """Mudag's routing plan: K(t) FastMix stages per round over Wm(t) = I - Wg(t)."""
 
     algorithm = "mudag"
     description = "Mudag"
-    config_keys = ("smoothness", "strong_convexity", "mudag_gossip_factor", "mudag_max_gossip")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
+        self.settings = MudagSettings.of(config)
         self._lambda2: dict[int, float] = {}  # round -> lambda2(Wm(t)), computed once
 
     def mixing_matrix(self, graph: nx.Graph) -> np.ndarray:
@@ -69,9 +84,10 @@ class Mudag(RoutingPlan):
 
     def gossip_steps(self, round_: int) -> int:
         """K(t), the FastMix exchanges of round ``round_``."""
+        settings = self.settings
         return fastmix_steps(self.lambda2(round_),
-                             self.config.smoothness / self.config.strong_convexity,
-                             self.config.mudag_gossip_factor, self.config.mudag_max_gossip)
+                             settings.smoothness / settings.strong_convexity,
+                             settings.mudag_gossip_factor, settings.mudag_max_gossip)
 
     def stages(self, round_: int) -> int:
         return self.gossip_steps(round_) if round_ <= self.config.num_rounds else 1
@@ -114,7 +130,8 @@ class MudagUpdate:
     """Mudag's node update on parameter dicts (a ``GradientMethod``)."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.constants = MudagConstants(config.smoothness, config.strong_convexity)
+        settings = MudagSettings.of(config)
+        self.constants = MudagConstants(settings.smoothness, settings.strong_convexity)
 
     def init_state(self, x: StateDict) -> NodeState:
         tensors = {name: clone_tensors(x) for name in ("x", "y", "y_prev", "shared", "previous")}
@@ -154,4 +171,4 @@ class MudagNode(GradientNode):
         return 1.0  # FastMix mixes with doubly stochastic weights
 
 
-SPEC = AlgorithmSpec(Mudag, MudagNode)
+SPEC = AlgorithmSpec(Mudag, MudagNode, MudagSettings)

@@ -12,10 +12,11 @@ Synchronous, blocking, unquantised (the paper's asynchronous/quantised parts are
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from flwr_hyperprism.math.graphs import random_maximal_matching
 from flwr_hyperprism.math.seeding import round_rng
-from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.config import AlgorithmSettings, RunConfig
 
 from .base.learner import DataLearner, node_data
 from .base.plan import RoutingPlan
@@ -23,13 +24,28 @@ from .base.rule import NodeTask
 from .base.spec import AlgorithmSpec
 from .dpsgd import DPSGDNode
 
+UNMATCHED_STEPS = ("sgd", "idle")
+
+
+@dataclass(frozen=True)
+class SwarmSGDSettings(AlgorithmSettings):
+    """SwarmSGD's local work per pairwise average."""
+
+    native_only = ("swarm_local_steps",)  # in plug-in mode the app's handler trains
+
+    swarm_local_steps: int = 1  # H, local SGD steps before each pairwise average (paper: 1)
+    swarm_unmatched: str = "sgd"  # what a node left out of the round's matching does: 'idle'
+
+    def validate(self) -> None:
+        self.require_choices({"swarm_unmatched": UNMATCHED_STEPS})
+        self.require_ranges([("swarm_local_steps", 1, None, "an integer >= 1")])
+
 
 class SwarmSGD(RoutingPlan):
     """SwarmSGD's routing plan: a random matching per round."""
 
     algorithm = "swarmsgd"
     description = "SwarmSGD"
-    config_keys = ("swarm_local_steps", "swarm_unmatched")
 
     def plan_round(self, round_: int, available: Iterable[int], stage: int = 0
                    ) -> dict[int, NodeTask]:
@@ -41,7 +57,8 @@ class SwarmSGD(RoutingPlan):
         have = set(available)
         graph = self.graphs.at(round_).subgraph(have)
         train = round_ <= self.config.num_rounds
-        tasks = {i: NodeTask(round_, train=train and self.config.swarm_unmatched == "sgd")
+        unmatched_train = SwarmSGDSettings.of(self.config).swarm_unmatched == "sgd"
+        tasks = {i: NodeTask(round_, train=train and unmatched_train)
                  for i in range(self.config.num_nodes)}
         for i, j in random_maximal_matching(graph, round_rng(self.config.seed, round_, 0x5A)):
             tasks[i] = NodeTask(round_, (j,), (0.5,), 0.5, train)
@@ -54,7 +71,8 @@ class SwarmSGDNode(DPSGDNode):
 
     @classmethod
     def native_learner(cls, config: RunConfig, partition_id: int) -> DataLearner:
-        return DataLearner(config, node_data(config, partition_id), config.swarm_local_steps)
+        return DataLearner(config, node_data(config, partition_id),
+                           SwarmSGDSettings.of(config).swarm_local_steps)
 
 
-SPEC = AlgorithmSpec(SwarmSGD, SwarmSGDNode)
+SPEC = AlgorithmSpec(SwarmSGD, SwarmSGDNode, SwarmSGDSettings)

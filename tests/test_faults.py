@@ -28,7 +28,7 @@ from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS
 from strategies.base.rule import NodeTask
 from tests.harness import LocalGrid, stamp
-from tests.variants import make_config, metrics_rows, model_groups, nodes_for
+from tests.variants import config_of, make_config, metrics_rows, model_groups, nodes_for
 from tests.variants import variant as variant_of
 
 
@@ -198,7 +198,7 @@ class FaultyGrid(LocalGrid):
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_failing_and_silent_nodes_do_not_stop_the_run(tmp_path, caplog, algorithm):
-    config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=5, density=1.0,
+    config = config_of(algorithm, num_nodes=4, num_rounds=5, density=1.0,
                        eval_size=500, output_dir=str(tmp_path), run_name="run",
                        round_timeout=0.3, node_wait_timeout=5.0, mudag_max_gossip=2)
     grid = FaultyGrid(make_client_app(), {1000 + pid: (pid, 4) for pid in range(4)},
@@ -260,7 +260,7 @@ class Interrupted(Exception):
 @pytest.mark.parametrize("variant", [*sorted(ALGORITHMS), "hyperprism-hypernetwork"])
 def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
     algorithm, changes = variant_of(variant)
-    config = RunConfig(algorithm=algorithm, num_nodes=4, num_rounds=4, eval_size=500,
+    config = config_of(algorithm, num_nodes=4, num_rounds=4, eval_size=500,
                        momentum=0.5, output_dir=str(tmp_path), node_wait_timeout=5.0,
                        mudag_max_gossip=2, state_dir=str(tmp_path / "node-state"), **changes)
     make_rule = ALGORITHMS[config.algorithm].make_rule

@@ -7,11 +7,12 @@ algorithm is covered by every test that iterates over ``VARIANTS`` without being
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.config import RunConfig, owners
 from strategies import ALGORITHMS, NodeRule
 from strategies.base.plan import RoutingPlan
 
@@ -44,7 +45,7 @@ def conserved_degree(name: str) -> float | None:
     """The degree whose mirror-space mass variant ``name``'s rounds conserve (None: none)."""
     algorithm, changes = variant(name)
     spec = ALGORITHMS[algorithm]
-    return spec.node_rule.conserved_degree(RunConfig(algorithm=algorithm, **changes))
+    return spec.node_rule.conserved_degree(RunConfig.build(algorithm, **changes))
 
 
 def model_groups(rule: NodeRule) -> tuple[str, ...]:
@@ -52,12 +53,24 @@ def model_groups(rule: NodeRule) -> tuple[str, ...]:
     return getattr(rule, "model_groups", ("shared",))
 
 
+def own_changes(algorithm: str, changes: Mapping[str, object]) -> dict[str, object]:
+    """``changes`` less other algorithms' settings: a battery passes e.g. mudag_max_gossip=2
+    (Mudag's shorter rounds) to every variant, and each takes what it has."""
+    return {key: value for key, value in changes.items()
+            if not owners(key) or algorithm in owners(key)}
+
+
+def config_of(algorithm: str, **changes: object) -> RunConfig:
+    """``algorithm``'s config with ``changes`` (see ``own_changes``)."""
+    return RunConfig.build(algorithm, **own_changes(algorithm, changes))
+
+
 def make_config(tmp_path: Path, name: str, **changes: object) -> RunConfig:
     """A small, fast config of variant ``name`` (6 nodes, 2 rounds of 2 local steps)."""
     algorithm, variant_changes = variant(name)
     settings = {"num_nodes": 6, "num_rounds": 2, "local_steps": 2, "eval_size": 500,
-                "output_dir": str(tmp_path), "run_name": name, "algorithm": algorithm}
-    return RunConfig(**{**settings, **variant_changes, **changes})
+                "output_dir": str(tmp_path), "run_name": name}
+    return config_of(algorithm, **{**settings, **variant_changes, **changes})
 
 
 def nodes_for(config: RunConfig) -> tuple[RoutingPlan, dict[int, NodeRule]]:

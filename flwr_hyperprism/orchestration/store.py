@@ -139,8 +139,9 @@ def check_resumable(saved: Mapping[str, object], config: RunConfig, run_dir: Pat
     """Raise ValueError naming the settings that differ from the checkpointed run's."""
     current = config.to_run_config()
     allowed = {key.replace("_", "-") for key in RESUMABLE_CHANGES}
-    changed = sorted(key for key in set(saved) | set(current)
-                     if key not in allowed and saved.get(key) != current.get(key))
+    # the saved run's other keys are other algorithms' settings (the algorithm is compared)
+    changed = sorted(key for key in current
+                     if key not in allowed and saved.get(key) != current[key])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume {run_dir} with other settings ({detail}); resume "

@@ -14,7 +14,6 @@ The node side (the mod and its ``HandlerLearner``) is ``flwr_hyperprism.client``
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -37,10 +36,10 @@ log = logging.getLogger("flwr")
 
 NATIVE_ONLY = ("dataset", "data_dir", "download", "model", "alpha", "min_partition_size",
                "batch_size", "local_epochs", "local_steps", "momentum", "eval_size",
-               "validation_fraction",
-               "swarm_local_steps")
+               "validation_fraction")
 """RunConfig fields only the native apps read: in plug-in mode the user's app owns its data,
-model and training, so passing one is an error and config.json leaves them out."""
+model and training, so passing one is an error and config.json leaves them out (as it leaves
+out an algorithm's ``AlgorithmSettings.native_only``)."""
 
 FEDAVG_ONLY = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
                "min_available_nodes")
@@ -95,8 +94,9 @@ class PluginStrategy(DecentralizedStrategy):
 
     def described_settings(self) -> dict[str, object]:
         """The settings a plug-in run uses; the user's app decides data, model, training."""
+        native = {*NATIVE_ONLY, *self.config.algorithm_settings.native_only}
         settings: dict[str, object] = {k: v for k, v in self.config.to_run_config().items()
-                                       if k.replace("-", "_") not in NATIVE_ONLY}
+                                       if k.replace("-", "_") not in native}
         settings.update({"mode": "plug-in", "accuracy-metric": self.accuracy_metric,
                          "loss-metric": self.loss_metric})
         if self.lr_key is not None:
@@ -156,9 +156,10 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: st
                            **settings: Any) -> DecentralizedStrategy:
     """The plug-in orchestrator for ``algorithm``, configured by ``RunConfig`` keywords.
 
-    ``settings`` are RunConfig fields (e.g. ``density=0.5``, HyperPrism's ``p_mode``,
-    ``server_eval_every``); those of the native apps' data, model and training
-    (``NATIVE_ONLY``) are an error. ``num_nodes`` defaults to the federation's num-partitions;
+    ``settings`` are RunConfig fields (e.g. ``density=0.5``, ``server_eval_every``) and
+    fields of the algorithm's settings (HyperPrism's ``p_mode``); those of the native apps'
+    data, model and training (``NATIVE_ONLY``, the settings' ``native_only``) are an
+    error. ``num_nodes`` defaults to the federation's num-partitions;
     ``lr``, which must be the step size of the user's local optimizer (see the module
     docstring), to each round's train config ``lr_key``. ``train_config_fn(round)`` adds to
     ``start``'s train_config per round (e.g. a learning-rate schedule).
@@ -175,20 +176,15 @@ def decentralized_strategy(algorithm: str = "hyperprism", *, accuracy_metric: st
                          f"decentralized round does not have: every node trains and merges "
                          f"with its neighbours each round (the graph's density and a node's "
                          f"max-staleness decide who talks to whom); remove them")
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(RunConfig)})
-    if unknown:
-        raise ValueError(f"unknown settings {unknown}; decentralized_strategy takes the "
-                         f"RunConfig fields (flwr_hyperprism/setup/config.py), e.g. density, seed, "
-                         f"p_mode")
-    native = sorted(set(settings) & set(NATIVE_ONLY))
+    spec = algorithm_spec(algorithm)
+    native = sorted(set(settings) & {*NATIVE_ONLY, *spec.settings.native_only})
     if native:
         raise ValueError(f"{', '.join(native)}: settings of the native apps' data, model and "
                          f"training; in plug-in mode your ClientApp owns these, remove them")
-    config = RunConfig(algorithm=algorithm, **settings)
+    config = RunConfig.build(algorithm, **settings)
     if config.order != "atc":
         raise ValueError(f"order={config.order!r} is not available in plug-in mode (the user's "
                          f"handler trains the merged model): use order='atc'")
-    spec = algorithm_spec(algorithm)
     spec.check(config)
     root = default_run_root()
     run_dir = root / (run_dir if run_dir is not None else

@@ -14,33 +14,157 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flwr_hyperprism.math.degrees import P_SCHEDULES
 from flwr_hyperprism.math.graphs import TOPOLOGIES
-from flwr_hyperprism.math.hypernetwork import HN_INPUTS, P_SELECT_MODES, parse_candidates
 from flwr_hyperprism.math.models import MODELS
 
 from .data import DATASETS
 
 ORDERS = ("atc", "cta")
-UNMATCHED_STEPS = ("sgd", "idle")
-P_MODES = ("hypernetwork", "fixed", "schedule", "tracking", "descent")
 Scalar = bool | int | float | str
+SettingsT = TypeVar("SettingsT", bound="AlgorithmSettings")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Every setting of a run. Units: seconds for timeouts, fractions for accuracies."""
+class Settings:
+    """Typed settings: every field is a run-config key (its name with ``-`` for ``_``).
+
+    Construction checks each value's type (an int is taken for a float) and then
+    :meth:`validate`; a bad value is a ValueError naming the key, the value and the range.
+    """
+
+    def __post_init__(self) -> None:
+        for f in self.setting_fields():
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif not _has_type(value, str(f.type)):
+                raise ValueError(f"config key {_key(f.name)!r} must be a {f.type}, "
+                                 f"got {value!r} ({type(value).__name__})")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for a value out of its range (the fields' types are checked)."""
+
+    @classmethod
+    def setting_fields(cls) -> tuple[dataclasses.Field[Any], ...]:
+        """The fields that are run-config keys (bool, int, float or str)."""
+        return tuple(f for f in fields(cls) if str(f.type) in _TYPES)
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """Flat kebab-case mapping, as in ``[tool.flwr.app.config]``."""
+        return {_key(f.name): getattr(self, f.name) for f in self.setting_fields()}
+
+    def require_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
+        """Each named field's value is one of its choices."""
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"config key {_key(name)!r} = {getattr(self, name)!r} is not "
+                                 f"one of: {', '.join(valid)}")
+
+    def require_ranges(self, ranges: Iterable[tuple[str, float, float | None, str]]) -> None:
+        """Each ``(name, low, high, text)``: low <= value (<= high), finite; ``text`` says so."""
+        for name, low, high, text in ranges:
+            value = getattr(self, name)
+            if not (value >= low and (high is None or value <= high)) or not math.isfinite(value):
+                raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
+
+    def require_positive(self, names: Iterable[str]) -> None:
+        """Each named field's value is finite and > 0."""
+        for name in names:
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AlgorithmSettings(Settings):
+    """An algorithm's own settings, declared in its module (``strategies/<algorithm>.py``).
+
+    A subclass adds typed fields (with a comment each: ``docs/configuration.md`` is made from
+    them) and overrides :meth:`validate` and :meth:`check`; this base class, without fields, is
+    the settings of an algorithm that has none. A key that two algorithms share (Mudag's and
+    ADOM+'s ``smoothness``) has one type and one default.
+    """
+
+    native_only: ClassVar[tuple[str, ...]] = ()
+    """Fields only the native apps read: an error in plug-in mode, whose app trains itself."""
+
+    def check(self, config: RunConfig) -> None:
+        """Raise ValueError for run settings these settings cannot work with."""
+
+    @classmethod
+    def of(cls: type[SettingsT], config: RunConfig) -> SettingsT:
+        """``config``'s algorithm settings, which must be of this type."""
+        settings = config.algorithm_settings
+        if not isinstance(settings, cls):
+            raise TypeError(f"algorithm {config.algorithm!r} has {type(settings).__name__}, "
+                            f"not {cls.__name__}")
+        return settings
+
+
+_ALGORITHM_SETTINGS: dict[str, type[AlgorithmSettings]] = {}
+
+
+def register_settings(algorithm: str, settings: type[AlgorithmSettings]) -> None:
+    """Declare ``algorithm``'s settings type (the package ``strategies`` does, per algorithm).
+
+    ValueError if ``algorithm`` has other settings already, or if a key it shares with another
+    algorithm's settings has another type or default there.
+    """
+    known = _ALGORITHM_SETTINGS.get(algorithm, settings)
+    if known is not settings:
+        raise ValueError(f"algorithm {algorithm!r} already has settings {known.__name__}")
+    for other_name, other in _ALGORITHM_SETTINGS.items():
+        theirs = {f.name: (f.type, f.default) for f in other.setting_fields()}
+        for f in settings.setting_fields():
+            if theirs.get(f.name, (f.type, f.default)) != (f.type, f.default):
+                raise ValueError(f"{settings.__name__}.{f.name} ({f.type} = {f.default!r}) "
+                                 f"differs from {other_name}'s {theirs[f.name]}: a key shared "
+                                 f"by algorithms has one type and default; rename yours")
+    _ALGORITHM_SETTINGS[algorithm] = settings
+
+
+def registered_settings() -> Mapping[str, type[AlgorithmSettings]]:
+    """Every algorithm's settings type, by algorithm name."""
+    if not _ALGORITHM_SETTINGS:
+        # the algorithms live above this layer and register themselves when their package is
+        # imported (as plug-ins do through entry points); a config built first imports it
+        importlib.import_module("strategies")
+    return dict(_ALGORITHM_SETTINGS)
+
+
+def settings_type(algorithm: str) -> type[AlgorithmSettings]:
+    """The settings type of the registered ``algorithm``; ValueError lists the valid names."""
+    registered = registered_settings()
+    if algorithm not in registered:
+        raise ValueError(f"config key 'algorithm' = {algorithm!r} is not one of: "
+                         f"{', '.join(sorted(registered))}")
+    return registered[algorithm]
+
+
+def owners(field_name: str) -> list[str]:
+    """The algorithms whose settings have the field ``field_name``."""
+    return sorted(name for name, settings in registered_settings().items()
+                  if field_name in {f.name for f in settings.setting_fields()})
+
+
+@dataclass(frozen=True)
+class RunConfig(Settings):
+    """Every setting of a run: those all algorithms share, and ``algorithm_settings``, the
+    algorithm's own. Units: seconds for timeouts, fractions for accuracies."""
 
     algorithm: str = "hyperprism"  # a module of strategies/: dpsgd, hyperprism, mudag, ...
     seed: int = 0  # seeds the data split, the graphs, the models and every node's batches
@@ -75,39 +199,6 @@ class RunConfig:
     density: float = 0.5  # expected share of node pairs linked in a round's graph
     exact_edges: bool = False  # erdos-renyi: exactly round(density * m(m-1)/2) edges
     mobility_speed: float = 0.05  # unit-square lengths per round ('mobility' topology)
-    # HyperPrism
-    # how the degrees are chosen: 'descent' (per node, round and layer group: the degree whose
-    # merge is predicted to lower the network's loss, estimated with a gradient tracker, most
-    # within a trust region; p = 1 unless a larger one is predicted to help; docs/algorithms.md),
-    # 'tracking' (per node: p starts at p-max and moves p-step per round against the tracked
-    # d loss/d p), 'hypernetwork' (the paper's), 'fixed' (fixed-p for both layer groups) or
-    # 'schedule' (p-schedule from p-max to p-min over p-horizon rounds, the same on every node)
-    p_mode: str = "descent"
-    fixed_p: float = 1.0  # p-mode fixed: the degree of both layer groups
-    p_schedule: str = "step"  # step, linear, cosine or exponential (math/degrees.py)
-    p_max: float = 15.0  # the largest degree (schedule start, tracking start, grid top)
-    p_min: float = 1.0  # the smallest degree (1: plain averaging)
-    p_horizon: int = 10  # rounds (the exponential's time constant)
-    p_step: float = 1.0  # 'tracking': degrees p moves per round against the tracked d loss/d p
-    # 'descent': how far a merge may depart from the linear merge, in local updates: the
-    # trust region's radius is p-trust times lr times the tracked gradient
-    p_trust: float = 1.0
-    p_candidates: str = "1,3,5,7,9,11,13,15"  # the hypernetwork's degrees
-    p_select: str = "soft"  # expectation over candidates; 'st' = argmax, straight-through
-    hn_input: str = "gradient"  # embedding + gradient summary; 'embedding' = embedding only
-    embedding_dim: int = 32  # the hypernetwork's node embedding v_i
-    hn_hidden: int = 64  # the hypernetwork's hidden width
-    hn_lr: float = 0.01  # the hypernetwork's SGD step size
-    hn_p_init: float = 0.0  # 0: heads start near uniform (p ~ 8); else start p near this degree
-    # SwarmSGD
-    swarm_local_steps: int = 1  # H, local SGD steps before each pairwise average (paper: 1)
-    swarm_unmatched: str = "sgd"  # what a node left out of the round's matching does: 'idle'
-    # accelerated baselines (Mudag, ADOM+): L and mu of the local losses, kappa = L / mu = 10
-    smoothness: float = 100.0  # L = 1 / lr
-    strong_convexity: float = 10.0  # mu
-    # Mudag's FastMix: K = ceil(factor * ln(kappa) / sqrt(1 - lambda2)) gossip steps, <= cap
-    mudag_gossip_factor: float = 1.0  # c_K
-    mudag_max_gossip: int = 20
     # faults: a neighbour with a |value| above this ratio times the reference scale (the larger of
     # the node's own largest |value| and the lower median over the node and its neighbours) is
     # dropped for the round (large p makes the power mean follow the largest magnitude)
@@ -129,81 +220,46 @@ class RunConfig:
     # a SuperNode's node config 'state-dir' takes precedence; '' and no node config: none
     state_dir: str = ""
     target_accuracy: float = 0.85  # summary.json reports the first round reaching it
+    # the algorithm's own settings (``<algorithm>`` section of docs/configuration.md); not
+    # given: the algorithm's defaults
+    algorithm_settings: AlgorithmSettings = AlgorithmSettings()
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
-            elif not _has_type(value, str(f.type)):
-                raise ValueError(f"config key {_key(f.name)!r} must be a {f.type}, "
-                                 f"got {value!r} ({type(value).__name__})")
-        self._validate()
+        if not isinstance(self.algorithm, str):
+            raise ValueError(f"config key 'algorithm' must be a str, got {self.algorithm!r}")
+        expected = settings_type(self.algorithm)
+        given = self.algorithm_settings
+        if type(given) is AlgorithmSettings:  # not given: the algorithm's defaults
+            object.__setattr__(self, "algorithm_settings", expected())
+        elif type(given) is not expected:
+            raise ValueError(f"algorithm {self.algorithm!r} takes {expected.__name__}, not "
+                             f"{type(given).__name__}")
+        super().__post_init__()
+        self.algorithm_settings.check(self)
 
-    def _validate(self) -> None:
-        # 'algorithm' is checked against the registry (strategies.algorithm_spec) where it is
-        # used: the registered algorithms live above this module
-        choices = {"dataset": DATASETS, "model": MODELS,
-                   "topology": TOPOLOGIES, "p_mode": P_MODES, "p_select": P_SELECT_MODES,
-                   "p_schedule": P_SCHEDULES,
-                   "hn_input": HN_INPUTS, "order": ORDERS, "swarm_unmatched": UNMATCHED_STEPS}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"config key {_key(name)!r} = {getattr(self, name)!r} is not "
-                                 f"one of: {', '.join(valid)}")
+    def validate(self) -> None:
+        self.require_choices({"dataset": DATASETS, "model": MODELS, "topology": TOPOLOGIES,
+                              "order": ORDERS})
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"config key 'device' = {self.device!r} is not one of: auto, cpu, "
                              f"cuda, cuda:N (N a GPU index)")
-        ranges = [
+        self.require_ranges([
             ("num_nodes", 2, None, "an integer >= 2"), ("num_rounds", 1, None, "an integer >= 1"),
             ("min_partition_size", 1, None, "an integer >= 1"), ("eval_size", 0, None, ">= 0"),
             ("batch_size", 1, None, "an integer >= 1"), ("local_epochs", 1, None, ">= 1"),
-            ("local_steps", 0, None, ">= 0"), ("momentum", 0.0, 1.0, "in [0, 1)"),
-            ("embedding_dim", 1, None, ">= 1"), ("hn_hidden", 1, None, ">= 1"),
-            ("fixed_p", 1.0, None, ">= 1"), ("mobility_speed", 0.0, None, ">= 0"),
-            ("swarm_local_steps", 1, None, "an integer >= 1"),
-            ("mudag_max_gossip", 1, None, "an integer >= 1"),
+            ("local_steps", 0, None, ">= 0"), ("mobility_speed", 0.0, None, ">= 0"),
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
             ("max_neighbour_ratio", 1.0, None, ">= 1 (and finite)"),
             ("max_staleness", 0, None, "an integer >= 0"),
             ("server_eval_every", 1, None, "an integer >= 1"),
             ("server_eval_nodes", 0, None, "an integer >= 0 (0: every node)"),
             ("validation_fraction", 0.0, 0.5, "in [0, 0.5]"),
-            ("p_min", 1.0, None, ">= 1"), ("p_max", self.p_min, None, ">= p-min"),
-            ("p_horizon", 1, None, "an integer >= 1"),
-        ]
-        for name, low, high, text in ranges:
-            value = getattr(self, name)
-            if not (value >= low and (high is None or value <= high)) or (
-                    name == "momentum" and value == 1.0) or not math.isfinite(value):
-                raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
-        for name in ("alpha", "lr", "hn_lr", "p_trust", "round_timeout", "node_wait_timeout",
-                     "smoothness", "strong_convexity", "mudag_gossip_factor"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")
-        if self.strong_convexity > self.smoothness:
-            raise ValueError(f"config key 'strong-convexity' (mu = {self.strong_convexity!r}) "
-                             f"must not exceed 'smoothness' (L = {self.smoothness!r}): the "
-                             f"condition number L / mu is >= 1")
+        ])
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"config key 'momentum' must be in [0, 1), got {self.momentum!r}")
+        self.require_positive(("alpha", "lr", "round_timeout", "node_wait_timeout"))
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"config key 'density' must be in (0, 1], got {self.density!r}")
-        if self.p_step <= 0 or not math.isfinite(self.p_step):
-            raise ValueError(f"config key 'p-step' must be > 0, got {self.p_step!r}")
-        if self.algorithm == "hyperprism" and self.p_mode in ("descent", "tracking") and \
-                self.order != "atc":
-            default = " (the default)" if self.p_mode == RunConfig.p_mode else ""
-            raise ValueError(f"p-mode={self.p_mode!r}{default} needs order='atc': its gradient "
-                             f"tracker takes the local update of the merged model; for "
-                             f"order='cta' set p-mode to 'hypernetwork', 'fixed' or 'schedule'")
-        candidates = parse_candidates(self.p_candidates)
-        if self.hn_p_init != 0.0 and not min(candidates) <= self.hn_p_init <= max(candidates):
-            raise ValueError(f"config key 'hn-p-init' must be 0 or within the p-candidates "
-                             f"[{min(candidates)}, {max(candidates)}], got {self.hn_p_init!r}")
-
-    @property
-    def candidates(self) -> tuple[float, ...]:
-        return parse_candidates(self.p_candidates)
 
     @property
     def local_patterns(self) -> tuple[str, ...]:
@@ -218,42 +274,109 @@ class RunConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> RunConfig:
-        """Build from Flower's flat run config (kebab-case keys); unknown keys are an error."""
-        known = {_key(f.name): f.name for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(known))
+        """Build from Flower's flat run config (kebab-case keys).
+
+        Keys of the run and of ``algorithm``'s settings are used; another algorithm's key is
+        taken at its default (``pyproject.toml`` lists every key) and warned about otherwise;
+        an unknown key is an error.
+        """
+        algorithm = run_config.get("algorithm", cls.algorithm)
+        if not isinstance(algorithm, str):
+            raise ValueError(f"config key 'algorithm' must be a str, got {algorithm!r}")
+        own_type = settings_type(algorithm)
+        common = {_key(f.name): f.name for f in cls.setting_fields()}
+        own = {_key(f.name): f.name for f in own_type.setting_fields()}
+        defaults = flat_defaults()
+        unknown = sorted(set(run_config) - set(defaults))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(known)}")
-        settings: dict[str, Any] = {known[k]: v for k, v in run_config.items()}
-        return cls(**settings)  # __post_init__ checks every value's type
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(defaults)}")
+        for key in sorted(set(run_config) - set(common) - set(own)):
+            if run_config[key] != defaults[key]:
+                warnings.warn(f"config key {key!r} = {run_config[key]!r} is a setting of "
+                              f"{', '.join(owners(key.replace('-', '_')))}, which "
+                              f"algorithm={algorithm!r} does not read: it has no effect",
+                              stacklevel=2)
+        section = own_type(**{own[k]: v for k, v in run_config.items() if k in own})
+        settings: dict[str, Any] = {common[k]: v for k, v in run_config.items() if k in common}
+        return cls(**settings, algorithm_settings=section)
 
     def to_run_config(self) -> dict[str, Scalar]:
-        """Flat kebab-case mapping, as in ``[tool.flwr.app.config]``."""
-        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+        """Flat kebab-case mapping of the run's and the algorithm's settings."""
+        return {**super().to_run_config(), **self.algorithm_settings.to_run_config()}
+
+    @classmethod
+    def build(cls, algorithm: str = "hyperprism", **settings: Any) -> RunConfig:
+        """A config of ``algorithm`` from field names: the run's and the algorithm's settings'
+        (``RunConfig.build(num_nodes=4, p_mode="fixed")``); another algorithm's is an error."""
+        common, own = _split(algorithm, settings)
+        return cls(algorithm=algorithm, **common,
+                   algorithm_settings=settings_type(algorithm)(**own))
 
     def replace(self, **changes: Any) -> RunConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``: fields of the run or of its algorithm's settings (of the new
+        algorithm's, defaults otherwise, when ``algorithm`` changes)."""
+        algorithm = changes.get("algorithm", self.algorithm)
+        common, own = _split(algorithm, changes)
+        section = common.pop("algorithm_settings", None)
+        if section is None:
+            section_type = settings_type(algorithm)
+            kept = self.algorithm_settings
+            section = dataclasses.replace(kept, **own) if type(kept) is section_type else (
+                section_type(**own))
+        return dataclasses.replace(self, **common, algorithm_settings=section)
+
+
+def _split(algorithm: str, settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``settings`` by field name: (the run's, ``algorithm``'s settings'); ValueError for any
+    other."""
+    common = {f.name for f in fields(RunConfig)}
+    own = {f.name for f in settings_type(algorithm).setting_fields()} - common
+    foreign = sorted(set(settings) - common - own)
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: not settings of the run or of algorithm "
+                         f"{algorithm!r} ({'; '.join(_owned_by(name) for name in foreign)}); "
+                         f"docs/configuration.md lists them all")
+    return ({k: v for k, v in settings.items() if k in common},
+            {k: v for k, v in settings.items() if k in own})
+
+
+def flat_defaults() -> dict[str, Scalar]:
+    """Every run-config key with its default: the run's, then each registered algorithm's
+    (``[tool.flwr.app.config]`` in ``pyproject.toml`` holds exactly these)."""
+    return {_key(name): cast(Scalar, f.default) for name, f in _every_setting_field().items()}
+
+
+def _every_setting_field() -> dict[str, dataclasses.Field[Any]]:
+    found = {f.name: f for f in RunConfig.setting_fields()}
+    for settings in registered_settings().values():
+        found.update({f.name: f for f in settings.setting_fields()})
+    return found
 
 
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RunConfig:
     """Merge YAML files (later wins) and ``key=value`` overrides over the defaults.
 
     YAML and override keys are the field names (``num_rounds``) or the Flower keys
-    (``num-rounds``). Unknown keys and wrong types raise ValueError naming the key and its
-    file; a malformed YAML or one that is not a mapping raises a one-line ValueError. Relative
-    ``data_dir``, ``output_dir`` and ``state_dir`` are made absolute against the current
-    directory, so the config also works for apps that run elsewhere (``flwr run`` installs
-    them under FLWR_HOME).
+    (``num-rounds``), of the run or of any algorithm's settings (as
+    :meth:`RunConfig.from_run_config` takes them). Unknown keys and wrong types raise
+    ValueError naming the key and its file; a malformed YAML or one that is not a mapping
+    raises a one-line ValueError. Relative ``data_dir``, ``output_dir`` and ``state_dir`` are
+    made absolute against the current directory, so the config also works for apps that run
+    elsewhere (``flwr run`` installs them under FLWR_HOME).
     """
     layers = [(str(path), _read_yaml(path)) for path in paths]
     layers.append(("the overrides",
                    OmegaConf.from_dotlist([_normalise_override(o) for o in overrides])))
-    valid = [f.name for f in fields(RunConfig)]
-    merged = OmegaConf.structured(RunConfig)
+    every = _every_setting_field()
+    schema = dataclasses.make_dataclass("EverySetting", [
+        (name, _TYPES[str(f.type)], dataclasses.field(default=f.default))
+        for name, f in every.items()])
+    merged = OmegaConf.structured(schema)
     for source, layer in layers:
-        unknown = sorted(set(layer) - set(valid))
+        unknown = sorted(set(layer) - set(every))
         if unknown:
             raise ValueError(f"unknown config keys {unknown} in {source}; valid keys: "
-                             f"{', '.join(valid)}")
+                             f"{', '.join(every)}")
         try:  # one layer at a time, so that a wrong type names its file
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
@@ -264,7 +387,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     for key in ("data_dir", "output_dir", "state_dir"):
         if values[key]:
             values[key] = str(Path(values[key]).expanduser().resolve())
-    return RunConfig(**values)
+    return RunConfig.from_run_config({_key(name): value for name, value in values.items()})
 
 
 def _read_yaml(path: str | Path) -> DictConfig:
@@ -300,6 +423,15 @@ def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
+def _owned_by(field_name: str) -> str:
+    found = owners(field_name)
+    return (f"{field_name} is a setting of {', '.join(found)}" if found
+            else f"{field_name} is unknown")
+
+
+_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+
+
 def _has_type(value: object, type_name: str) -> bool:
-    expected = {"bool": (bool,), "int": (int,), "float": (float,), "str": (str,)}[type_name]
-    return isinstance(value, expected) and (type_name == "bool" or not isinstance(value, bool))
+    return isinstance(value, _TYPES[type_name]) and (
+        type_name == "bool" or not isinstance(value, bool))

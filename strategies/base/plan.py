@@ -25,8 +25,6 @@ class RoutingPlan:
 
     algorithm: ClassVar[str]  # the ``algorithm`` config value
     description: ClassVar[str]  # the algorithm's name in outputs
-    # the RunConfig fields only this algorithm reads (every other algorithm ignores them)
-    config_keys: ClassVar[tuple[str, ...]] = ()
     # Round 1 routes the common initial model as every node's latest model (what the gossip
     # algorithms share); algorithms that share other vectors start with nothing to route.
     routes_initial_model: ClassVar[bool] = True

@@ -1,17 +1,18 @@
 """What makes an algorithm: its routing plan and its node rule, declared once in its module.
 
-Each algorithm module ends with ``SPEC = AlgorithmSpec(Plan, NodeRule)``; the package collects
-every module's ``SPEC`` into ``strategies.ALGORITHMS`` (``strategies/__init__.py``), which the
-apps, plug-in mode, the sweeps and the test battery read. The plan (a ``RoutingPlan``) carries
-the algorithm's name, display name and own config keys; the orchestrator that carries a plan
-out is the same for every algorithm (``flwr_hyperprism/orchestration``).
+Each algorithm module ends with ``SPEC = AlgorithmSpec(Plan, NodeRule, Settings)``; the package
+collects every module's ``SPEC`` into ``strategies.ALGORITHMS`` (``strategies/__init__.py``),
+which the apps, plug-in mode, the sweeps and the test battery read. The plan (a
+``RoutingPlan``) carries the algorithm's name and display name, the settings (an
+``AlgorithmSettings`` dataclass) its own config keys; the orchestrator that carries a plan out
+is the same for every algorithm (``flwr_hyperprism/orchestration``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.config import AlgorithmSettings, RunConfig
 
 from .learner import Learner
 from .node import GossipNode, LearningNode
@@ -20,10 +21,12 @@ from .plan import RoutingPlan
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """One algorithm: the plan of its rounds and the rule its nodes follow."""
+    """One algorithm: the plan of its rounds, the rule its nodes follow and its own settings
+    (``config.algorithm_settings``; the base class: none)."""
 
     plan: type[RoutingPlan]
     node_rule: type[LearningNode]
+    settings: type[AlgorithmSettings] = AlgorithmSettings
 
     @property
     def name(self) -> str:
@@ -34,11 +37,6 @@ class AlgorithmSpec:
     def display_name(self) -> str:
         """The algorithm's name in logs and outputs."""
         return self.plan.description
-
-    @property
-    def config_keys(self) -> tuple[str, ...]:
-        """The RunConfig fields only this algorithm reads."""
-        return self.plan.config_keys
 
     def check(self, config: RunConfig) -> None:
         """Raise ValueError for settings this algorithm cannot honour."""

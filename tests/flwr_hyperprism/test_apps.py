@@ -21,13 +21,14 @@ from simulations.run import run_experiment
 from strategies import ALGORITHMS
 from strategies.base.learner import evaluate, node_data
 from tests.harness import LocalGrid
-from tests.variants import metrics_rows
+from tests.variants import config_of, metrics_rows
 
 
 def tiny_config(tmp_path: Path, name: str, **changes) -> RunConfig:
     settings = {"num_nodes": 4, "num_rounds": 3, "momentum": 0.5, "swarm_local_steps": 20,
                 "output_dir": str(tmp_path), "run_name": name, "node_wait_timeout": 5.0}
-    return RunConfig(**{**settings, **changes})
+    algorithm = str(changes.pop("algorithm", RunConfig.algorithm))
+    return config_of(algorithm, **{**settings, **changes})
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))

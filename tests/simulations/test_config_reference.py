@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flwr_hyperprism.setup.config import Settings
 from simulations import config_reference
 
 
 @dataclass(frozen=True)
-class Example:
+class Example(Settings):
     """A config with every kind of comment the generator reads."""
 
     name: str = "x"  # what it is called
@@ -19,6 +20,14 @@ class Example:
     size: int = 3
     # faults: a value above | this ratio is dropped
     ratio: float = 10.0  # per round
+
+
+@dataclass(frozen=True)
+class Extended(Example):
+    """A subclass: its own field and the inherited ones, each with its declaring class's
+    comments."""
+
+    extra: int = 1  # one more
 
 
 def row_of(page: str, key: str) -> str:
@@ -41,6 +50,15 @@ def test_a_fields_comments_appear_in_its_row_under_its_section():
             "missing, a clear error") in row_of(page, "path")
     assert row_of(page, "ratio").endswith("| a value above \\| this ratio is dropped; per round |")
     assert "\n## Data\n" in page and "\n## Faults\n" in page
+
+
+def test_a_titled_section_holds_inherited_fields_with_their_own_comments():
+    [section] = config_reference.config_sections(Extended, title="extended")
+    assert section.title == "extended"
+    described = {row.key: row.description for row in section.rows}
+    assert list(described) == ["name", "path", "size", "ratio", "extra"]
+    assert described["extra"] == "one more"
+    assert described["path"].startswith("data where the files are")  # a heading is text here
 
 
 def test_check_fails_on_a_stale_page(tmp_path, monkeypatch, capsys):

@@ -15,8 +15,8 @@ from tests.variants import drive, make_config, nodes_for, spread_states
 def test_hyperprism_with_fixed_p_1_is_dpsgd(tmp_path, order):
     # Bit for bit: the p = 1 merge is the same weighted mean in both.
     def rows(algorithm: str, **changes) -> list[dict]:
-        config = RunConfig(num_nodes=5, num_rounds=3, local_steps=3, order=order,
-                           algorithm=algorithm, **changes)
+        config = RunConfig.build(algorithm, num_nodes=5, num_rounds=3, local_steps=3,
+                                 order=order, **changes)
         result = run_in_process(round_loop(config))
         drop = {"seconds", "p_theta", "p_phi", "p_theta_mean", "p_phi_mean", "p_theta_std",
                 "p_phi_std"}

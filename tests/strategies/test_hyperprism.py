@@ -21,7 +21,7 @@ from strategies.hyperprism import TRACKER, HyperPrism, HyperPrismExtra, HyperPri
 def small_config(tmp_path, **changes) -> RunConfig:
     settings = {"num_nodes": 5, "num_rounds": 3, "output_dir": str(tmp_path), "run_name": "run",
                 "p_mode": "hypernetwork"}  # the paper's degrees unless a test says otherwise
-    return RunConfig(**{**settings, **changes})
+    return RunConfig.build(**{**settings, **changes})
 
 
 def flat(model: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,7 +177,7 @@ def test_a_non_finite_neighbour_does_not_poison_the_node(tmp_path):
 
 
 def test_the_schedule_mode_merges_with_the_scheduled_degree_on_every_node(tmp_path):
-    config = RunConfig(num_nodes=4, num_rounds=5, eval_size=200, p_mode="schedule",
+    config = RunConfig.build(num_nodes=4, num_rounds=5, eval_size=200, p_mode="schedule",
                        p_schedule="linear", p_max=9.0, p_min=2.0, p_horizon=3,
                        output_dir=str(tmp_path))
     rows = run_in_process(round_loop(config, None))
@@ -244,7 +244,7 @@ def test_a_tracked_degree_moves_against_the_directional_derivative(tmp_path, sig
 def test_tracked_degrees_start_at_p_max_and_come_down_on_the_synthetic_task(tmp_path):
     # The default task, where a large p speeds up the first rounds and costs accuracy later
     # (README, "HyperPrism's degrees"): every node starts at p-max and lowers its own p.
-    config = RunConfig(num_nodes=8, num_rounds=12, eval_size=500, p_mode="tracking",
+    config = RunConfig.build(num_nodes=8, num_rounds=12, eval_size=500, p_mode="tracking",
                        output_dir=str(tmp_path), run_name="run")
     rows = run_in_process(round_loop(config))
     assert set(rows[1]["p_phi"].values()) == {15.0}
@@ -285,8 +285,8 @@ def test_descent_keeps_the_default_task_near_plain_averaging(tmp_path):
     # first informative merge, then 1.0-1.5) and the accuracy at least D-PSGD's.
     settings = {"num_nodes": 8, "num_rounds": 6, "eval_size": 500, "output_dir": str(tmp_path)}
     rows = run_in_process(round_loop(RunConfig(**settings, run_name="descent")))
-    linear = run_in_process(round_loop(RunConfig(**settings, run_name="linear",
-                                                    p_mode="fixed", fixed_p=1.0)))
+    linear = run_in_process(round_loop(RunConfig.build(**settings, run_name="linear",
+                                                          p_mode="fixed", fixed_p=1.0)))
     assert rows[0]["p_phi_mean"] == 1.0  # identical models: nothing to choose
     assert all(row["p_phi_mean"] < 3.0 for row in rows) and rows[-1]["p_phi_mean"] < 1.5
     assert all(a["accuracy_mean"] >= b["accuracy_mean"] for a, b in zip(rows, linear))

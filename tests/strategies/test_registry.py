@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 
@@ -10,7 +9,7 @@ import pytest
 
 import strategies
 from flwr_hyperprism.setup.config import RunConfig
-from strategies import ALGORITHMS, AlgorithmSpec, algorithm_spec, ignored_keys
+from strategies import ALGORITHMS, AlgorithmSpec, algorithm_spec
 
 
 def test_every_module_that_declares_a_spec_is_registered_under_its_plans_name():
@@ -35,8 +34,7 @@ def test_a_spec_builds_its_plan_and_node_rules(name, tmp_path):
     assert plan.algorithm == name and spec.display_name == plan.description
     rule = spec.make_rule(config, 2)
     assert rule.init_state().round == 0
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    assert set(spec.config_keys) <= fields, set(spec.config_keys) - fields
+    assert type(config.algorithm_settings) is spec.settings
 
 
 def test_an_unknown_algorithm_is_an_error_listing_the_registered_ones():
@@ -46,9 +44,11 @@ def test_an_unknown_algorithm_is_an_error_listing_the_registered_ones():
                                  f"{', '.join(sorted(ALGORITHMS))}")
 
 
-def test_an_algorithm_ignores_exactly_the_other_algorithms_own_keys():
-    assert "p_mode" in ignored_keys("dpsgd") and "smoothness" in ignored_keys("dpsgd")
-    assert "p_mode" not in ignored_keys("hyperprism")
-    assert "smoothness" not in ignored_keys("adom") and "smoothness" not in ignored_keys("mudag")
-    assert "mudag_max_gossip" in ignored_keys("adom")
-    assert not ignored_keys("local") & {"lr", "seed", "alpha", "order"}  # shared keys
+def test_an_algorithm_s_config_holds_its_own_settings_and_no_others():
+    run_keys = {f.name for f in RunConfig.setting_fields()}
+    for name, spec in ALGORITHMS.items():
+        own = {f.name for f in spec.settings.setting_fields()}
+        flat = {key.replace("-", "_") for key in RunConfig(algorithm=name).to_run_config()}
+        assert flat == run_keys | own and not own & run_keys, name
+    assert {f.name for f in ALGORITHMS["mudag"].settings.setting_fields()} >= {
+        f.name for f in ALGORITHMS["adom"].settings.setting_fields()}  # L and mu, shared

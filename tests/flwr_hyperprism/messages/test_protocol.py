@@ -13,5 +13,5 @@ def test_node_task_survives_the_config_record_round_trip():
 
 
 def test_the_run_config_survives_the_config_record_round_trip():
-    config = RunConfig(num_nodes=7, p_mode="fixed", fixed_p=3.0, local_layers="fc2.*")
+    config = RunConfig.build(num_nodes=7, p_mode="fixed", fixed_p=3.0, local_layers="fc2.*")
     assert RunConfig.from_run_config(dict(run_record(config))) == config

@@ -66,7 +66,7 @@ def test_the_hypernetwork_steps_on_the_pseudo_gradient_after_training():
     def sgd(full):  # pseudo-gradient 1 everywhere: (merged - trained) / lr
         return {k: v - 0.1 if v.is_floating_point() else v for k, v in full.items()}, {"x": 1.0}
 
-    config = RunConfig(lr=0.1, hn_lr=1.0, p_mode="hypernetwork")
+    config = RunConfig.build(lr=0.1, hn_lr=1.0, p_mode="hypernetwork")
     rule = HyperPrismNode(config, 0, HandlerLearner(model(1), sgd, config))
     state = rule.init_state()
     task = NodeTask(1, (3,), (0.5,), 0.5)
@@ -184,8 +184,10 @@ def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(rule_type, m
     ({"num_nodes": 1}, "num-nodes"),
     ({"fraction_train": 0.5, "min_available_nodes": 2},
      r"fraction_train, min_available_nodes: FedAvg's client sampling, .* every node trains"),
-    ({"densty": 0.5}, r"unknown settings \['densty'\]; decentralized_strategy takes the "
-                      r"RunConfig fields"),
+    ({"densty": 0.5}, r"densty: not settings of the run or of algorithm 'hyperprism' "
+                      r"\(densty is unknown\); docs/configuration.md lists them all"),
+    ({"algorithm": "dpsgd", "p_mode": "fixed"}, r"p_mode is a setting of hyperprism"),
+    ({"algorithm": "swarmsgd", "swarm_local_steps": 2}, "settings of the native apps'"),
     ({"momentum": 0.9}, "settings of the native apps' data, model and training"),
 ])
 def test_factory_rejects_what_plug_in_mode_cannot_do(settings, message):
@@ -194,7 +196,7 @@ def test_factory_rejects_what_plug_in_mode_cannot_do(settings, message):
 
 
 def test_plug_in_hyperprism_has_the_native_default_degrees():
-    assert decentralized_strategy(num_nodes=3).config.p_mode == RunConfig().p_mode
+    assert decentralized_strategy(num_nodes=3).config == RunConfig(num_nodes=3)
 
 
 def test_local_layers_stay_out_of_the_merge_and_the_pseudo_gradient():

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from flwr_hyperprism.setup.config import RunConfig, load_config
+from flwr_hyperprism.setup.config import (
+    AlgorithmSettings,
+    RunConfig,
+    flat_defaults,
+    load_config,
+    owners,
+    register_settings,
+)
 from simulations.to_toml import to_toml
 
 PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
@@ -22,16 +29,23 @@ def flower_table() -> dict:
 
 def non_default() -> RunConfig:
     """A config that differs from the defaults in every type of field."""
-    return RunConfig(seed=7, num_nodes=12, dataset="mnist", data_dir="/data/x", download=True,
-                     alpha=0.5, lr=0.05, topology="mobility", exact_edges=True,
-                     p_candidates="1,9", p_select="st", hn_input="embedding", run_name="r1")
+    return RunConfig.build(seed=7, num_nodes=12, dataset="mnist", data_dir="/data/x",
+                           download=True, alpha=0.5, lr=0.05, topology="mobility",
+                           exact_edges=True, p_candidates="1,9", p_select="st",
+                           hn_input="embedding", run_name="r1")
+
+
+def make(**settings) -> RunConfig:
+    """A config with ``settings``: fields of the run or of the algorithm that has them."""
+    algorithm = next((owners(key)[0] for key in settings if owners(key)), "hyperprism")
+    return RunConfig.build(algorithm, **settings)
 
 
 # --- defaults and Flower's run config --------------------------------------------------------
 
 
 def test_defaults_equal_the_pyproject_run_config_table():
-    table, defaults = flower_table(), RunConfig().to_run_config()
+    table, defaults = flower_table(), flat_defaults()
 
     assert defaults == table
     assert {k: type(v) for k, v in defaults.items()} == {k: type(v) for k, v in table.items()}
@@ -53,8 +67,49 @@ def test_run_config_round_trip(config):
 def test_from_run_config_takes_a_partial_mapping():
     config = RunConfig.from_run_config({"num-rounds": 3, "p-mode": "fixed", "fixed-p": 9})
 
-    assert (config.num_rounds, config.p_mode, config.fixed_p) == (3, "fixed", 9.0)
+    settings = config.algorithm_settings
+    assert (config.num_rounds, settings.p_mode, settings.fixed_p) == (3, "fixed", 9.0)
     assert config.replace(num_rounds=100, p_mode="descent", fixed_p=1.0) == RunConfig()
+
+
+def test_a_config_carries_only_its_algorithm_s_settings():
+    mudag = RunConfig.from_run_config({"algorithm": "mudag", "mudag-max-gossip": 3})
+
+    assert mudag.algorithm_settings.mudag_max_gossip == 3
+    assert "mudag-max-gossip" in mudag.to_run_config()
+    assert "p-mode" not in mudag.to_run_config() and "p-mode" in RunConfig().to_run_config()
+    assert mudag.replace(algorithm="dpsgd").algorithm_settings == AlgorithmSettings()
+
+
+def test_another_algorithm_s_key_warns_unless_it_has_its_default():
+    table = flower_table()  # every algorithm's keys, at their defaults
+    assert RunConfig.from_run_config({**table, "algorithm": "dpsgd"}) == RunConfig(
+        algorithm="dpsgd")
+
+    with pytest.warns(UserWarning, match=r"'swarm-local-steps' = 4 is a setting of swarmsgd, "
+                                         r"which algorithm='dpsgd' does not read"):
+        RunConfig.from_run_config({"algorithm": "dpsgd", "swarm-local-steps": 4})
+
+
+def test_replace_rejects_another_algorithm_s_setting():
+    with pytest.raises(ValueError, match=r"p_mode: not settings of the run or of algorithm "
+                                         r"'dpsgd' \(p_mode is a setting of hyperprism\)"):
+        RunConfig(algorithm="dpsgd").replace(p_mode="fixed")
+
+
+def test_settings_of_the_wrong_type_for_the_algorithm_are_an_error():
+    with pytest.raises(ValueError, match="algorithm 'dpsgd' takes AlgorithmSettings, not "
+                                         "HyperPrismSettings"):
+        RunConfig(algorithm="dpsgd", algorithm_settings=RunConfig().algorithm_settings)
+
+
+def test_a_key_two_algorithms_share_has_one_default():
+    @dataclasses.dataclass(frozen=True)
+    class Clashing(AlgorithmSettings):
+        smoothness: float = 1.0
+
+    with pytest.raises(ValueError, match=r"Clashing.smoothness .*differs from adom's"):
+        register_settings("clashing", Clashing)
 
 
 def test_unknown_run_config_key_lists_the_valid_keys():
@@ -71,7 +126,8 @@ def test_unknown_run_config_key_lists_the_valid_keys():
 
 @pytest.mark.parametrize("key", ("lr", "alpha", "density", "fixed_p", "round_timeout"))
 def test_int_is_accepted_for_a_float_key(key):
-    value = getattr(RunConfig(**{key: 1}), key)
+    config = make(**{key: 1})
+    value = getattr(config.algorithm_settings if owners(key) else config, key)
 
     assert value == 1.0 and type(value) is float
 
@@ -90,12 +146,13 @@ WRONG_TYPES = {
                          [(k, v) for k, values in WRONG_TYPES.items() for v in values])
 def test_wrong_types_are_rejected(key, value):
     with pytest.raises(ValueError, match=re.escape(key.replace("_", "-"))):
-        RunConfig(**{key: value})
+        make(**{key: value})
 
 
 # --- validation ----------------------------------------------------------------------------
 
-_FLOAT_KEYS = {f.name for f in dataclasses.fields(RunConfig) if f.type == "float"}
+_FLOAT_KEYS = {name.replace("-", "_") for name, value in flat_defaults().items()
+               if isinstance(value, float)}
 
 BAD_VALUES = [
     ("density", 0), ("density", 1.5), ("alpha", 0), ("alpha", float("inf")), ("num_nodes", 1),
@@ -115,13 +172,13 @@ def test_the_learned_degrees_need_the_adapt_then_combine_order():
                        match=r"p-mode='descent' \(the default\) needs order='atc'.*set p-mode"):
         RunConfig(order="cta")
     with pytest.raises(ValueError, match=r"p-mode='tracking' needs order='atc'"):
-        RunConfig(p_mode="tracking", order="cta")
+        RunConfig.build(p_mode="tracking", order="cta")
 
 
 @pytest.mark.parametrize(("key", "value"), BAD_VALUES)
 def test_validation_error_names_the_key_and_the_bad_value(key, value):
     with pytest.raises(ValueError) as info:
-        RunConfig(**{key: value})
+        make(**{key: value})
 
     message = str(info.value)
     assert key.replace("_", "-") in message or key in message
@@ -163,8 +220,8 @@ def test_load_config_from_yaml_with_both_key_spellings(in_tmp_dir):
 
     config = load_config([path])
 
-    assert config == RunConfig(num_nodes=7, num_rounds=3, lr=1.0, dataset="mnist",
-                               p_candidates="1,3,5", exact_edges=True, output_dir="/o")
+    assert config == RunConfig.build(num_nodes=7, num_rounds=3, lr=1.0, dataset="mnist",
+                                     p_candidates="1,3,5", exact_edges=True, output_dir="/o")
     assert type(config.lr) is float
 
 
@@ -175,7 +232,7 @@ def test_later_files_and_overrides_win(tmp_path):
     config = load_config([first, second], ["alpha=0.3", "p-candidates=1,9", "run_name=x=y"])
 
     assert (config.num_nodes, config.seed, config.alpha) == (7, 2, 0.3)
-    assert config.candidates == (1.0, 9.0) and config.run_name == "x=y"
+    assert config.algorithm_settings.candidates == (1.0, 9.0) and config.run_name == "x=y"
 
 
 @pytest.mark.parametrize("override", ("num-rounds=5", "num_rounds=5", " num-rounds =5"))

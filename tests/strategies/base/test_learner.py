@@ -19,6 +19,7 @@ from strategies.base.learner import (
 )
 from strategies.base.rule import NodeTask
 from strategies.dpsgd import DPSGDNode
+from tests.variants import config_of
 
 
 def test_the_optimizer_state_round_trips_through_the_node_state():
@@ -84,7 +85,7 @@ def test_the_device_setting_resolves_or_says_what_to_set():
 def test_device_cpu_and_auto_runs_agree_and_keep_state_on_the_cpu(tmp_path, algorithm):
     rows = {}
     for device in ("cpu", "auto"):
-        config = RunConfig(algorithm=algorithm, device=device, num_nodes=4, num_rounds=2,
+        config = config_of(algorithm, device=device, num_nodes=4, num_rounds=2,
                            local_steps=2, eval_size=300, mudag_max_gossip=2,
                            output_dir=str(tmp_path), run_name=device)
         rows[device] = [{k: v for k, v in row.items() if k != "seconds"}
