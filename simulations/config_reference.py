@@ -38,7 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr_hyperprism.setup.config import RunConfig, Settings
+from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.settings import Settings
 from strategies import ALGORITHMS
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"

@@ -10,7 +10,7 @@ the package and its algorithms needs no Flower: the Flower strategy is
 import importlib
 import pkgutil
 
-from flwr_hyperprism.setup.config import register_settings
+from flwr_hyperprism.setup.settings import register_settings
 
 from .base.rule import NodeRule, NodeState, NodeTask
 from .base.spec import AlgorithmSpec

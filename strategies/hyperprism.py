@@ -40,7 +40,8 @@ from flwr_hyperprism.math.merge import merge_models, stack_group
 from flwr_hyperprism.math.mirror import mirror_step
 from flwr_hyperprism.math.models import DECISION, REPRESENTATION
 from flwr_hyperprism.math.seeding import round_seed
-from flwr_hyperprism.setup.config import AlgorithmSettings, RunConfig
+from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.settings import AlgorithmSettings
 
 from .base.learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, optimizer_state
 from .base.node import GossipNode

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from flwr_hyperprism.math.graphs import random_maximal_matching
 from flwr_hyperprism.math.seeding import round_rng
-from flwr_hyperprism.setup.config import AlgorithmSettings, RunConfig
+from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.settings import AlgorithmSettings
 
 from .base.learner import DataLearner, node_data
 from .base.plan import RoutingPlan

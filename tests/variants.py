@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from flwr_hyperprism.setup.config import RunConfig, owners
+from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.settings import owners
 from strategies import ALGORITHMS, NodeRule
 from strategies.base.plan import RoutingPlan
 

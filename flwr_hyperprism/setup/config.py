@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import importlib
-import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -31,134 +29,19 @@ from flwr_hyperprism.math.graphs import TOPOLOGIES
 from flwr_hyperprism.math.models import MODELS
 
 from .data import DATASETS
+from .settings import (
+    SCALAR_TYPES,
+    AlgorithmSettings,
+    Scalar,
+    Settings,
+    config_key,
+    owned_by,
+    owners,
+    registered_settings,
+    settings_type,
+)
 
 ORDERS = ("atc", "cta")
-Scalar = bool | int | float | str
-SettingsT = TypeVar("SettingsT", bound="AlgorithmSettings")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Typed settings: every field is a run-config key (its name with ``-`` for ``_``).
-
-    Construction checks each value's type (an int is taken for a float) and then
-    :meth:`validate`; a bad value is a ValueError naming the key, the value and the range.
-    """
-
-    def __post_init__(self) -> None:
-        for f in self.setting_fields():
-            value = getattr(self, f.name)
-            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
-            elif not _has_type(value, str(f.type)):
-                raise ValueError(f"config key {_key(f.name)!r} must be a {f.type}, "
-                                 f"got {value!r} ({type(value).__name__})")
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError for a value out of its range (the fields' types are checked)."""
-
-    @classmethod
-    def setting_fields(cls) -> tuple[dataclasses.Field[Any], ...]:
-        """The fields that are run-config keys (bool, int, float or str)."""
-        return tuple(f for f in fields(cls) if str(f.type) in _TYPES)
-
-    def to_run_config(self) -> dict[str, Scalar]:
-        """Flat kebab-case mapping, as in ``[tool.flwr.app.config]``."""
-        return {_key(f.name): getattr(self, f.name) for f in self.setting_fields()}
-
-    def require_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
-        """Each named field's value is one of its choices."""
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"config key {_key(name)!r} = {getattr(self, name)!r} is not "
-                                 f"one of: {', '.join(valid)}")
-
-    def require_ranges(self, ranges: Iterable[tuple[str, float, float | None, str]]) -> None:
-        """Each ``(name, low, high, text)``: low <= value (<= high), finite; ``text`` says so."""
-        for name, low, high, text in ranges:
-            value = getattr(self, name)
-            if not (value >= low and (high is None or value <= high)) or not math.isfinite(value):
-                raise ValueError(f"config key {_key(name)!r} must be {text}, got {value!r}")
-
-    def require_positive(self, names: Iterable[str]) -> None:
-        """Each named field's value is finite and > 0."""
-        for name in names:
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"config key {_key(name)!r} must be > 0, got {value!r}")
-
-
-@dataclass(frozen=True)
-class AlgorithmSettings(Settings):
-    """An algorithm's own settings, declared in its module (``strategies/<algorithm>.py``).
-
-    A subclass adds typed fields (with a comment each: ``docs/configuration.md`` is made from
-    them) and overrides :meth:`validate` and :meth:`check`; this base class, without fields, is
-    the settings of an algorithm that has none. A key that two algorithms share (Mudag's and
-    ADOM+'s ``smoothness``) has one type and one default.
-    """
-
-    native_only: ClassVar[tuple[str, ...]] = ()
-    """Fields only the native apps read: an error in plug-in mode, whose app trains itself."""
-
-    def check(self, config: RunConfig) -> None:
-        """Raise ValueError for run settings these settings cannot work with."""
-
-    @classmethod
-    def of(cls: type[SettingsT], config: RunConfig) -> SettingsT:
-        """``config``'s algorithm settings, which must be of this type."""
-        settings = config.algorithm_settings
-        if not isinstance(settings, cls):
-            raise TypeError(f"algorithm {config.algorithm!r} has {type(settings).__name__}, "
-                            f"not {cls.__name__}")
-        return settings
-
-
-_ALGORITHM_SETTINGS: dict[str, type[AlgorithmSettings]] = {}
-
-
-def register_settings(algorithm: str, settings: type[AlgorithmSettings]) -> None:
-    """Declare ``algorithm``'s settings type (the package ``strategies`` does, per algorithm).
-
-    ValueError if ``algorithm`` has other settings already, or if a key it shares with another
-    algorithm's settings has another type or default there.
-    """
-    known = _ALGORITHM_SETTINGS.get(algorithm, settings)
-    if known is not settings:
-        raise ValueError(f"algorithm {algorithm!r} already has settings {known.__name__}")
-    for other_name, other in _ALGORITHM_SETTINGS.items():
-        theirs = {f.name: (f.type, f.default) for f in other.setting_fields()}
-        for f in settings.setting_fields():
-            if theirs.get(f.name, (f.type, f.default)) != (f.type, f.default):
-                raise ValueError(f"{settings.__name__}.{f.name} ({f.type} = {f.default!r}) "
-                                 f"differs from {other_name}'s {theirs[f.name]}: a key shared "
-                                 f"by algorithms has one type and default; rename yours")
-    _ALGORITHM_SETTINGS[algorithm] = settings
-
-
-def registered_settings() -> Mapping[str, type[AlgorithmSettings]]:
-    """Every algorithm's settings type, by algorithm name."""
-    if not _ALGORITHM_SETTINGS:
-        # the algorithms live above this layer and register themselves when their package is
-        # imported (as plug-ins do through entry points); a config built first imports it
-        importlib.import_module("strategies")
-    return dict(_ALGORITHM_SETTINGS)
-
-
-def settings_type(algorithm: str) -> type[AlgorithmSettings]:
-    """The settings type of the registered ``algorithm``; ValueError lists the valid names."""
-    registered = registered_settings()
-    if algorithm not in registered:
-        raise ValueError(f"config key 'algorithm' = {algorithm!r} is not one of: "
-                         f"{', '.join(sorted(registered))}")
-    return registered[algorithm]
-
-
-def owners(field_name: str) -> list[str]:
-    """The algorithms whose settings have the field ``field_name``."""
-    return sorted(name for name, settings in registered_settings().items()
-                  if field_name in {f.name for f in settings.setting_fields()})
 
 
 @dataclass(frozen=True)
@@ -284,8 +167,8 @@ class RunConfig(Settings):
         if not isinstance(algorithm, str):
             raise ValueError(f"config key 'algorithm' must be a str, got {algorithm!r}")
         own_type = settings_type(algorithm)
-        common = {_key(f.name): f.name for f in cls.setting_fields()}
-        own = {_key(f.name): f.name for f in own_type.setting_fields()}
+        common = {config_key(f.name): f.name for f in cls.setting_fields()}
+        own = {config_key(f.name): f.name for f in own_type.setting_fields()}
         defaults = flat_defaults()
         unknown = sorted(set(run_config) - set(defaults))
         if unknown:
@@ -334,7 +217,7 @@ def _split(algorithm: str, settings: Mapping[str, Any]) -> tuple[dict[str, Any],
     foreign = sorted(set(settings) - common - own)
     if foreign:
         raise ValueError(f"{', '.join(foreign)}: not settings of the run or of algorithm "
-                         f"{algorithm!r} ({'; '.join(_owned_by(name) for name in foreign)}); "
+                         f"{algorithm!r} ({'; '.join(owned_by(name) for name in foreign)}); "
                          f"docs/configuration.md lists them all")
     return ({k: v for k, v in settings.items() if k in common},
             {k: v for k, v in settings.items() if k in own})
@@ -343,7 +226,7 @@ def _split(algorithm: str, settings: Mapping[str, Any]) -> tuple[dict[str, Any],
 def flat_defaults() -> dict[str, Scalar]:
     """Every run-config key with its default: the run's, then each registered algorithm's
     (``[tool.flwr.app.config]`` in ``pyproject.toml`` holds exactly these)."""
-    return {_key(name): cast(Scalar, f.default) for name, f in _every_setting_field().items()}
+    return {config_key(name): cast(Scalar, f.default) for name, f in _every_setting_field().items()}
 
 
 def _every_setting_field() -> dict[str, dataclasses.Field[Any]]:
@@ -369,7 +252,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
                    OmegaConf.from_dotlist([_normalise_override(o) for o in overrides])))
     every = _every_setting_field()
     schema = dataclasses.make_dataclass("EverySetting", [
-        (name, _TYPES[str(f.type)], dataclasses.field(default=f.default))
+        (name, SCALAR_TYPES[str(f.type)], dataclasses.field(default=f.default))
         for name, f in every.items()])
     merged = OmegaConf.structured(schema)
     for source, layer in layers:
@@ -387,7 +270,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     for key in ("data_dir", "output_dir", "state_dir"):
         if values[key]:
             values[key] = str(Path(values[key]).expanduser().resolve())
-    return RunConfig.from_run_config({_key(name): value for name, value in values.items()})
+    return RunConfig.from_run_config({config_key(name): value for name, value in values.items()})
 
 
 def _read_yaml(path: str | Path) -> DictConfig:
@@ -417,21 +300,3 @@ def _normalise_override(override: str) -> str:
     if not sep:
         raise ValueError(f"override {override!r} must look like key=value")
     return f"{key.strip().replace('-', '_')}={value}"
-
-
-def _key(field_name: str) -> str:
-    return field_name.replace("_", "-")
-
-
-def _owned_by(field_name: str) -> str:
-    found = owners(field_name)
-    return (f"{field_name} is a setting of {', '.join(found)}" if found
-            else f"{field_name} is unknown")
-
-
-_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
-
-
-def _has_type(value: object, type_name: str) -> bool:
-    return isinstance(value, _TYPES[type_name]) and (
-        type_name == "bool" or not isinstance(value, bool))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr_hyperprism.setup.config import AlgorithmSettings
+from flwr_hyperprism.setup.settings import AlgorithmSettings
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr_hyperprism.setup.config import AlgorithmSettings, RunConfig
+from flwr_hyperprism.setup.config import RunConfig
+from flwr_hyperprism.setup.settings import AlgorithmSettings
 
 from .learner import Learner
 from .node import GossipNode, LearningNode

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import tomllib
 
-from flwr_hyperprism.setup.config import (
-    AlgorithmSettings,
-    RunConfig,
-    flat_defaults,
-    load_config,
-    owners,
-    register_settings,
-)
+from flwr_hyperprism.setup.config import RunConfig, flat_defaults, load_config
+from flwr_hyperprism.setup.settings import AlgorithmSettings, owners
 from simulations.to_toml import to_toml
 
 PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
@@ -101,15 +94,6 @@ def test_settings_of_the_wrong_type_for_the_algorithm_are_an_error():
     with pytest.raises(ValueError, match="algorithm 'dpsgd' takes AlgorithmSettings, not "
                                          "HyperPrismSettings"):
         RunConfig(algorithm="dpsgd", algorithm_settings=RunConfig().algorithm_settings)
-
-
-def test_a_key_two_algorithms_share_has_one_default():
-    @dataclasses.dataclass(frozen=True)
-    class Clashing(AlgorithmSettings):
-        smoothness: float = 1.0
-
-    with pytest.raises(ValueError, match=r"Clashing.smoothness .*differs from adom's"):
-        register_settings("clashing", Clashing)
 
 
 def test_unknown_run_config_key_lists_the_valid_keys():
