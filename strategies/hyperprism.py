@@ -40,10 +40,11 @@ from flwr_hyperprism.math.merge import merge_models, stack_group
 from flwr_hyperprism.math.mirror import mirror_step
 from flwr_hyperprism.math.models import DECISION, REPRESENTATION
 from flwr_hyperprism.math.seeding import round_seed
+from flwr_hyperprism.math.sgd import MomentumSGD
 from flwr_hyperprism.setup.config import RunConfig
 from flwr_hyperprism.setup.settings import AlgorithmSettings
 
-from .base.learner import Learner, LocalUpdate, clone_tensors, load_optimizer_state, optimizer_state
+from .base.learner import Learner, LocalUpdate, clone_tensors
 from .base.node import GossipNode
 from .base.plan import RoutingPlan
 from .base.rule import NodeState, NodeTask, StateDict
@@ -139,7 +140,7 @@ class NodeHypernetwork:
             self.module = HyperNetwork(summary_dim, settings.candidates, settings.embedding_dim,
                                        settings.hn_hidden, settings.p_select,
                                        settings.hn_p_init or None).to(device)
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.hn_lr)
+        self.optimizer = MomentumSGD(self.module.parameters(), settings.hn_lr)
         self.initial = clone_tensors(self.module.state_dict())  # every new state starts here
 
     def init_state(self) -> dict[str, StateDict]:
@@ -149,7 +150,7 @@ class NodeHypernetwork:
         """Put the node's hypernetwork weights and optimizer state into the module."""
         assert extra.hypernet is not None and extra.hn_optimizer is not None
         self.module.load_state_dict(extra.hypernet)
-        load_optimizer_state(self.optimizer, extra.hn_optimizer)
+        self.optimizer.load_state(extra.hn_optimizer)
 
     def step(self, merged: StateDict, gradient: StateDict, extra: HyperPrismExtra
              ) -> HyperPrismExtra:
@@ -161,7 +162,7 @@ class NodeHypernetwork:
         torch.autograd.backward([merged[n] for n in names], [gradient[n] for n in names])
         self.optimizer.step()
         return dataclasses.replace(extra, hypernet=clone_tensors(self.module.state_dict()),
-                                   hn_optimizer=optimizer_state(self.optimizer))
+                                   hn_optimizer=self.optimizer.state())
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from flwr_hyperprism.math.sgd import MomentumSGD  # noqa: E402
 from strategies import register  # noqa: E402
 from strategies.base.learner import DataLearner  # noqa: E402
 
@@ -41,7 +42,7 @@ _register_extra_algorithms()
 @pytest.fixture
 def zero_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     """No learning: no optimizer moves a parameter, and ADOM+ and Mudag see zero gradients."""
-    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+    monkeypatch.setattr(MomentumSGD, "step", lambda self: None)
 
     def zero_gradient(self, params, gen):
         return {"train_loss": 0.0}, {k: torch.zeros_like(v) for k, v in params.items()}

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from flwr_hyperprism.math.models import DECISION, REPRESENTATION, build_model, layer_group
 from flwr_hyperprism.math.seeding import round_rng
+from flwr_hyperprism.math.sgd import MomentumSGD
 from flwr_hyperprism.setup.config import RunConfig
 from flwr_hyperprism.setup.data import (
     INPUT_SHAPES,
@@ -256,15 +257,14 @@ class DataLearner:
         self.num_examples = len(data.train)
         batches = -(-len(data.train) // config.batch_size)
         self.local_steps = local_steps or config.local_steps or config.local_epochs * batches
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
-                                         momentum=config.momentum)
+        self.optimizer = MomentumSGD(self.model.parameters(), config.lr, config.momentum)
 
     def load(self, state: NodeState) -> None:
         """The optimizer's state; a state without one (a new node) resets it."""
-        load_optimizer_state(self.optimizer, state.tensors.get("optimizer", {}))
+        self.optimizer.load_state(state.tensors.get("optimizer", {}))
 
     def save(self) -> dict[str, StateDict]:
-        return {"optimizer": optimizer_state(self.optimizer)}
+        return {"optimizer": self.optimizer.state()}
 
     def evaluate(self, model: StateDict) -> dict[str, float]:
         self.model.load_state_dict(model)
@@ -332,23 +332,6 @@ def evaluate(model: torch.nn.Module, test: Split) -> tuple[float, float]:
         loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
     return correct / len(test), loss / len(test)
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer) -> StateDict:
-    """The optimizer's per-parameter tensors as a flat dict ``"<index>.<name>"``."""
-    return {f"{index}.{name}": value.detach().clone()
-            for index, slots in optimizer.state_dict()["state"].items()
-            for name, value in slots.items() if torch.is_tensor(value)}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: StateDict) -> None:
-    """Inverse of ``optimizer_state`` (an empty dict resets the optimizer)."""
-    slots: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value.clone()
-    optimizer.load_state_dict({"state": slots,
-                               "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def clone_tensors(tensors: Mapping[str, Tensor]) -> StateDict:

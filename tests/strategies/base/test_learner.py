@@ -12,9 +12,7 @@ from strategies import algorithm_spec
 from strategies.base.learner import (
     DataLearner,
     evaluation_split,
-    load_optimizer_state,
     node_data,
-    optimizer_state,
     resolve_device,
 )
 from strategies.base.rule import NodeTask
@@ -29,9 +27,9 @@ def test_the_optimizer_state_round_trips_through_the_node_state():
     buffers = state.tensors["optimizer"]
     assert buffers and all(torch.count_nonzero(v) > 0 for v in buffers.values())
     optimizer = rule.learner.optimizer
-    load_optimizer_state(optimizer, buffers)
-    assert optimizer_state(optimizer).keys() == buffers.keys()
-    for key, value in optimizer_state(optimizer).items():
+    optimizer.load_state(buffers)
+    assert optimizer.state().keys() == buffers.keys()
+    for key, value in optimizer.state().items():
         assert torch.equal(value, buffers[key])
 
 
@@ -40,7 +38,7 @@ def test_a_state_without_optimizer_resets_the_momentum():
     rule = DPSGDNode.for_partition(config, 0)
     rule.step(rule.init_state(), NodeTask(1), {})
     rule.learner.load(rule.init_state())
-    assert optimizer_state(rule.learner.optimizer) == {}
+    assert rule.learner.optimizer.state() == {}
 
 
 def test_a_local_update_reports_the_last_minibatch_gradient():
