@@ -65,8 +65,12 @@ class RoundLoop:
         return self.plan.config
 
     def reconfigure(self, **changes: Any) -> None:
-        """Change settings before the run opens (e.g. ``num_rounds`` given to ``start``)."""
-        self.plan = type(self.plan)(self.config.replace(**changes))
+        """Change settings before the run opens (e.g. ``num_rounds`` given to ``start``); a
+        change to None or to the current value is no change."""
+        changes = {k: v for k, v in changes.items()
+                   if v is not None and v != getattr(self.config, k)}
+        if changes:
+            self.plan = type(self.plan)(self.config.replace(**changes))
 
     def open(self, initial: Any, routed_form: Callable[[StateDict], Any],
              settings: Mapping[str, object] | None = None) -> bool:

@@ -8,7 +8,7 @@ sent its task and its neighbours' latest tensors exactly as they were received.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Generic, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -17,6 +17,7 @@ from flwr_hyperprism.messages.protocol import (
     NEIGHBOUR_PREFIX,
     OWN_KEY,
     REPORT_KEY,
+    RUN_KEY,
     TASK_KEY,
     task_record,
 )
@@ -71,6 +72,18 @@ class RoutingTable(Generic[Routed]):
     def trained_in(self, round_: int) -> list[int]:
         """Partitions whose latest tensors come from round ``round_``."""
         return sorted(pid for pid, received in self.received.items() if received == round_)
+
+
+def train_contents(tasks: Mapping[int, NodeTask], routing: RoutingTable[ArrayRecord],
+                   records: Mapping[str, ConfigRecord], run_config: ConfigRecord,
+                   in_sync: Collection[int], hold_config: Collection[int], report: bool
+                   ) -> dict[int, RecordDict]:
+    """The content of each task's train message (``train_content``): the partitions not
+    ``in_sync`` get their own latest model, those not in ``hold_config`` the ``run_config``
+    (as ``RUN_KEY``)."""
+    return {pid: train_content(pid, task, routing, records if pid in hold_config
+                               else {**records, RUN_KEY: run_config}, pid not in in_sync, report)
+            for pid, task in tasks.items()}
 
 
 def train_content(partition: int, task: NodeTask, routing: RoutingTable[ArrayRecord],

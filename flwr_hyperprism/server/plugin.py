@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from flwr_hyperprism.messages.protocol import EVALUATE_KEY, STAGE_KEY, record_int, scalar_metrics
 from flwr_hyperprism.orchestration.membership import federation_size
-from flwr_hyperprism.orchestration.rounds import RoundCallback, RoundLoop
+from flwr_hyperprism.orchestration.rounds import NodeMetrics, RoundCallback, RoundLoop
 from flwr_hyperprism.orchestration.transport import Exchange
 from flwr_hyperprism.server.strategy import DecentralizedStrategy
 from flwr_hyperprism.setup.config import RunConfig
@@ -122,6 +122,17 @@ class PluginStrategy(DecentralizedStrategy):
     def check_evaluate_config(self, evaluate_config: ConfigRecord | None) -> None:
         """Used: it is the "config" of the evaluate messages to the user's handler."""
 
+    def evaluate_round(self, grid: Grid, round_: int, arrays: ArrayRecord,
+                       evaluate_config: ConfigRecord, node_metrics: NodeMetrics) -> None:
+        """The user's evaluate handler on each node that trained this round; its metrics join
+        the node's."""
+        asked = list(self.configure_evaluate(round_, arrays, evaluate_config, grid))
+        if asked:
+            replies = self.exchange(grid, asked, f"round {round_} evaluation")
+            for pid, metrics in self.collect_evaluation(round_, replies).items():
+                if pid in node_metrics:
+                    node_metrics[pid].update(metrics)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """An evaluate message to each node that replied to this round's training."""
@@ -132,7 +143,7 @@ class PluginStrategy(DecentralizedStrategy):
                 for pid in self.loop.routing.trained_in(server_round)
                 if pid in self.members.node_ids]
 
-    def collect_evaluation(self, round_: int, replies: Exchange) -> dict[int, dict[str, float]]:
+    def collect_evaluation(self, round_: int, replies: Exchange) -> NodeMetrics:
         """Each node's evaluation metrics, the user's accuracy and loss metrics also as
         ``accuracy`` and ``loss``."""
         evaluated = {}

@@ -80,20 +80,19 @@ class DecentralizedStrategy(Strategy):
 
     def train_contents(self, round_: int, stage: int, passed_on: ConfigRecord,
                        report: bool = False) -> dict[int, RecordDict]:
-        """The content of each bound partition's train message."""
+        """The content of each bound partition's train message. The run config goes once per
+        run: again only to a node that may not hold it, and to all when it changes (plug-in
+        lr schedules)."""
         config = self.round_config(passed_on)
         changed, self._sent_config = config != self._sent_config, config
         session = {protocol.SESSION_KEY: ConfigRecord({"run-key": self.loop.store.run_key}),
                    "config": passed_on}
-        with_config = {protocol.RUN_KEY: protocol.run_record(config), **session}
-        # the run config goes once per run: again only to a node that may not hold it (it
-        # failed, was silent or (re)joined) and to all when it changes (plug-in lr schedules)
-        return {pid: routing.train_content(
-                    pid, task, self.loop.routing,
-                    with_config if changed or pid not in self.members.in_sync else session,
-                    pid not in self.members.in_sync, report)
-                for pid, task in self.loop.tasks(round_, stage).items()
-                if pid in self.members.node_ids}
+        tasks = {pid: task for pid, task in self.loop.tasks(round_, stage).items()
+                 if pid in self.members.node_ids}
+        in_sync = self.members.in_sync
+        return routing.train_contents(tasks, self.loop.routing, session,
+                                      protocol.run_record(config), in_sync,
+                                      set() if changed else in_sync, report)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -119,10 +118,6 @@ class DecentralizedStrategy(Strategy):
                            ) -> MetricRecord | None:
         raise NotImplementedError(OWN_LOOP)
 
-    def collect_evaluation(self, round_: int, replies: transport.Exchange) -> NodeMetrics:
-        """Each partition's metrics from the replies to ``configure_evaluate`` (none here)."""
-        return {}
-
     def summary(self) -> None:
         self.loop.log_summary()
 
@@ -138,10 +133,7 @@ class DecentralizedStrategy(Strategy):
         (``orchestration.evaluation``), into the rows as ``server_<name>``; ``result.arrays``
         is the average of the finite final models (``final_models``).
         """
-        changes = {k: v for k, v in (("num_rounds", num_rounds), ("round_timeout", timeout))
-                   if v is not None and v != getattr(self.config, k)}
-        if changes:
-            self.loop.reconfigure(**changes)
+        self.loop.reconfigure(num_rounds=num_rounds, round_timeout=timeout)
         self.prepare(grid, train_config)
         self.summary()
         self._sent_config = None
@@ -167,13 +159,9 @@ class DecentralizedStrategy(Strategy):
                                            node_metrics)
             if round_ == self.config.num_rounds + 1:
                 self.final_models = dict(reported)
-            asked = list(self.configure_evaluate(round_, arrays, evaluate_config or ConfigRecord(),
-                                                 grid)) if stage == 0 else []
-            if asked:
-                replies = self.exchange(grid, asked, f"round {round_} evaluation")
-                for pid, metrics in self.collect_evaluation(round_, replies).items():
-                    if pid in node_metrics:
-                        node_metrics[pid].update(metrics)
+            if stage == 0:
+                self.evaluate_round(grid, round_, arrays, evaluate_config or ConfigRecord(),
+                                    node_metrics)
             return node_metrics, reported
 
         rows = self.loop.run(round_trip)
@@ -198,6 +186,11 @@ class DecentralizedStrategy(Strategy):
     def round_config(self, passed_on: ConfigRecord) -> RunConfig:
         """The run config a round-trip's train messages carry; the run's own here."""
         return self.config
+
+    def evaluate_round(self, grid: Grid, round_: int, arrays: ArrayRecord,
+                       evaluate_config: ConfigRecord, node_metrics: NodeMetrics) -> None:
+        """Add evaluation metrics to ``node_metrics`` after a round's first exchange; none
+        here: nodes evaluate in their train reply."""
 
     def check_evaluate_config(self, evaluate_config: ConfigRecord | None) -> None:
         """Warn that ``evaluate_config`` has no use here (no evaluate messages are sent)."""

@@ -17,7 +17,7 @@ def test_a_fleet_run_survives_a_killed_and_a_terminated_supernode(tmp_path: Path
     """SIGKILL partition 2's SuperNode and restart it (same partition and state-dir): it
     rejoins from its checkpoint. SIGTERM partition 3's SuperNode for good: the run completes
     without it."""
-    num_nodes, num_rounds = 4, 7
+    num_nodes, num_rounds = 4, 6
     state = {i: tmp_path / f"state-{i}" for i in range(num_nodes)}
     run_dir = tmp_path / "runs" / "survivor"
     with loopback_fleet(tmp_path / "fleet", num_nodes,

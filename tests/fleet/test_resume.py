@@ -17,7 +17,7 @@ from tests.variants import metrics_rows
 @pytest.mark.slow
 def test_a_fleet_run_resumed_after_stopping_its_serverapp_has_the_uninterrupted_metrics(
         tmp_path: Path) -> None:
-    num_nodes, num_rounds = 3, 4
+    num_nodes, num_rounds = 3, 3
     run_dir = tmp_path / "runs" / "resumed"
     settings = (f"num-nodes={num_nodes} num-rounds={num_rounds} momentum=0.5 eval-size=500 "
                 f"node-wait-timeout=120 round-timeout=120 output-dir='{run_dir.parent}' "

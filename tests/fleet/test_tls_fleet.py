@@ -36,12 +36,11 @@ def test_tls_fleet_with_supernode_auth_runs_hyperprism(tmp_path: Path) -> None:
         # TLS only: a plain-HTTP request gets no answer.
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
             urllib.request.urlopen(f"http://{fleet.address}/health", timeout=5)
-        # Authentication is enforced: a SuperNode whose key was not registered is refused.
+        # Authentication is enforced: a SuperNode whose key was not registered, started as
+        # the run starts, is refused (checked after the run, which it does not join).
         rogue_key = fleet.home("rogue") / "unregistered-key"
         make_supernode_keys(rogue_key)
         rogue = fleet.start_supernode("rogue", NUM_NODES, NUM_NODES + 1, private_key=rogue_key)
-        assert rogue.wait(timeout=60) != 0
-        assert "Failed to activate SuperNode" in fleet.log("rogue")
 
         started = time.monotonic()
         output = fleet.flwr([
@@ -51,6 +50,8 @@ def test_tls_fleet_with_supernode_auth_runs_hyperprism(tmp_path: Path) -> None:
                             f"output-dir='{run_dir.parent}' run-name='{run_dir.name}'",
         ], timeout=420)
         run_seconds = time.monotonic() - started
+        assert rogue.wait(timeout=60) != 0
+        assert "Failed to activate SuperNode" in fleet.log("rogue")
     assert fleet.leftovers() == [], "processes left running"
 
     assert f"round   {NUM_ROUNDS}/{NUM_ROUNDS}" in output, output[-3000:]
