@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--nodes", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=0,
+                        help="SGD steps per round-trip (default: one local epoch)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--against", default="cuda", help="the device to compare with the CPU")
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = RunConfig(model=args.model, dataset=args.dataset,
                          data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
                          num_nodes=args.nodes, num_rounds=args.rounds, eval_size=1000,
-                         output_dir=out)
+                         local_steps=args.local_steps, output_dir=out)
         timed_run(base.replace(num_rounds=1, device=args.against, run_name="warm-up"))
         for variant in variants:
             (cpu, cpu_seconds), (other, other_seconds) = (

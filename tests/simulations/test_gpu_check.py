@@ -13,7 +13,7 @@ def test_without_a_gpu_it_runs_nothing_there_and_says_so(capsys):
 
 
 def test_the_cpu_against_itself_agrees_and_prints_node_round_times(capsys):
-    assert main(["--rounds", "1", "--nodes", "3", "--against", "cpu",
+    assert main(["--rounds", "1", "--nodes", "3", "--local-steps", "3", "--against", "cpu",
                  "--variants", "hyperprism-hypernetwork,mudag"]) == 0
     output = capsys.readouterr().out
     assert "hyperprism-hypernetwork: seconds per node-round: cpu" in output
