@@ -30,8 +30,9 @@ def test_tls_fleet_with_supernode_auth_runs_hyperprism(tmp_path: Path) -> None:
     fab = build_fab(REPO, tmp_path / "fab", offline_env(tmp_path / "build-home"))
     run_dir = tmp_path / "runs" / "deployed"
     # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (default 1 s) is the only polling knob of 1.41: at
-    # 0.1 s rounds were not faster here (the SuperNode's fixed 3 s idle sleep and the
-    # per-message flwr-clientapp start dominate), so the defaults are kept.
+    # 0.1 s rounds were not faster here (measured again with 3 SuperNodes: 11.9 against
+    # 11.5 s a round; the SuperNode's fixed 3 s idle sleep and the per-message flwr-clientapp
+    # start, ~2.7 s of CPU, dominate), so the defaults are kept.
     with loopback_fleet(tmp_path / "fleet", NUM_NODES, tls=tls, supernode_auth=True) as fleet:
         # TLS only: a plain-HTTP request gets no answer.
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
