@@ -7,14 +7,16 @@ them; both import this module, not each other.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from omegaconf import OmegaConf
 
-from flwr_hyperprism.setup.config import RunConfig, load_config
+from flwr_hyperprism.setup.config import RunConfig, flat_defaults, load_settings
+from flwr_hyperprism.setup.settings import config_key, settings_type
 from strategies import algorithm_spec
 
 REFERENCE_METHOD = "HyperPrism"  # the improvement row compares it with the best other method
@@ -26,11 +28,12 @@ class Sweep:
 
     name: str
     title: str
-    key: str  # a RunConfig field
+    key: str  # a setting of the run or of every method's algorithm
     values: tuple
     methods: Mapping[str, Mapping]  # method name -> RunConfig settings
     seeds: tuple[int, ...]
-    base: RunConfig  # composed configs + overrides
+    base: RunConfig  # composed configs + overrides, for the configs' algorithm
+    given: Mapping[str, Any] = field(default_factory=dict)  # every non-default setting given
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = (),
@@ -48,18 +51,41 @@ class Sweep:
         key = key.replace("-", "_")
         methods = {name: {k.replace("-", "_"): v for k, v in (settings or {}).items()}
                    for name, settings in spec["methods"].items()}
-        base = load_config([path.parent / c for c in spec.get("configs", [])], overrides)
-        for settings in methods.values():  # every cell's config must be valid up front
-            for value in values:
-                algorithm_spec(base.replace(**{**settings, key: value}).algorithm)
-        return cls(spec.get("name", path.stem), spec.get("title", path.stem), key,
-                   tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base)
+        loaded = load_settings([path.parent / c for c in spec.get("configs", [])], overrides)
+        defaults = flat_defaults()
+        given = {k: v for k, v in loaded.items() if v != defaults[config_key(k)]}
+        base = RunConfig.build(**_own(loaded["algorithm"], given))
+        sweep = cls(spec.get("name", path.stem), spec.get("title", path.stem), key,
+                    tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base, given)
+        cells = sweep.cells()  # every cell's config must be valid up front
+        for cell in cells:
+            algorithm_spec(cell.config.algorithm)
+        unused = sorted(set(given) - {name for cell in cells
+                                      for name in _own(cell.config.algorithm, given)})
+        if unused:
+            warnings.warn(f"settings {', '.join(unused)} belong to no algorithm of sweep "
+                          f"{path}: they have no effect", stacklevel=2)
+        return sweep
 
     def cells(self) -> list[Cell]:
-        return [Cell(method, value, seed,
-                     self.base.replace(**{**settings, self.key: value, "seed": seed}))
-                for method, settings in self.methods.items() for value in self.values
-                for seed in self.seeds]
+        """Every run: the base, the settings given for its method's algorithm (a sweep's
+        ``smoothness=50`` reaches its Mudag and ADOM+ rows), the method's, the value, the
+        seed."""
+        cells = []
+        for method, settings in self.methods.items():
+            algorithm = settings.get("algorithm", self.base.algorithm)
+            given = _own(algorithm, self.given)
+            cells += [Cell(method, value, seed, self.base.replace(
+                          **{**given, **settings, self.key: value, "seed": seed}))
+                      for value in self.values for seed in self.seeds]
+        return cells
+
+
+def _own(algorithm: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Those of ``settings`` that ``algorithm``'s config has: the run's and its own."""
+    names = {f.name for f in (*RunConfig.setting_fields(),
+                              *settings_type(algorithm).setting_fields())}
+    return {k: v for k, v in settings.items() if k in names}
 
 
 @dataclass(frozen=True)

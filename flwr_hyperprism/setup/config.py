@@ -17,7 +17,7 @@ import fnmatch
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,6 +39,7 @@ from .settings import (
     owners,
     registered_settings,
     settings_type,
+    type_name,
 )
 
 ORDERS = ("atc", "cta")
@@ -196,23 +197,22 @@ class RunConfig(Settings):
                    algorithm_settings=settings_type(algorithm)(**own))
 
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with ``changes``: fields of the run or of its algorithm's settings (of the new
-        algorithm's, defaults otherwise, when ``algorithm`` changes)."""
+        """A copy with ``changes``: fields of the run or of its algorithm's settings. When
+        ``algorithm`` changes, the new algorithm's settings keep the values of the keys it
+        shares with the old one's (Mudag's and ADOM+'s ``smoothness``), defaults otherwise."""
         algorithm = changes.get("algorithm", self.algorithm)
         common, own = _split(algorithm, changes)
-        section = common.pop("algorithm_settings", None)
-        if section is None:
-            section_type = settings_type(algorithm)
-            kept = self.algorithm_settings
-            section = dataclasses.replace(kept, **own) if type(kept) is section_type else (
-                section_type(**own))
-        return dataclasses.replace(self, **common, algorithm_settings=section)
+        section_type, kept = settings_type(algorithm), self.algorithm_settings
+        shared = {f.name: getattr(kept, f.name) for f in section_type.setting_fields()
+                  if f.name in {g.name for g in kept.setting_fields()}}
+        return dataclasses.replace(self, **common,
+                                   algorithm_settings=section_type(**{**shared, **own}))
 
 
 def _split(algorithm: str, settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``settings`` by field name: (the run's, ``algorithm``'s settings'); ValueError for any
     other."""
-    common = {f.name for f in fields(RunConfig)}
+    common = {f.name for f in RunConfig.setting_fields()}
     own = {f.name for f in settings_type(algorithm).setting_fields()} - common
     foreign = sorted(set(settings) - common - own)
     if foreign:
@@ -237,7 +237,16 @@ def _every_setting_field() -> dict[str, dataclasses.Field[Any]]:
 
 
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RunConfig:
-    """Merge YAML files (later wins) and ``key=value`` overrides over the defaults.
+    """The run config of YAML files (later wins) and ``key=value`` overrides over the defaults
+    (``load_settings``)."""
+    return RunConfig.from_run_config({config_key(name): value for name, value
+                                      in load_settings(paths, overrides).items()})
+
+
+def load_settings(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()
+                  ) -> dict[str, Any]:
+    """Every setting (field name -> value): YAML files (later wins) and ``key=value``
+    overrides merged over the defaults.
 
     YAML and override keys are the field names (``num_rounds``) or the Flower keys
     (``num-rounds``), of the run or of any algorithm's settings (as
@@ -252,7 +261,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
                    OmegaConf.from_dotlist([_normalise_override(o) for o in overrides])))
     every = _every_setting_field()
     schema = dataclasses.make_dataclass("EverySetting", [
-        (name, SCALAR_TYPES[str(f.type)], dataclasses.field(default=f.default))
+        (name, SCALAR_TYPES[type_name(f)], dataclasses.field(default=f.default))
         for name, f in every.items()])
     merged = OmegaConf.structured(schema)
     for source, layer in layers:
@@ -270,7 +279,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     for key in ("data_dir", "output_dir", "state_dir"):
         if values[key]:
             values[key] = str(Path(values[key]).expanduser().resolve())
-    return RunConfig.from_run_config({config_key(name): value for name, value in values.items()})
+    return values
 
 
 def _read_yaml(path: str | Path) -> DictConfig:

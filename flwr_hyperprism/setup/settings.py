@@ -34,10 +34,10 @@ class Settings:
     def __post_init__(self) -> None:
         for f in self.setting_fields():
             value = getattr(self, f.name)
-            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            if type_name(f) == "float" and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
-            elif not _has_type(value, str(f.type)):
-                raise ValueError(f"config key {config_key(f.name)!r} must be a {f.type}, "
+            elif not _has_type(value, type_name(f)):
+                raise ValueError(f"config key {config_key(f.name)!r} must be a {type_name(f)}, "
                                  f"got {value!r} ({type(value).__name__})")
         self.validate()
 
@@ -47,7 +47,7 @@ class Settings:
     @classmethod
     def setting_fields(cls) -> tuple[dataclasses.Field[Any], ...]:
         """The fields that are run-config keys (bool, int, float or str)."""
-        return tuple(f for f in fields(cls) if str(f.type) in SCALAR_TYPES)
+        return tuple(f for f in fields(cls) if type_name(f) in SCALAR_TYPES)
 
     def to_run_config(self) -> dict[str, Scalar]:
         """Flat kebab-case mapping, as in ``[tool.flwr.app.config]``."""
@@ -114,10 +114,10 @@ def register_settings(algorithm: str, settings: type[AlgorithmSettings]) -> None
     if known is not settings:
         raise ValueError(f"algorithm {algorithm!r} already has settings {known.__name__}")
     for other_name, other in _ALGORITHM_SETTINGS.items():
-        theirs = {f.name: (f.type, f.default) for f in other.setting_fields()}
+        theirs = {f.name: (type_name(f), f.default) for f in other.setting_fields()}
         for f in settings.setting_fields():
-            if theirs.get(f.name, (f.type, f.default)) != (f.type, f.default):
-                raise ValueError(f"{settings.__name__}.{f.name} ({f.type} = {f.default!r}) "
+            if theirs.get(f.name, (type_name(f), f.default)) != (type_name(f), f.default):
+                raise ValueError(f"{settings.__name__}.{f.name} ({type_name(f)} = {f.default!r}) "
                                  f"differs from {other_name}'s {theirs[f.name]}: a key shared "
                                  f"by algorithms has one type and default; rename yours")
     _ALGORITHM_SETTINGS[algorithm] = settings
@@ -125,10 +125,9 @@ def register_settings(algorithm: str, settings: type[AlgorithmSettings]) -> None
 
 def registered_settings() -> Mapping[str, type[AlgorithmSettings]]:
     """Every algorithm's settings type, by algorithm name."""
-    if not _ALGORITHM_SETTINGS:
-        # the algorithms live above this layer and register themselves when their package is
-        # imported (as plug-ins do through entry points); a config built first imports it
-        importlib.import_module("strategies")
+    # the algorithms live above this layer and register themselves when their package is
+    # imported (as plug-ins do through entry points); a config built first imports it
+    importlib.import_module("strategies")
     return dict(_ALGORITHM_SETTINGS)
 
 
@@ -162,6 +161,11 @@ def owned_by(field_name: str) -> str:
 SCALAR_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
 
 
-def _has_type(value: object, type_name: str) -> bool:
-    return isinstance(value, SCALAR_TYPES[type_name]) and (
-        type_name == "bool" or not isinstance(value, bool))
+def type_name(field: dataclasses.Field[Any]) -> str:
+    """A field's type as written (``"int"``), with or without ``from __future__ import
+    annotations`` in the declaring module."""
+    return field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+
+
+def _has_type(value: object, name: str) -> bool:
+    return isinstance(value, SCALAR_TYPES[name]) and (name == "bool" or not isinstance(value, bool))

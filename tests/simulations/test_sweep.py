@@ -246,3 +246,13 @@ def test_parallel_cells_give_the_sequential_metrics(tmp_path, tiny_sweep):
     assert rows(tmp_path / "one") == rows(tmp_path / "two")
     with pytest.raises(ValueError, match="> 1 only with --engine inprocess"):
         run_sweep(tiny_sweep, tmp_path / "ray", "flower", jobs=2)
+
+
+def test_an_override_reaches_the_rows_of_the_algorithms_that_have_it():
+    sweep = Sweep.load(SIMULATIONS / "table2_alpha.yaml", ["smoothness=50", "num_rounds=7"])
+    by_algorithm = {c.config.algorithm: c.config for c in sweep.cells()}
+    for algorithm in ("mudag", "adom"):
+        assert by_algorithm[algorithm].algorithm_settings.to_run_config()["smoothness"] == 50.0
+    assert {c.num_rounds for c in by_algorithm.values()} == {7}
+    with pytest.warns(UserWarning, match="settings swarm_unmatched belong to no algorithm"):
+        Sweep.load(SIMULATIONS / "fig2_p_sweep.yaml", ["swarm-unmatched=idle"])

@@ -78,3 +78,25 @@ def test_a_key_two_algorithms_share_has_one_default():
 
     with pytest.raises(ValueError, match=r"Clashing.smoothness .*differs from adom's"):
         register_settings("clashing", Clashing)
+
+
+def test_a_settings_class_from_a_module_without_postponed_annotations_has_its_fields():
+    namespace: dict = {}
+    exec("import dataclasses\n"  # a module without `from __future__ import annotations`
+         "from flwr_hyperprism.setup.settings import AlgorithmSettings\n"
+         "@dataclasses.dataclass(frozen=True)\n"
+         "class Plain(AlgorithmSettings):\n"
+         "    steps: int = 3\n", namespace)
+    plain = namespace["Plain"]
+    assert [f.name for f in plain.setting_fields()] == ["steps"]
+    assert plain().to_run_config() == {"steps": 3}
+    with pytest.raises(ValueError, match="config key 'steps' must be a int, got 'x'"):
+        plain(steps="x")
+
+
+def test_a_new_algorithm_keeps_the_settings_it_shares_with_the_old_one():
+    mudag = RunConfig.build("mudag", smoothness=50.0, mudag_max_gossip=3)
+    adom = mudag.replace(algorithm="adom")
+    assert adom.algorithm_settings.to_run_config() == {"smoothness": 50.0,
+                                                      "strong-convexity": 10.0}
+    assert mudag.replace(algorithm="dpsgd").algorithm_settings == AlgorithmSettings()
