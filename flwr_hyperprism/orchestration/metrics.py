@@ -81,7 +81,8 @@ class RunRecorder:
     def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "",
                  keep_rows: int | None = None,
                  settings: Mapping[str, object] | None = None) -> None:
-        """``settings``: what config.json holds (default: every RunConfig field)."""
+        """``settings``: what config.json holds (default: the run's and its algorithm's
+        settings)."""
         self.run_dir = Path(run_dir)
         self.config, self.description = config, description or config.algorithm
         self.settings = dict(settings) if settings is not None else config.to_run_config()

@@ -79,7 +79,7 @@ class RoundLoop:
         Fresh: ``initial`` (if the plan routes one) becomes every partition's latest model.
         Resume: the checkpoint gives the latest tensors (``routed_form`` turns them into what
         the routing table holds), the round-trip to continue from and the rows to keep.
-        ``settings``: what config.json says (default: every RunConfig field).
+        ``settings``: what config.json says (default: the run's and its algorithm's settings).
         """
         checkpoint = self.store.open(self.config, self.plan.description,
                                      settings if settings is not None

@@ -180,7 +180,7 @@ class DecentralizedStrategy(Strategy):
         """Settings ``start`` takes from the federation or the train config (none here)."""
 
     def described_settings(self) -> dict[str, object]:
-        """What the run's config.json says about it: every RunConfig field."""
+        """What the run's config.json says about it: the run's and its algorithm's settings."""
         return dict(self.config.to_run_config())
 
     def round_config(self, passed_on: ConfigRecord) -> RunConfig:
