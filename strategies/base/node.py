@@ -43,11 +43,38 @@ log = logging.getLogger("flwr")
 LINEAR = {REPRESENTATION: 1.0, DECISION: 1.0}  # p = 1 for both layer groups: plain averaging
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A round-trip waiting for its local training.
+
+    Attributes
+    ----------
+    train_from : the model the learner trains (every key of its ``initial_model``); None when
+        the round-trip trains nothing
+    gen : the round's generator, which the training draws its minibatches from
+    finish : the rest of the round-trip, given the learner's update of ``train_from`` (None
+        when nothing was trained); its ``Outcome`` has no evaluation metrics yet: whoever
+        steps the node evaluates ``Outcome.evaluated`` (``LearningNode.step``, a node group)
+    """
+
+    train_from: StateDict | None
+    gen: torch.Generator
+    finish: Callable[[LocalUpdate | None], Outcome]
+
+
+def on_cpu(outcome: Outcome) -> Outcome:
+    """``outcome`` with its state and evaluated model on the CPU."""
+    cpu = torch.device("cpu")
+    return Outcome(outcome.state.to(cpu), outcome.metrics, None if outcome.evaluated is None
+                   else to_device(outcome.evaluated, cpu))
+
+
 class LearningNode:
     """A node rule of one partition around its ``Learner``.
 
     Stateless itself (the state lives in ``NodeState``); subclasses define ``init_state`` and
-    ``round_trip``. ``step`` runs a round-trip single-threaded with the round's generator.
+    ``begin`` (a round-trip up to its local training; ``Pending.finish`` ends it). ``step``
+    runs a round-trip single-threaded with the round's generator.
     """
 
     # the state groups that hold the node's model, the evaluated one first
@@ -84,8 +111,11 @@ class LearningNode:
         state = self.init_state()
         return NodeState(state.round, {**state.tensors, "shared": clone_tensors(shared)})
 
-    def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator) -> Outcome:
+    def begin(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+              gen: torch.Generator) -> Pending:
+        """A round-trip up to its local training: what to train (``Pending.train_from``; None:
+        nothing) and how the round-trip ends once trained (``Pending.finish``). A node group
+        trains the pending models of all its nodes at once (``strategies.base.group``)."""
         raise NotImplementedError
 
     def generator(self, task: NodeTask) -> torch.Generator:
@@ -97,16 +127,20 @@ class LearningNode:
              ) -> Outcome:
         """One round-trip; ``neighbours`` maps partition ids to their shared tensors.
 
-        Computes on the learner's device; the state and evaluated model it returns are on the
-        CPU, where messages and checkpoints need them.
+        ``begin``, the learner's local training, ``Pending.finish``, then the learner's
+        evaluation of the model of the round (the metrics ``accuracy`` and ``loss``). Computes
+        on the learner's device; the state and evaluated model it returns are on the CPU, where
+        messages and checkpoints need them.
         """
-        device, cpu = self.learner.device, torch.device("cpu")
+        device = self.learner.device
         neighbours = {j: to_device(m, device) for j, m in neighbours.items()}
-        with _single_thread():
-            new, metrics, evaluated = self.round_trip(state.to(device), task, neighbours,
-                                                      self.generator(task))
-        return Outcome(new.to(cpu), metrics,
-                       to_device(evaluated, cpu) if evaluated is not None else None)
+        with single_thread():
+            pending = self.begin(state.to(device), task, neighbours, self.generator(task))
+            outcome = pending.finish(None if pending.train_from is None
+                                     else self.learner.train(pending.train_from, pending.gen))
+            if outcome.evaluated is not None:
+                outcome.metrics.update(self.learner.evaluate(outcome.evaluated))
+        return on_cpu(outcome)
 
     def screen(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict]
                ) -> tuple[NodeTask, dict[str, float]]:
@@ -166,8 +200,10 @@ class GradientNode(LearningNode):
         initial = self.learner.initial_model
         return self.update.init_state({n: initial[n].clone() for n in self.learner.names})
 
-    def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator) -> Outcome:
+    def begin(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+              gen: torch.Generator) -> Pending:
+        """The whole round-trip: the method asks the learner for the gradients it needs; no
+        local training is left for ``finish``."""
         task, metrics = self.screen(state, task, neighbours)
 
         def gradient(params: StateDict) -> StateDict:
@@ -180,13 +216,12 @@ class GradientNode(LearningNode):
                      None) or (nonfinite_fault(evaluated) if evaluated is not None else None)
         if fault is not None:  # keep the last state; its gradients' metrics may be NaN too
             self.report_divergence(task, fault, metrics)
-            return Outcome(NodeState(task.round, state.tensors),
-                           {k: v for k, v in metrics.items() if math.isfinite(v)}, None)
-        if evaluated is None:
-            return Outcome(new, metrics, None)
-        model = self.full_model(evaluated)
-        metrics.update(self.learner.evaluate(model))
-        return Outcome(new, metrics, model)
+            outcome = Outcome(NodeState(task.round, state.tensors),
+                              {k: v for k, v in metrics.items() if math.isfinite(v)}, None)
+        else:
+            outcome = Outcome(new, metrics,
+                              self.full_model(evaluated) if evaluated is not None else None)
+        return Pending(None, gen, lambda _: outcome)
 
 
 class NodeExtra(Protocol):
@@ -269,8 +304,8 @@ class GossipNode(LearningNode, Generic[Extra]):
         return NodeState(0, {"shared": clone_tensors(self.learner.initial_model),
                              **self.init_extra()})
 
-    def round_trip(self, state: NodeState, task: NodeTask,
-                   neighbours: Mapping[int, StateDict], gen: torch.Generator) -> Outcome:
+    def begin(self, state: NodeState, task: NodeTask, neighbours: Mapping[int, StateDict],
+              gen: torch.Generator) -> Pending:
         # the shared tensors are the model, plus what an algorithm routes with it
         own = self.full_model(state.shared)
         self.learner.load(state)
@@ -278,49 +313,48 @@ class GossipNode(LearningNode, Generic[Extra]):
         task, metrics = self.screen(state, task, neighbours)
         models = [state.shared] + [neighbours[j] for j in task.neighbours]
         weights = torch.tensor((task.self_weight,) + task.weights, device=self.learner.device)
-
-        if self.config.order == "atc":
+        atc = self.config.order == "atc"
+        if atc:
             merged, extra = self.combine(models, weights, gen, metrics, extra)
             model = self.full_model({**own, **merged})
             fault = nonfinite_fault(model)
             if fault is not None:
                 model, extra = self._roll_back(own, task, f"its merge: {fault}", metrics, extra)
-            evaluated = model
-            metrics.update(self.learner.evaluate(model))
-            if task.train:
-                update, extra = self._train(model, task, gen, metrics, extra)
-                model = update.model if update is not None else model
         else:
-            evaluated = model = own
-            metrics.update(self.learner.evaluate(own))
-            if task.train:
-                update, extra = self._train(own, task, gen, metrics, extra)
-                if update is not None:
-                    step = {k: v - own[k] for k, v in update.model.items()}
-                    merged, extra = self.combine_with_step(models, weights, step, gen, metrics,
-                                                           extra)
-                    model = self.full_model({**update.model, **merged})
-                    fault = nonfinite_fault(model)
-                    if fault is not None:
-                        model, extra = self._roll_back(own, task, f"its merge: {fault}",
-                                                       metrics, extra)
+            model = own
+        evaluated = start = model
 
-        shared = {**clone_tensors(model), **self.riders_of(extra)}
-        tensors = {"shared": shared, **self.learner.save(), **extra.to_groups()}
-        return Outcome(NodeState(task.round, tensors), metrics, evaluated)
+        def finish(update: LocalUpdate | None) -> Outcome:
+            nonlocal model, extra
+            if update is not None:
+                fault = divergence_fault(start, update.model, update.metrics,
+                                         self.config.max_neighbour_ratio)
+                if fault is not None:  # the node keeps ``start``
+                    _, extra = self._roll_back(start, task, f"training: {fault}", metrics, extra)
+                else:
+                    metrics.update(update.metrics)
+                    extra = self.trained(start, update, extra)
+                    model, extra = (update.model, extra) if atc else self._combined_with(
+                        update, models, weights, task, gen, metrics, extra)
+            shared = {**clone_tensors(model), **self.riders_of(extra)}
+            tensors = {"shared": shared, **self.learner.save(), **extra.to_groups()}
+            return Outcome(NodeState(task.round, tensors), metrics, evaluated)
 
-    def _train(self, start: StateDict, task: NodeTask, gen: torch.Generator,
-               metrics: dict[str, float], extra: Extra) -> tuple[LocalUpdate | None, Extra]:
-        """The learner's local update of ``start``, or None when it diverged (rolled back to
-        ``start``, which is then the node's model); the extra state after it."""
-        update = self.learner.train(start, gen)
-        fault = divergence_fault(start, update.model, update.metrics,
-                                 self.config.max_neighbour_ratio)
+        return Pending(start if task.train else None, gen, finish)
+
+    def _combined_with(self, update: LocalUpdate, models: list[StateDict], weights: Tensor,
+                       task: NodeTask, gen: torch.Generator, metrics: dict[str, float],
+                       extra: Extra) -> tuple[StateDict, Extra]:
+        """``cta``: the merge of ``models`` plus the local update (``combine_with_step``),
+        or the node's own model if that is not finite (rolled back); the extra state after."""
+        own = self.full_model(models[0])
+        step = {k: v - own[k] for k, v in update.model.items()}
+        merged, extra = self.combine_with_step(models, weights, step, gen, metrics, extra)
+        model = self.full_model({**update.model, **merged})
+        fault = nonfinite_fault(model)
         if fault is not None:
-            _, extra = self._roll_back(start, task, f"training: {fault}", metrics, extra)
-            return None, extra
-        metrics.update(update.metrics)
-        return update, self.trained(start, update, extra)
+            model, extra = self._roll_back(own, task, f"its merge: {fault}", metrics, extra)
+        return model, extra
 
     def _roll_back(self, finite: StateDict, task: NodeTask, fault: str,
                    metrics: dict[str, float], extra: Extra) -> tuple[StateDict, Extra]:
@@ -353,7 +387,7 @@ def mix_row(task: NodeTask, own: StateDict, neighbours: Mapping[int, StateDict])
 
 
 @contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     # One intra-op thread: a node's arithmetic (and so every metric) is then identical in
     # Flower's actors and in-process, whatever the machine's core count.
     previous = torch.get_num_threads()

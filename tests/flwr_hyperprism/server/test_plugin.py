@@ -46,8 +46,7 @@ def test_linear_merge_is_the_weighted_average_and_keeps_integer_tensors():
     rule = DPSGDNode(RunConfig(algorithm="dpsgd"), 0, learner)
     own, other = model(1), model(2)
     task = NodeTask(1, (5,), (0.25,), 0.75)
-    after, _, evaluated = rule.round_trip(rule.init_state(), task, {5: other},
-                                          rule.generator(task))
+    after, _, evaluated = rule.step(rule.init_state(), task, {5: other})
     for name in NAMES:
         torch.testing.assert_close(after.shared[name], 0.75 * own[name] + 0.25 * other[name])
         assert torch.equal(evaluated[name], after.shared[name])  # what is scored
@@ -59,7 +58,7 @@ def test_the_handler_must_return_the_whole_model():
                              RunConfig(lr=0.1))
     rule = DPSGDNode(RunConfig(algorithm="dpsgd"), 0, learner)
     with pytest.raises(ValueError, match="return the whole model"):
-        rule.round_trip(rule.init_state(), NodeTask(1), {}, rule.generator(NodeTask(1)))
+        rule.step(rule.init_state(), NodeTask(1), {})
 
 
 def test_the_hypernetwork_steps_on_the_pseudo_gradient_after_training():
@@ -70,7 +69,7 @@ def test_the_hypernetwork_steps_on_the_pseudo_gradient_after_training():
     rule = HyperPrismNode(config, 0, HandlerLearner(model(1), sgd, config))
     state = rule.init_state()
     task = NodeTask(1, (3,), (0.5,), 0.5)
-    after, metrics, _ = rule.round_trip(state, task, {3: model(2)}, rule.generator(task))
+    after, metrics, _ = rule.step(state, task, {3: model(2)})
     assert {"p_theta", "p_phi", "x"} <= metrics.keys()
     assert "hn_loss" not in metrics  # no fresh minibatch: the user's loss is unknown
     assert any(not torch.equal(after.tensors["hypernet"][k], state.tensors["hypernet"][k])
@@ -78,7 +77,7 @@ def test_the_hypernetwork_steps_on_the_pseudo_gradient_after_training():
     torch.testing.assert_close(after.tensors["grad_summary"]["summary"].reshape(-1, 3),
                                torch.tensor([[1.0, 0.0, n ** 0.5] for n in (12, 4, 8, 2)]))
 
-    alone, _, _ = rule.round_trip(state, NodeTask(1), {}, rule.generator(NodeTask(1)))
+    alone, _, _ = rule.step(state, NodeTask(1), {})
     assert all(torch.equal(alone.tensors["hypernet"][k], v)  # without neighbours d loss/d p = 0
                for k, v in state.tensors["hypernet"].items())
 
@@ -107,8 +106,8 @@ def test_plug_in_hyperprism_runs_the_native_rule(tmp_path):
             latest = {p: s.shared for p, s in states[mode].items()}
             for pid, task in tasks.items():
                 gens[pid] = rules[pid].generator(task)
-                states[mode][pid], metrics, _ = rules[pid].round_trip(
-                    states[mode][pid], task, {j: latest[j] for j in task.neighbours}, gens[pid])
+                states[mode][pid], metrics, _ = rules[pid].step(
+                    states[mode][pid], task, {j: latest[j] for j in task.neighbours})
                 degrees[mode, pid] = metrics["p_theta"]
         for pid in range(4):
             assert degrees["native", pid] == degrees["plugged", pid]
@@ -158,8 +157,8 @@ def test_a_one_step_sgd_handler_gives_the_method_its_exact_gradient(rule_type, m
         shared = {i: plugged[i].shared for i in (0, 1)}
         scored = {}
         for i in (0, 1):
-            plugged[i], _, scored[i] = rules[i].round_trip(
-                plugged[i], tasks[i], {1 - i: shared[1 - i]}, rules[i].generator(tasks[i]))
+            plugged[i], _, scored[i] = rules[i].step(
+                plugged[i], tasks[i], {1 - i: shared[1 - i]})
         shared = {i: reference[i].shared for i in (0, 1)}
         outcome = {i: method.round_trip(reference[i], tasks[i], {1 - i: shared[1 - i]},
                                         gradient) for i in (0, 1)}
@@ -211,8 +210,7 @@ def test_local_layers_stay_out_of_the_merge_and_the_pseudo_gradient():
     task = NodeTask(1, (5,), (0.5,), 0.5)
     state = rule.init_state()
     state.shared[TRACKER] = torch.zeros(16)  # fc1's 12 + 4 parameters: fc2 is not tracked
-    after, _, evaluated = rule.round_trip(state, task, {5: {**other, TRACKER: torch.ones(16)}},
-                                          rule.generator(task))
+    after, _, evaluated = rule.step(state, task, {5: {**other, TRACKER: torch.ones(16)}})
     for name in ("fc2.weight", "fc2.bias"):  # the node's own, then its own training
         torch.testing.assert_close(evaluated[name], own[name])
         torch.testing.assert_close(after.shared[name], own[name] - 0.1)
@@ -235,7 +233,7 @@ def test_a_handler_that_puts_its_own_head_back_is_reported(caplog):
         task = NodeTask(1, (5,), (0.5,), 0.5)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="flwr"):
-            rule.round_trip(rule.init_state(), task, {5: model(2)}, rule.generator(task))
+            rule.step(rule.init_state(), task, {5: model(2)})
         messages = [r.getMessage() for r in caplog.records]
         assert any("partition 3: the train handler returned ['fc2.weight', 'fc2.bias']" in m
                    and "local_layers='fc2.*'" in m for m in messages) == warned
