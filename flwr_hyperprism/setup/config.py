@@ -68,6 +68,9 @@ class RunConfig(Settings):
     # where a node's model, batches, merges and hypernetwork live: 'auto' (CUDA when present),
     # 'cpu', 'cuda' or 'cuda:N'; node state and messages stay on the CPU
     device: str = "auto"
+    # true: the partitions one process hosts (in-process: all) train and are evaluated as one
+    # batch over their stacked parameters; false: node after node (same metrics up to rounding)
+    node_batching: bool = True
     # local training (plain SGD, as in the paper)
     lr: float = 0.01  # local SGD step size
     batch_size: int = 128  # local minibatch size

@@ -7,9 +7,10 @@ screens its neighbours with ``screen_neighbours`` before it merges (pure torch, 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 
-import torch
+from torch import Tensor
 
 from .rule import NodeTask, StateDict
 
@@ -57,7 +58,7 @@ def model_fault(own: StateDict, model: StateDict | None) -> str | None:
 def nonfinite_fault(model: StateDict) -> str | None:
     """The first tensor of ``model`` holding NaN or Inf, as a reason (None if all are finite)."""
     for key, value in model.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not math.isfinite(_largest(value)):
             return f"{key!r} has NaN or Inf"
     return None
 
@@ -83,6 +84,27 @@ def divergence_fault(start: StateDict, model: StateDict, metrics: Mapping[str, f
 
 
 def largest_magnitude(model: StateDict) -> float:
-    """max |value| over the floating-point tensors of ``model`` (0 if it has none)."""
-    return max((float(v.abs().max()) for v in model.values()
-                if v.is_floating_point() and v.numel()), default=0.0)
+    """max |value| over the floating-point tensors of ``model`` (0 if it has none; meaningful
+    for finite models: ``nonfinite_fault`` first)."""
+    return max((_largest(v) for v in model.values() if v.is_floating_point() and v.numel()),
+               default=0.0)
+
+
+# A routed model is screened by each node of a group that hears it: its tensors' largest
+# magnitudes are computed once, valid while the tensor is not changed in place (its version).
+_LARGEST: dict[int, tuple[int, float]] = {}  # id(tensor) -> (its version, max |value|)
+
+
+def _largest(value: Tensor) -> float:
+    """max |value| of a floating-point tensor (NaN if it holds one: max propagates NaN)."""
+    if not value.numel():
+        return 0.0
+    key = id(value)
+    cached = _LARGEST.get(key)
+    if cached is not None and cached[0] == value._version:
+        return cached[1]
+    if cached is None:
+        weakref.finalize(value, _LARGEST.pop, key, None)
+    largest = float(value.abs().max())
+    _LARGEST[key] = (value._version, largest)
+    return largest
