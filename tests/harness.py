@@ -17,6 +17,14 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from flwr_hyperprism.messages.protocol import message_tasks
+
+
+def train_round(msg: Message) -> int | None:
+    """The round of a train message's tasks (None: not a train message)."""
+    tasks = message_tasks(msg.content) if msg.has_content() else {}
+    return next(iter(tasks.values())).round if tasks else None
+
 
 def stamp(msg: Message, *, message_id: str | None = None, src_node_id: int | None = None
           ) -> None:

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Context, Error, Message
 from flwr.simulation import run_simulation
 
 from flwr_hyperprism.client.app import make_client_app
-from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX, TASK_KEY
+from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX
 from flwr_hyperprism.orchestration.evaluation import finite_average
 from flwr_hyperprism.orchestration.in_process import run_in_process
 from flwr_hyperprism.orchestration.membership import wait_for_partitions
@@ -27,7 +27,7 @@ from flwr_hyperprism.server.app import make_server_app, run
 from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS
 from strategies.base.rule import NodeTask
-from tests.harness import LocalGrid, stamp
+from tests.harness import LocalGrid, stamp, train_round
 from tests.variants import config_of, make_config, metrics_rows, model_groups, nodes_for
 from tests.variants import variant as variant_of
 
@@ -173,10 +173,10 @@ class FaultyGrid(LocalGrid):
         ids = []
         for msg in messages:
             pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
-            if TASK_KEY not in msg.content:
+            round_ = train_round(msg)
+            if round_ is None:
                 ids.extend(super().push_messages([msg]))
                 continue
-            round_ = int(msg.content[TASK_KEY]["round"])
             self.routed.append((round_, pid, {
                 int(k[len(NEIGHBOUR_PREFIX):]): v for k, v in msg.content.array_records.items()
                 if k.startswith(NEIGHBOUR_PREFIX)}))
@@ -227,11 +227,12 @@ def test_failing_and_silent_nodes_do_not_stop_the_run(tmp_path, caplog, algorith
 def test_a_raising_and_a_hanging_client_app_in_a_real_simulation(tmp_path, caplog):
     config = RunConfig(num_nodes=4, num_rounds=5, density=1.0, eval_size=500, momentum=0.5,
                        output_dir=str(tmp_path), run_name="ray", round_timeout=4.0,
-                       node_wait_timeout=120.0)
+                       node_wait_timeout=120.0, node_batching=False)
 
     def faults(msg: Message, context: Context, call_next):
-        if TASK_KEY in msg.content:
-            pid, round_ = context.node_config["partition-id"], msg.content[TASK_KEY]["round"]
+        round_ = train_round(msg)
+        if round_ is not None:
+            pid = context.node_config["partition-id"]
             if pid == 2 and round_ in (2, 3, 4):
                 raise RuntimeError("injected failure")
             if pid == 3 and round_ == 3:
@@ -295,8 +296,7 @@ def test_a_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, variant):
     class StoppingGrid(LocalGrid):
         def push_messages(self, messages):
             messages = list(messages)
-            if any(TASK_KEY in m.content and m.content[TASK_KEY]["round"] == 3
-                   for m in messages):
+            if any(train_round(m) == 3 for m in messages):
                 raise Interrupted
             return super().push_messages(messages)
 
@@ -313,12 +313,12 @@ def test_without_node_checkpoints_a_resumed_run_restarts_nodes_from_their_routed
     # D-PSGD without momentum: a node's whole state is its model, which the orchestrator
     # checkpoints, so even without node checkpoints the metrics are those of a clean run.
     config = RunConfig(algorithm="dpsgd", num_nodes=4, num_rounds=4, eval_size=500,
-                       output_dir=str(tmp_path), node_wait_timeout=5.0)
+                       output_dir=str(tmp_path), node_wait_timeout=5.0, node_batching=False)
     run_in_process(round_loop(config, tmp_path / "clean"))
 
     class StoppingGrid(LocalGrid):
         def push_messages(self, messages):
-            if any(m.content[TASK_KEY]["round"] == 3 for m in messages if TASK_KEY in m.content):
+            if any(train_round(m) == 3 for m in messages):
                 raise Interrupted
             return super().push_messages(messages)
 
@@ -364,9 +364,10 @@ def test_nodes_that_cannot_load_their_data_or_device_stop_the_run_before_round_1
 def test_too_few_supernodes_are_reported_while_waiting_then_time_out(caplog):
     grid = LocalGrid(make_client_app(), {5: (0, 3), 6: (1, 3)})
     with caplog.at_level(logging.INFO, logger="flwr"), \
-            pytest.raises(RuntimeError, match=r"only 2 of num-nodes=3 .*num-supernodes=3"):
+            pytest.raises(RuntimeError, match=r"partitions 2 of num-nodes=3 have no node: "
+                          r"2 node\(s\) host 2 partitions .*start more SuperNodes"):
         wait_for_partitions(grid, 3, timeout=0.5, report_every=0.1)
-    assert any("waiting for nodes: 2 of num-nodes=3 connected" in m
+    assert any("waiting for nodes: 2 of num-nodes=3 partitions hosted" in m
                for m in records(caplog, logging.INFO))
 
 

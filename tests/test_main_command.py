@@ -17,15 +17,16 @@ def test_flwr_run_completes_offline_and_writes_outputs(tmp_path):
     run_dir = tmp_path / "runs" / "main"
     with local_superlink_env(tmp_path) as env:
         # Started from tmp_path, so the SuperLink's working directory holds no project code.
+        # Flower's default federation (2 SuperNodes): each hosts 3 of the 6 partitions.
         output = run_flwr([
             "run", str(REPO), "--stream",
-            "--federation-config", "num-supernodes=4 client-resources-num-cpus=1",
-            "--run-config", f"num-nodes=4 num-rounds=3 output-dir='{run_dir.parent}' "
+            "--run-config", f"num-nodes=6 num-rounds=3 output-dir='{run_dir.parent}' "
                             f"run-name='main'",
         ], env, cwd=tmp_path, timeout=600)
     assert "round   3/3" in output, output[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2, 3]
+    assert all(row["nodes_replied"] == 6 for row in rows)
     assert {row["algorithm"] for row in rows} == {"hyperprism"}
     for key in ("accuracy_mean", "accuracy_std", "loss_mean", "p_theta_mean", "p_phi_mean",
                 "exchanges", "seconds"):

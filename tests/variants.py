@@ -62,8 +62,12 @@ def own_changes(algorithm: str, changes: Mapping[str, object]) -> dict[str, obje
 
 
 def config_of(algorithm: str, **changes: object) -> RunConfig:
-    """``algorithm``'s config with ``changes`` (see ``own_changes``)."""
-    return RunConfig.build(algorithm, **own_changes(algorithm, changes))
+    """``algorithm``'s config with ``changes`` (see ``own_changes``), node after node unless
+    ``node_batching`` is given: batched metrics depend on the group layout to float rounding,
+    so runs compared exactly across engines (in-process: one group; Flower: one per node) step
+    their nodes one by one (tests/strategies/base/test_group.py compares the two paths)."""
+    return RunConfig.build(algorithm, **own_changes(algorithm,
+                                                    {"node_batching": False, **changes}))
 
 
 def make_config(tmp_path: Path, name: str, **changes: object) -> RunConfig:

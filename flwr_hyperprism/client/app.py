@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 from flwr.app import (
@@ -16,41 +16,78 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from flwr_hyperprism.messages.protocol import (
-    MODEL_KEY,
     NEIGHBOUR_PREFIX,
     OWN_KEY,
     REPORT_KEY,
     RUN_KEY,
     SESSION_KEY,
-    TASK_KEY,
-    metric_record,
+    message_models,
+    message_tasks,
+    partition_key,
     record_int,
-    record_task,
+    reply_content,
 )
 from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS, NodeState, algorithm_spec
 from strategies.base.checkpoint import node_checkpoints, starting_state
+from strategies.base.group import NodeGroup
 from strategies.base.learner import node_data, resolve_device
-from strategies.base.node import LearningNode
-from strategies.base.rule import StateDict
 
-STATE_PREFIX = "node."  # context.state records "node.<group>" hold the node's tensors
-ROUND_KEY = "node-round"
+STATE_PREFIX = "node."  # context.state records "node.<partition>.<group>": a node's tensors
+ROUND_KEY = "node-round"  # context.state records "node-round.<partition>"
 CONFIG_KEY = "node-run-config"  # context.state: the run config the orchestrator last sent
+PARTITIONS_KEY = "partition-ids"  # node config: the partitions a SuperNode hosts ("0-9,12")
+
+
+def hosted_partitions(node_config: Mapping[str, object], num_nodes: int) -> tuple[int, ...]:
+    """The partitions a SuperNode hosts (its node group).
+
+    Node config ``partition-ids`` lists them ("3", "0-9" or "0-4,7,9"); without it a SuperNode
+    with ``partition-id`` k of ``num-partitions`` S hosts every partition p < ``num_nodes``
+    with p % S == k: its own partition when the federation has a SuperNode per partition, a
+    share of them when it has fewer (Flower's default simulation federation: 2), none when
+    k >= ``num_nodes``. ValueError for a list that does not parse or names a partition
+    outside 0..num_nodes-1.
+    """
+    if PARTITIONS_KEY in node_config:
+        listed = _parse_partitions(str(node_config[PARTITIONS_KEY]))
+        outside = [pid for pid in listed if not 0 <= pid < num_nodes]
+        if outside:
+            raise ValueError(f"node config {PARTITIONS_KEY}={node_config[PARTITIONS_KEY]!r} "
+                             f"names partitions {outside} outside 0..{num_nodes - 1} "
+                             f"(num-nodes={num_nodes})")
+        return listed
+    own, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    return tuple(range(own, num_nodes, total))
+
+
+def _parse_partitions(text: str) -> tuple[int, ...]:
+    partitions: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"node config {PARTITIONS_KEY}={text!r}: {part!r} is neither a "
+                             f"partition id nor a range 'a-b'; write e.g. '0-9,12'")
+        partitions.update(range(int(first), int(last if dash else first) + 1))
+    return tuple(sorted(partitions))
+
 
 def info(msg: Message, context: Context) -> Message:
-    """Tell the orchestrator which partition this node holds and whether it can load it.
+    """Tell the orchestrator which partitions this node hosts and whether it can load them.
 
-    With the run config in the request, the node loads its data partition (cached for the
-    rounds) and checks its ``device``; an error (missing dataset, impossible partition, a
-    CUDA device it does not have) goes back as "error", so the run stops with the node's own
-    message before round 1.
+    With the run config in the request, the node lists its partitions (``partition-ids``,
+    ``hosted_partitions``), loads their data (cached for the rounds) and checks its
+    ``device``; an error (missing dataset, impossible partition, a CUDA device it does not
+    have) goes back as "error", so the run stops with the node's own message before round 1.
     """
     record = partition_info(context)
     if RUN_KEY in msg.content:
         config = RunConfig.from_run_config(msg.content.config_records[RUN_KEY])
         try:
-            node_data(config, record_int(record, "partition-id"))
+            hosted = hosted_partitions(context.node_config, config.num_nodes)
+            record[PARTITIONS_KEY] = list(hosted)
+            for pid in hosted:
+                node_data(config, pid)
             resolve_device(config.device)  # e.g. cuda in a Ray actor given no GPU share
         except (OSError, ValueError) as err:
             record["error"] = f"{type(err).__name__}: {err}"
@@ -58,45 +95,48 @@ def info(msg: Message, context: Context) -> Message:
 
 
 def partition_info(context: Context) -> ConfigRecord:
-    """The node's partition-id and num-partitions from its node config."""
-    return ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
-                         "num-partitions": int(context.node_config["num-partitions"])})
+    """The node's partition-id and num-partitions from its node config (those it has)."""
+    return ConfigRecord({key: int(context.node_config[key])
+                         for key in ("partition-id", "num-partitions")
+                         if key in context.node_config})
 
 
 def _train(msg: Message, context: Context) -> Message:
-    """One round of the algorithm named by the message type (``train.<algorithm>``).
+    """One round-trip of the algorithm named by the message type (``train.<algorithm>``) for
+    each partition the message has a task for, stepped together as the node's group.
 
-    The node starts from the state in ``context.state``; a node without one (restarted, or
-    in a resumed run) from its checkpoint in its state directory, else from its own model as
-    last routed (``OWN_KEY``), else from the initial state (``starting_state``). With a state
-    directory the new state is checkpointed before the reply goes out.
+    A partition starts from its state in ``context.state``; one without (a restarted node, a
+    resumed run) from its checkpoint in its state directory, else from its own model as last
+    routed (``OWN_KEY``), else from the initial state (``starting_state``). With a state
+    directory the new states are checkpointed before the reply goes out.
     """
     config = run_config(msg, context)
-    partition_id = int(context.node_config["partition-id"])
-    rule = _node_rule(config, partition_id)
-    task = record_task(msg.content.config_records[TASK_KEY])
-    neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
-                  for key, record in msg.content.array_records.items()
-                  if key.startswith(NEIGHBOUR_PREFIX)}
-    checkpoints = node_checkpoints(context.node_config, config.state_dir, run_key(msg),
-                                   partition_id)
-    state = starting_state(task, load_state(context), checkpoints, routed_own(msg),
-                           rule.init_state, rule.restore, partition_id)
-    state, metrics, evaluated = rule.step(state, task, neighbours)
-    save_state(context, state)
-    if checkpoints is not None:
-        checkpoints.save(state, task.stage)
-    return train_reply(msg, state, metrics, evaluated if REPORT_KEY in msg.content else None)
-
-
-def train_reply(msg: Message, state: NodeState, metrics: dict[str, float],
-                model: StateDict | None) -> Message:
-    """The reply to a train message: the node's shared tensors, its metrics and ``model``, its
-    model of the round, when the orchestrator asked for it (``REPORT_KEY``)."""
-    content = RecordDict({"arrays": ArrayRecord(state.shared), "metrics": metric_record(metrics)})
-    if model is not None:
-        content[MODEL_KEY] = ArrayRecord(model)
-    return Message(content, reply_to=msg)
+    content = msg.content
+    tasks = message_tasks(content)
+    hosted = hosted_partitions(context.node_config, config.num_nodes)
+    strangers = sorted(set(tasks) - set(hosted))
+    if strangers:
+        raise ValueError(f"the node hosts partitions {list(hosted)}, not {strangers}: check "
+                         f"its node config ({PARTITIONS_KEY}, partition-id, num-partitions)")
+    group = _node_group(config, hosted)
+    owns = message_models(content, OWN_KEY)
+    checkpoints = {pid: node_checkpoints(context.node_config, config.state_dir, run_key(msg),
+                                         pid) for pid in tasks}
+    starting = {pid: starting_state(task, load_state(context, pid), checkpoints[pid],
+                                    owns.get(pid), group.rules[pid].init_state,
+                                    group.rules[pid].restore, pid)
+                for pid, task in tasks.items()}
+    outcomes = group.step(starting, tasks, message_models(content, NEIGHBOUR_PREFIX))
+    for pid, outcome in outcomes.items():
+        save_state(context, pid, outcome.state)
+        saver = checkpoints[pid]
+        if saver is not None:
+            saver.save(outcome.state, tasks[pid].stage)
+    reported = {pid: outcome.evaluated for pid, outcome in outcomes.items()
+                if outcome.evaluated is not None} if REPORT_KEY in content else {}
+    return Message(reply_content({pid: o.state.shared for pid, o in outcomes.items()},
+                                 {pid: o.metrics for pid, o in outcomes.items()}, reported),
+                   reply_to=msg)
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:
@@ -125,12 +165,6 @@ def run_key(msg: Message) -> str:
     return str(session["run-key"]) if session is not None else ""
 
 
-def routed_own(msg: Message) -> StateDict | None:
-    """The node's own model as the orchestrator last routed it, when the message has it."""
-    record = msg.content.array_records.get(OWN_KEY)
-    return dict(record.to_torch_state_dict()) if record is not None else None
-
-
 def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp: ``query.info`` and a ``train.<algorithm>`` handler per algorithm."""
     client_app = ClientApp(mods=list(mods))
@@ -143,27 +177,33 @@ def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
 app = make_client_app()
 
 
-@lru_cache(maxsize=256)
-def _node_rule(config: RunConfig, partition_id: int) -> LearningNode:
-    return algorithm_spec(config.algorithm).make_rule(config, partition_id)
+@lru_cache(maxsize=8)
+def _node_group(config: RunConfig, partitions: tuple[int, ...]) -> NodeGroup:
+    # a process may serve several SuperNodes (simulation: a Ray actor), each its own group
+    spec = algorithm_spec(config.algorithm)
+    return NodeGroup({pid: spec.make_rule(config, pid) for pid in partitions},
+                     config.node_batching)
 
 
-def save_state(context: Context, state: NodeState) -> None:
-    """Store a ``NodeState`` in ``context.state`` (one ArrayRecord per tensor group; groups
-    the new state no longer has are removed)."""
-    for key in [k for k in context.state.array_records if k.startswith(STATE_PREFIX)
-                and k[len(STATE_PREFIX):] not in state.tensors]:
+def save_state(context: Context, partition: int, state: NodeState) -> None:
+    """Store ``partition``'s ``NodeState`` in ``context.state`` (one ArrayRecord per tensor
+    group; groups the new state no longer has are removed)."""
+    prefix = f"{STATE_PREFIX}{partition}."
+    for key in [k for k in context.state.array_records if k.startswith(prefix)
+                and k[len(prefix):] not in state.tensors]:
         del context.state[key]
     for group, tensors in state.tensors.items():
-        context.state[STATE_PREFIX + group] = ArrayRecord(tensors)
-    context.state[ROUND_KEY] = ConfigRecord({"round": state.round})
+        context.state[prefix + group] = ArrayRecord(tensors)
+    context.state[partition_key(ROUND_KEY, partition)] = ConfigRecord({"round": state.round})
 
 
-def load_state(context: Context) -> NodeState | None:
-    """The ``NodeState`` saved by ``save_state``, or None on the node's first message."""
-    if ROUND_KEY not in context.state:
+def load_state(context: Context, partition: int) -> NodeState | None:
+    """``partition``'s ``NodeState`` saved by ``save_state``, or None before its first."""
+    round_key = partition_key(ROUND_KEY, partition)
+    if round_key not in context.state:
         return None
-    tensors = {key[len(STATE_PREFIX):]: dict(record.to_torch_state_dict())
+    prefix = f"{STATE_PREFIX}{partition}."
+    tensors = {key[len(prefix):]: dict(record.to_torch_state_dict())
                for key, record in context.state.array_records.items()
-               if key.startswith(STATE_PREFIX)}
-    return NodeState(record_int(context.state.config_records[ROUND_KEY], "round"), tensors)
+               if key.startswith(prefix)}
+    return NodeState(record_int(context.state.config_records[round_key], "round"), tensors)

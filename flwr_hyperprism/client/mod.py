@@ -26,9 +26,11 @@ from flwr_hyperprism.messages.protocol import (
     EVALUATE_KEY,
     INFO_KEY,
     NEIGHBOUR_PREFIX,
+    OWN_KEY,
     REPORT_KEY,
-    TASK_KEY,
-    record_task,
+    message_models,
+    message_tasks,
+    reply_content,
     scalar_metrics,
 )
 from strategies import NodeState, algorithm_spec
@@ -36,15 +38,7 @@ from strategies.base.checkpoint import node_checkpoints, starting_state
 from strategies.base.node import GossipNode, LearningNode
 from strategies.base.rule import StateDict
 
-from .app import (
-    load_state,
-    partition_info,
-    routed_own,
-    run_config,
-    run_key,
-    save_state,
-    train_reply,
-)
+from .app import load_state, partition_info, run_config, run_key, save_state
 from .handler import EVALUATED, HandlerLearner
 
 
@@ -54,10 +48,10 @@ def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return call_next(msg, context)
     if INFO_KEY in msg.content:  # the user's app loads its own data: nothing to check here
         return Message(RecordDict({"info": partition_info(context)}), reply_to=msg)
-    if TASK_KEY in msg.content:
+    if message_tasks(msg.content):
         return _round_trip(msg, context, call_next)
     if EVALUATE_KEY in msg.content:
-        state = load_state(context)
+        state = load_state(context, int(context.node_config["partition-id"]))
         if state is None:
             raise ValueError(f"partition {context.node_config['partition-id']} was asked to "
                              f"evaluate before its first train round-trip")
@@ -69,8 +63,12 @@ def hyperprism_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     content = msg.content
     config = run_config(msg, context)
-    task = record_task(content.config_records[TASK_KEY])
     partition_id = int(context.node_config["partition-id"])
+    tasks = message_tasks(content)
+    if set(tasks) != {partition_id}:
+        raise ValueError(f"a plug-in node hosts its node config's partition-id={partition_id}; "
+                         f"the message has tasks for partitions {sorted(tasks)}")
+    task = tasks[partition_id]
     spec = algorithm_spec(config.algorithm)
     # a gossip rule's shared tensors are its model (plus riders); other rules share vectors
     gossip = spec.node_rule if issubclass(spec.node_rule, GossipNode) else None
@@ -104,29 +102,28 @@ def _round_trip(msg: Message, context: Context, call_next: ClientAppCallable) ->
 
     checkpoints = node_checkpoints(context.node_config, config.state_dir, run_key(msg),
                                    partition_id)
-    state = starting_state(task, load_state(context), checkpoints, routed_own(msg), init,
-                           restore, partition_id)
+    state = starting_state(task, load_state(context, partition_id), checkpoints,
+                           message_models(content, OWN_KEY).get(partition_id), init, restore,
+                           partition_id)
     model = state.tensors[EVALUATED]
     previous = gossip.model_of(state.shared) if gossip is not None else None
     learner = HandlerLearner(model, train, config, previous, partition_id)
     rule = spec.make_rule(config, partition_id, learner)
-    neighbours = {int(key[len(NEIGHBOUR_PREFIX):]): record.to_torch_state_dict()
-                  for key, record in content.array_records.items()
-                  if key.startswith(NEIGHBOUR_PREFIX)}
     try:
-        state, metrics, evaluated = rule.round_trip(state, task, neighbours,
-                                                    rule.generator(task))
+        state, metrics, evaluated = rule.step(state, task,
+                                              message_models(content, NEIGHBOUR_PREFIX))
     except _HandlerFailed as failure:
         return failure.reply
     # what the node holds now: a gossip node's new model (trained, with its newest personal
     # layers, which the user's handlers may keep in their own state), else the rule's point
     held = gossip.model_of(state.shared) if gossip is not None else evaluated
     state.tensors[EVALUATED] = held if held is not None else model
-    save_state(context, state)
+    save_state(context, partition_id, state)
     if checkpoints is not None:
         checkpoints.save(state, task.stage)
-    return train_reply(msg, state, metrics,
-                       state.tensors[EVALUATED] if REPORT_KEY in content else None)
+    return Message(reply_content({partition_id: state.shared}, {partition_id: metrics},
+                                 {partition_id: state.tensors[EVALUATED]}
+                                 if REPORT_KEY in content else {}), reply_to=msg)
 
 
 def _evaluating(node: Callable[[StateDict], LearningNode], model: StateDict,

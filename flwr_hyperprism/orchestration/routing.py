@@ -19,6 +19,7 @@ from flwr_hyperprism.messages.protocol import (
     REPORT_KEY,
     RUN_KEY,
     TASK_KEY,
+    partition_key,
     task_record,
 )
 from strategies.base.plan import RoutingPlan
@@ -65,43 +66,50 @@ class RoutingTable(Generic[Routed]):
         self.stale = sorted(set(self.latest) - available)
         return plan.plan_round(round_, available, stage)
 
-    def neighbour_models(self, task: NodeTask) -> dict[int, Routed]:
-        """The latest tensors of the task's neighbours."""
-        return {j: self.latest[j] for j in task.neighbours}
-
     def trained_in(self, round_: int) -> list[int]:
         """Partitions whose latest tensors come from round ``round_``."""
         return sorted(pid for pid, received in self.received.items() if received == round_)
 
 
-def train_contents(tasks: Mapping[int, NodeTask], routing: RoutingTable[ArrayRecord],
-                   records: Mapping[str, ConfigRecord], run_config: ConfigRecord,
-                   in_sync: Collection[int], hold_config: Collection[int], report: bool
-                   ) -> dict[int, RecordDict]:
-    """The content of each task's train message (``train_content``): the partitions not
-    ``in_sync`` get their own latest model, those not in ``hold_config`` the ``run_config``
-    (as ``RUN_KEY``)."""
-    return {pid: train_content(pid, task, routing, records if pid in hold_config
-                               else {**records, RUN_KEY: run_config}, pid not in in_sync, report)
-            for pid, task in tasks.items()}
+def train_contents(tasks: Mapping[int, NodeTask], node_of: Mapping[int, int],
+                   routing: RoutingTable[ArrayRecord], records: Mapping[str, ConfigRecord],
+                   run_config: ConfigRecord, in_sync: Collection[int],
+                   hold_config: Collection[int], report: bool) -> dict[int, RecordDict]:
+    """{node id: the content of its train message} (``train_content``): one message per node
+    (``node_of``: partition -> node id) for the tasks of the partitions bound to it. Partitions
+    not ``in_sync`` get their own latest model; a node with a partition not in
+    ``hold_config`` gets the ``run_config`` (as ``RUN_KEY``)."""
+    groups: dict[int, list[int]] = {}
+    for pid in sorted(tasks):
+        groups.setdefault(node_of[pid], []).append(pid)
+    return {nid: train_content({pid: tasks[pid] for pid in pids}, routing,
+                               records if all(pid in hold_config for pid in pids)
+                               else {**records, RUN_KEY: run_config},
+                               [pid for pid in pids if pid not in in_sync], report)
+            for nid, pids in groups.items()}
 
 
-def train_content(partition: int, task: NodeTask, routing: RoutingTable[ArrayRecord],
-                  records: Mapping[str, ConfigRecord], send_own: bool, report: bool
+def train_content(tasks: Mapping[int, NodeTask], routing: RoutingTable[ArrayRecord],
+                  records: Mapping[str, ConfigRecord], send_own: Collection[int], report: bool
                   ) -> RecordDict:
-    """The content of ``partition``'s train message.
+    """The content of a node's train message for ``tasks`` ({partition: task}).
 
-    Its task, ``records`` (the run config, the session that names the nodes' checkpoints,
-    the train config passed on), every neighbour's latest model as ``nbr.<partition>``; with
-    ``send_own`` the partition's own latest model (``OWN_KEY``: to restart from when its node
-    has no state of its own), with ``report`` a request for the node's evaluated model
-    (``REPORT_KEY``).
+    Each task (``<TASK_KEY>.<partition>``), ``records`` (the run config, the session that names
+    the nodes' checkpoints, the train config passed on), every neighbour's latest model that
+    any task needs, once, as ``nbr.<partition>``; for the partitions in ``send_own`` their own
+    latest model (``<OWN_KEY>.<partition>``: to restart from when the node has no state for
+    them), with ``report`` a request for the evaluated models (``REPORT_KEY``).
     """
-    content = RecordDict({TASK_KEY: task_record(task), **records})
-    for j, model in routing.neighbour_models(task).items():
-        content[f"{NEIGHBOUR_PREFIX}{j}"] = model
-    if send_own and partition in routing.latest:
-        content[OWN_KEY] = routing.latest[partition]
+    content = RecordDict(dict(records))
+    needed: set[int] = set()
+    for pid, task in tasks.items():
+        content[partition_key(TASK_KEY, pid)] = task_record(task)
+        needed.update(task.neighbours)
+    for j in sorted(needed):
+        content[f"{NEIGHBOUR_PREFIX}{j}"] = routing.latest[j]
+    for pid in send_own:
+        if pid in routing.latest:
+            content[partition_key(OWN_KEY, pid)] = routing.latest[pid]
     if report:
         content[REPORT_KEY] = ConfigRecord()
     return content

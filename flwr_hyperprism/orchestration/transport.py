@@ -1,7 +1,8 @@
-"""Transport: push a round's messages, pull the replies, attribute each reply to its partition.
+"""Transport: push a round's messages, pull the replies, attribute each reply to its partitions.
 
-Replies are attributed by the id of the message they answer (``reply_to_message_id``), never
-by their sender: the SuperLink signs the error reply for an unreachable node with its own id.
+A message goes to one node for the partitions it has tasks for (its node group). Replies are
+attributed by the id of the message they answer (``reply_to_message_id``), never by their
+sender: the SuperLink signs the error reply for an unreachable node with its own id.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from flwr_hyperprism.messages.protocol import MODEL_KEY, scalar_metrics
+from flwr_hyperprism.messages.protocol import (
+    METRICS_KEY,
+    MODEL_KEY,
+    SHARED_KEY,
+    TASK_KEY,
+    by_partition,
+    partition_key,
+    scalar_metrics,
+)
 
 log = logging.getLogger("flwr")
 
@@ -56,13 +65,14 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
     return sent, replies
 
 
-def reply_fault(reply: Message) -> str | None:
-    """Why a train reply carries no usable result (None if it does)."""
+def reply_fault(reply: Message, partition: int) -> str | None:
+    """Why a train reply carries no usable result for ``partition`` (None if it does)."""
     if reply.has_error():
         return reply.error.reason
-    if not reply.has_content() or "arrays" not in reply.content or \
-            "metrics" not in reply.content:
-        return "the reply has no 'arrays' and 'metrics' records"
+    shared, metrics = partition_key(SHARED_KEY, partition), partition_key(METRICS_KEY, partition)
+    if not reply.has_content() or shared not in reply.content.array_records or \
+            metrics not in reply.content.metric_records:
+        return f"the reply has no {shared!r} and {metrics!r} records"
     return None
 
 
@@ -78,35 +88,50 @@ class Exchange:
 
     Attributes
     ----------
-    addressed : message id -> partition, of every message sent
-    replies : partition -> its reply (an error reply too: see ``reply_fault``)
+    addressed : message id -> the partitions it was sent for, of every message sent
+    replies : partition -> the reply to its message (an error reply too: see ``reply_fault``)
     """
 
-    addressed: dict[str, int] = field(default_factory=dict)
+    addressed: dict[str, tuple[int, ...]] = field(default_factory=dict)
     replies: dict[int, Message] = field(default_factory=dict)
 
     @property
+    def partitions(self) -> set[int]:
+        """Every partition a message was sent for."""
+        return {pid for pids in self.addressed.values() for pid in pids}
+
+    @property
     def silent(self) -> list[int]:
-        """Partitions that were sent a message and did not reply."""
-        return sorted(set(self.addressed.values()) - set(self.replies))
+        """Partitions that were sent a message and got no reply."""
+        return sorted(self.partitions - set(self.replies))
 
 
-def exchange(grid: Grid, messages: Iterable[Message], partition_of: Mapping[int, int],
+def addressed_partitions(message: Message, hosted: Callable[[int], Iterable[int]]
+                         ) -> tuple[int, ...]:
+    """The partitions ``message`` is for: those it has tasks for (a train message), else
+    ``hosted(its destination node)``."""
+    tasks = by_partition(message.content.config_records, TASK_KEY)
+    return tuple(sorted(tasks)) if tasks else tuple(hosted(message.metadata.dst_node_id))
+
+
+def exchange(grid: Grid, messages: Iterable[Message], hosted: Callable[[int], Iterable[int]],
              timeout: float, label: str) -> Exchange:
-    """Send ``messages`` (to nodes in ``partition_of``: node id -> partition) and attribute
-    the replies; a reply to a message this exchange did not send is logged and ignored."""
+    """Send ``messages`` and attribute the replies to the partitions each message is for
+    (``addressed_partitions``; ``hosted``: node id -> the partitions bound to it); a reply to a
+    message this exchange did not send is logged and ignored."""
+    messages = list(messages)
+    partitions = {id(m): addressed_partitions(m, hosted) for m in messages}
     sent, replies = send_and_receive(
         grid, messages, timeout, label,
-        waiting_for=lambda left: partition_list(partition_of[m.metadata.dst_node_id]
-                                                for m in left))
-    result = Exchange({mid: partition_of[m.metadata.dst_node_id] for mid, m in sent.items()})
+        waiting_for=lambda left: partition_list(pid for m in left for pid in partitions[id(m)]))
+    result = Exchange({mid: partitions[id(m)] for mid, m in sent.items()})
     for reply in replies:
-        pid = result.addressed.get(reply.metadata.reply_to_message_id)
-        if pid is None:
+        pids = result.addressed.get(reply.metadata.reply_to_message_id)
+        if pids is None:
             log.warning("%s: ignored a reply to unknown message %s from node %s", label,
                         reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         else:
-            result.replies[pid] = reply
+            result.replies.update(dict.fromkeys(pids, reply))
     return result
 
 
@@ -125,16 +150,18 @@ def train_results(replies: Exchange, node_ids: Mapping[int, int], label: str,
     """The usable results of a train exchange. A node that failed (an error reply, e.g. the
     SuperLink's for an unreachable node) or did not reply in time is logged."""
     results = TrainResults()
-    for pid, reply in replies.replies.items():
-        fault = reply_fault(reply)
+    for pid, reply in sorted(replies.replies.items()):
+        fault = reply_fault(reply, pid)
         if fault is not None:
             log.error("%s: node %s (partition %s) failed: %s", label, node_ids.get(pid), pid,
                       fault)
             continue
-        results.shared[pid] = reply.content.array_records["arrays"]
-        if MODEL_KEY in reply.content.array_records:
-            results.models[pid] = reply.content.array_records[MODEL_KEY]
-        results.metrics[pid] = scalar_metrics(reply.content.metric_records["metrics"])
+        arrays = reply.content.array_records
+        results.shared[pid] = arrays[partition_key(SHARED_KEY, pid)]
+        if partition_key(MODEL_KEY, pid) in arrays:
+            results.models[pid] = arrays[partition_key(MODEL_KEY, pid)]
+        results.metrics[pid] = scalar_metrics(
+            reply.content.metric_records[partition_key(METRICS_KEY, pid)])
     if replies.silent:
         log.error("%s: no reply within round-timeout=%ss from %s", label, timeout,
                   partition_list(replies.silent))

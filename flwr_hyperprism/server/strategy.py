@@ -65,7 +65,8 @@ class DecentralizedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """A train message per bound node (``routing.train_content``). ``config[STAGE_KEY]``
+        """A train message per node, for its bound partitions (``routing.train_content``).
+        ``config[STAGE_KEY]``
         (default 0) selects the round's stage, ``REPORT_KEY`` asks for the nodes' models; the
         rest is passed on as the message's "config"."""
         stage = protocol.record_int(config, protocol.STAGE_KEY) \
@@ -73,16 +74,16 @@ class DecentralizedStrategy(Strategy):
         passed_on = ConfigRecord({k: v for k, v in config.items()
                                   if k not in (protocol.STAGE_KEY, protocol.REPORT_KEY)})
         kind = self.train_message_type or f"train.{self.loop.plan.algorithm}"
-        return [Message(content, dst_node_id=self.members.node_ids[pid], message_type=kind,
+        return [Message(content, dst_node_id=nid, message_type=kind,
                         group_id=f"{server_round}.{stage}")
-                for pid, content in self.train_contents(
+                for nid, content in self.train_contents(
                     server_round, stage, passed_on, protocol.REPORT_KEY in config).items()]
 
     def train_contents(self, round_: int, stage: int, passed_on: ConfigRecord,
                        report: bool = False) -> dict[int, RecordDict]:
-        """The content of each bound partition's train message. The run config goes once per
-        run: again only to a node that may not hold it, and to all when it changes (plug-in
-        lr schedules)."""
+        """{node id: its train message's content} for the bound partitions. The run config goes
+        once per run: again only to a node that may not hold it, and to all when it changes
+        (plug-in lr schedules)."""
         config = self.round_config(passed_on)
         changed, self._sent_config = config != self._sent_config, config
         session = {protocol.SESSION_KEY: ConfigRecord({"run-key": self.loop.store.run_key}),
@@ -90,7 +91,7 @@ class DecentralizedStrategy(Strategy):
         tasks = {pid: task for pid, task in self.loop.tasks(round_, stage).items()
                  if pid in self.members.node_ids}
         in_sync = self.members.in_sync
-        return routing.train_contents(tasks, self.loop.routing, session,
+        return routing.train_contents(tasks, self.members.node_ids, self.loop.routing, session,
                                       protocol.run_record(config), in_sync,
                                       set() if changed else in_sync, report)
 
@@ -106,7 +107,7 @@ class DecentralizedStrategy(Strategy):
                                           self.config.num_nodes)
         for pid, shared in results.shared.items():
             self.loop.routing.store(pid, shared, round_)
-        self.members.replied(set(replies.addressed.values()), set(results.metrics))
+        self.members.replied(replies.partitions, set(results.metrics))
         return results.metrics, results.models
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -171,7 +172,7 @@ class DecentralizedStrategy(Strategy):
     def exchange(self, grid: Grid, messages: Iterable[Message], label: str
                  ) -> transport.Exchange:
         """Send ``messages`` to bound nodes; their replies attributed to partitions."""
-        return transport.exchange(grid, messages, self.members.partition_of,
+        return transport.exchange(grid, messages, self.members.partitions_on,
                                   self.config.round_timeout, label)
 
     # --- hooks plug-in mode (``flwr_hyperprism.server.plugin``) changes -----------------------

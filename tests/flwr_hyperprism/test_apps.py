@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from flwr_hyperprism.client.app import app as client_app
 from flwr_hyperprism.math.models import build_model
-from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX, TASK_KEY
+from flwr_hyperprism.messages.protocol import NEIGHBOUR_PREFIX, SHARED_KEY, partition_key
 from flwr_hyperprism.server.app import initial_model, run
 from flwr_hyperprism.server.strategy import make_strategy
 from flwr_hyperprism.setup.config import RunConfig
@@ -20,7 +20,7 @@ from flwr_hyperprism.setup.data import INPUT_SHAPES, NUM_CLASSES
 from simulations.run import run_experiment
 from strategies import ALGORITHMS
 from strategies.base.learner import evaluate, node_data
-from tests.harness import LocalGrid
+from tests.harness import LocalGrid, train_round
 from tests.variants import config_of, metrics_rows
 
 
@@ -59,10 +59,10 @@ class RoutingRecorder(LocalGrid):
         messages = list(messages)
         ids = list(super().push_messages(messages))
         for msg in messages:
-            if TASK_KEY not in msg.content:
+            round_ = train_round(msg)
+            if round_ is None:
                 continue
             pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
-            round_ = msg.content.config_records[TASK_KEY]["round"]
             for key, record in msg.content.array_records.items():
                 if key.startswith(NEIGHBOUR_PREFIX):
                     sender = int(key[len(NEIGHBOUR_PREFIX):])
@@ -74,9 +74,10 @@ class RoutingRecorder(LocalGrid):
                         self.mismatches.append((round_, pid, sender))
         for msg, mid in zip(messages, ids):  # a round-trip's replies are routed in the next
             reply = self.replies[mid]
-            if TASK_KEY in msg.content and not reply.has_error():
+            if train_round(msg) is not None and not reply.has_error():
                 pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
-                self.latest[pid] = reply.content.array_records["arrays"].to_torch_state_dict()
+                self.latest[pid] = reply.content.array_records[
+                    partition_key(SHARED_KEY, pid)].to_torch_state_dict()
         return ids
 
 

@@ -10,7 +10,7 @@ from strategies import algorithm_spec
 
 
 def test_each_partition_routes_the_shared_tensors_its_rule_returned_last(tmp_path):
-    config = RunConfig(num_nodes=4, num_rounds=2, local_steps=1, eval_size=200)
+    config = RunConfig(num_nodes=4, num_rounds=2, local_steps=1, eval_size=200, node_batching=False)
     returned: dict[int, dict] = {}
 
     def make_rule(config: RunConfig, pid: int):
