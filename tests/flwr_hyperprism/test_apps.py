@@ -31,10 +31,12 @@ def tiny_config(tmp_path: Path, name: str, **changes) -> RunConfig:
     return config_of(algorithm, **{**settings, **changes})
 
 
+@pytest.mark.parametrize("supernodes", [4, 3])  # 3: node groups of partitions {0, 3}, {1}, {2}
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_flower_grid_run_equals_in_process_run(tmp_path, algorithm):
+def test_flower_grid_run_equals_in_process_run(tmp_path, algorithm, supernodes):
     config = tiny_config(tmp_path, "grid", algorithm=algorithm, mudag_max_gossip=2)
-    result = run(LocalGrid.with_nodes(client_app, config.num_nodes), config)
+    grid = LocalGrid(client_app, {1000 + k: (k, supernodes) for k in range(supernodes)})
+    result = run(grid, config)
     run_experiment(config.replace(run_name="inprocess"), "inprocess")
     flower_rows = metrics_rows(tmp_path / "grid")
     assert flower_rows == metrics_rows(tmp_path / "inprocess")
