@@ -185,7 +185,7 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
     for round_ in range(1, rounds + 1):
         tasks = routing.tasks(plan, round_, 0)
         # steady state: no node needs its own model sent
-        contents = [train_content(pid, task, routing, records, send_own=False, report=False)
+        contents = [train_content({pid: task}, routing, records, send_own=(), report=False)
                     for pid, task in tasks.items()]
         per_round.append(sum(recorddict_to_proto(content).ByteSize() for content in contents))
         links.append(sum(len(task.neighbours) for task in tasks.values()))
@@ -216,8 +216,12 @@ def _typed(overrides: dict[str, str]) -> dict:
 
 
 def run_once(num_nodes: int, algorithm: str, rounds: int, overrides: dict[str, str],
-             num_cpus: float = 1.0, interval: float = 0.5, timeout: float = 1800.0) -> dict:
-    """`flwr run` one configuration on a private local SuperLink; its numbers."""
+             num_cpus: float = 1.0, interval: float = 0.5, timeout: float = 1800.0,
+             supernodes: int | None = None) -> dict:
+    """`flwr run` one configuration on a private local SuperLink; its numbers.
+
+    ``supernodes``: the simulation's SuperNodes (default: one per node; fewer host the
+    partitions as node groups)."""
     work = Path(tempfile.mkdtemp(prefix="hp-load-"))
     home, ray_tmp = work / "flwr-home", Path(tempfile.mkdtemp(prefix="hp-ray-"))
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "RAY_TMPDIR": str(ray_tmp),
@@ -228,7 +232,7 @@ def run_once(num_nodes: int, algorithm: str, rounds: int, overrides: dict[str, s
                 "num-rounds": str(rounds), "output-dir": f"'{work / 'runs'}'",
                 "run-name": "'probe'"}
     command = ["flwr", "run", str(REPO), "--stream", "--federation-config",
-               f"num-supernodes={num_nodes} client-resources-num-cpus={num_cpus:g}",
+               f"num-supernodes={supernodes or num_nodes} client-resources-num-cpus={num_cpus:g}",
                "--run-config", " ".join(f"{k}={v}" for k, v in settings.items())]
     pids = lambda: processes_with_env("FLWR_HOME", str(home))  # noqa: E731
     sampler = MemorySampler(pids, interval)

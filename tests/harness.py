@@ -116,10 +116,10 @@ class ElasticGrid(LocalGrid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        tasks = [m.content["hyperprism.task"] for m in messages
-                 if "hyperprism.task" in m.content]
+        tasks = [task for m in messages if m.has_content()
+                 for task in message_tasks(m.content).values()]
         if tasks:
-            for event in self.events.pop((int(tasks[0]["round"]), int(tasks[0]["stage"])), []):
+            for event in self.events.pop((tasks[0].round, tasks[0].stage), []):
                 if event[0] == "leave":
                     del self.contexts[event[1]]
                 else:

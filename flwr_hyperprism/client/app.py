@@ -49,6 +49,12 @@ def hosted_partitions(node_config: Mapping[str, object], num_nodes: int) -> tupl
     k >= ``num_nodes``. ValueError for a list that does not parse or names a partition
     outside 0..num_nodes-1.
     """
+    if PARTITIONS_KEY not in node_config and not {"partition-id", "num-partitions"} <= set(
+            node_config):
+        raise ValueError(f"the node config has neither {PARTITIONS_KEY} nor partition-id and "
+                         f"num-partitions ({dict(node_config)}): give the SuperNode "
+                         f"--node-config \"{PARTITIONS_KEY}='0-9'\" (or partition-id and "
+                         f"num-partitions)")
     if PARTITIONS_KEY in node_config:
         listed = _parse_partitions(str(node_config[PARTITIONS_KEY]))
         outside = [pid for pid in listed if not 0 <= pid < num_nodes]
@@ -68,7 +74,13 @@ def _parse_partitions(text: str) -> tuple[int, ...]:
         if not first.isdigit() or (dash and not last.isdigit()):
             raise ValueError(f"node config {PARTITIONS_KEY}={text!r}: {part!r} is neither a "
                              f"partition id nor a range 'a-b'; write e.g. '0-9,12'")
+        if dash and int(last) < int(first):
+            raise ValueError(f"node config {PARTITIONS_KEY}={text!r}: the range {part!r} is "
+                             f"empty; write it low to high, e.g. '{last}-{first}'")
         partitions.update(range(int(first), int(last if dash else first) + 1))
+    if not partitions:
+        raise ValueError(f"node config {PARTITIONS_KEY}={text!r} lists no partition; write "
+                         f"e.g. '0-9,12'")
     return tuple(sorted(partitions))
 
 

@@ -172,9 +172,10 @@ def wait_for_partitions(grid: Grid, num_nodes: int, timeout: float,
                 node = reply.metadata.src_node_id
                 for pid in partition_answer(reply, num_nodes):
                     if pid in partitions:
+                        first, second = sorted((partitions[pid], node))
                         raise RuntimeError(
-                            f"partition id {pid} is claimed by nodes {partitions[pid]} and "
-                            f"{node}; give every SuperNode its own partition-id (or "
+                            f"partition id {pid} is claimed by nodes {first} and "
+                            f"{second}; give every SuperNode its own partition-id (or "
                             f"partition-ids)")
                     partitions[pid] = node
                 answered.add(node)
@@ -229,10 +230,18 @@ def partition_answer(reply: Message, num_nodes: int) -> tuple[int, ...]:
     ``partition-ids`` (a native node given the run config), else its one ``partition-id`` of
     ``num-partitions`` (a plug-in node: then num-partitions must be num-nodes). RuntimeError
     if the node belongs to another federation or cannot load its data."""
+    info = reply.content.config_records.get("info")
+    if info is not None and "error" in info:
+        listed: Any = info.get("partition-ids") or (
+            [info["partition-id"]] if "partition-id" in info else [])
+        named = sorted(int(p) for p in listed)
+        who = (f"partition{'s' if len(named) != 1 else ''} {_ranges(named)} (node "
+               f"{reply.metadata.src_node_id})" if named else f"node {reply.metadata.src_node_id}")
+        raise RuntimeError(f"{who} cannot start: {str(info['error'])}")
     try:
         info = reply.content.config_records["info"]
         if "partition-ids" in info:
-            listed: Any = info["partition-ids"]
+            listed = info["partition-ids"]
             pids = tuple(int(p) for p in listed)
         else:
             pids = (record_int(info, "partition-id"),)
@@ -241,10 +250,6 @@ def partition_answer(reply: Message, num_nodes: int) -> tuple[int, ...]:
         raise RuntimeError(f"node {reply.metadata.src_node_id} answered the partition query "
                            f"without partition-ids, or a partition-id and num-partitions "
                            f"({err!r})") from None
-    if "error" in info:
-        raise RuntimeError(f"partition{'s' if len(pids) != 1 else ''} {_ranges(sorted(pids))} "
-                           f"(node {reply.metadata.src_node_id}) cannot start: "
-                           f"{str(info['error'])}")
     outside = [pid for pid in pids if not 0 <= pid < num_nodes]
     if outside:
         raise RuntimeError(f"node {reply.metadata.src_node_id} hosts partitions {outside}, "

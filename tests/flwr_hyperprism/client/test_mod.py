@@ -16,7 +16,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from flwr_hyperprism import decentralized_strategy
 from flwr_hyperprism.client.mod import hyperprism_mod
-from tests.harness import ElasticGrid, LocalGrid
+from flwr_hyperprism.messages.protocol import (
+    RUN_KEY,
+    TASK_KEY,
+    partition_key,
+    run_record,
+    task_record,
+)
+from flwr_hyperprism.setup.config import RunConfig
+from strategies.base.rule import NodeTask
+from tests.harness import ElasticGrid, LocalGrid, train_round
 from tests.variants import metrics_rows
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "quickstart-pytorch"
@@ -36,6 +45,27 @@ def test_messages_without_its_records_reach_the_handler_untouched():
     [reply] = grid.send_and_receive([Message(content, dst_node_id=1000, message_type="train")])
     assert seen == [content] and seen[0] is content
     assert reply.content["metrics"]["x"] == 1.0
+
+
+@pytest.mark.parametrize("partitions", [(0, 1), (1,)])
+def test_a_plug_in_node_takes_only_a_message_with_its_own_partitions_task(partitions):
+    # a plug-in node hosts its node config's partition-id, never a node group
+    called = []
+    app = ClientApp(mods=[hyperprism_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        called.append(msg)
+        return Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=msg)
+
+    grid = LocalGrid.with_nodes(app, 2)  # node 1000 holds partition 0
+    content = RecordDict({RUN_KEY: run_record(RunConfig(num_nodes=2)),
+                          **{partition_key(TASK_KEY, pid): task_record(NodeTask(1))
+                             for pid in partitions}})
+    [reply] = grid.send_and_receive([Message(content, dst_node_id=1000, message_type="train")])
+    assert reply.has_error() and not called
+    assert f"partition-id=0; the message has tasks for partitions {list(partitions)}" \
+        in reply.error.reason
 
 
 @pytest.fixture
@@ -197,7 +227,7 @@ def test_settings_come_from_the_federation_and_the_train_config(example_app, mon
     def spy(messages):
         messages = list(messages)
         seen_lr.extend(float(m.content.config_records["config"]["lr"]) for m in messages
-                       if "hyperprism.task" in m.content)
+                       if train_round(m) is not None)
         return original(messages)
 
     grid.push_messages = spy
