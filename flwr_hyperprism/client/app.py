@@ -194,7 +194,7 @@ def _node_group(config: RunConfig, partitions: tuple[int, ...]) -> NodeGroup:
     # a process may serve several SuperNodes (simulation: a Ray actor), each its own group
     spec = algorithm_spec(config.algorithm)
     return NodeGroup({pid: spec.make_rule(config, pid) for pid in partitions},
-                     config.node_batching)
+                     config.node_batching, config.node_threads)
 
 
 def save_state(context: Context, partition: int, state: NodeState) -> None:

@@ -38,7 +38,7 @@ def run_in_process(loop: RoundLoop, *,
     if initial_model is None:
         initial_model = learner.initial_model(config)
     group = NodeGroup({pid: make_rule(config, pid) for pid in range(config.num_nodes)},
-                      config.node_batching)
+                      config.node_batching, config.node_threads)
     loop.log_summary()
     resumed = loop.open(initial_model, lambda tensors: tensors)
     checkpoints = {pid: node_checkpoints({}, config.state_dir, loop.store.run_key, pid)

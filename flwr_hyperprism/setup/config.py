@@ -69,8 +69,12 @@ class RunConfig(Settings):
     # 'cpu', 'cuda' or 'cuda:N'; node state and messages stay on the CPU
     device: str = "auto"
     # true: the partitions one process hosts (in-process: all) train and are evaluated as one
-    # batch over their stacked parameters; false: node after node (same metrics up to rounding)
+    # batch over their stacked parameters; false: node after node, each single-threaded (same
+    # metrics up to float rounding; exactly the same across engines and group layouts)
     node_batching: bool = True
+    # torch intra-op threads of a batched node group; 0: torch's default (the machine's cores
+    # in-process, the actor's CPU share under Ray); metrics may differ in rounding with it
+    node_threads: int = 0
     # local training (plain SGD, as in the paper)
     lr: float = 0.01  # local SGD step size
     batch_size: int = 128  # local minibatch size
@@ -133,6 +137,7 @@ class RunConfig(Settings):
         self.require_ranges([
             ("num_nodes", 2, None, "an integer >= 2"), ("num_rounds", 1, None, "an integer >= 1"),
             ("min_partition_size", 1, None, "an integer >= 1"), ("eval_size", 0, None, ">= 0"),
+            ("node_threads", 0, None, "an integer >= 0 (0: torch's default)"),
             ("batch_size", 1, None, "an integer >= 1"), ("local_epochs", 1, None, ">= 1"),
             ("local_steps", 0, None, ">= 0"), ("mobility_speed", 0.0, None, ">= 0"),
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),

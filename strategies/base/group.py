@@ -23,7 +23,7 @@ from flwr_hyperprism.math.stacked import stack, stacked_forward
 from flwr_hyperprism.setup.data import Split
 
 from .learner import EVAL_BATCH, DataLearner, LocalUpdate, NodeData, to_device
-from .node import LearningNode, on_cpu, single_thread
+from .node import LearningNode, intra_op_threads, on_cpu
 from .rule import NodeState, NodeTask, Outcome, StateDict
 
 
@@ -31,11 +31,14 @@ class NodeGroup:
     """The node rules of the partitions one process hosts, {partition id: rule}.
 
     ``batched``: train and evaluate the nodes together when every rule has a native learner
-    (``DataLearner``) whose model is all parameters; else step them one by one.
+    (``DataLearner``) whose model is all parameters; else step them one by one (each
+    single-threaded). ``threads``: torch's intra-op threads for the batched computation (0:
+    torch's default, the process's CPUs or, in a Ray actor, its CPU share).
     """
 
-    def __init__(self, rules: Mapping[int, LearningNode], batched: bool = True) -> None:
-        self.rules = dict(rules)
+    def __init__(self, rules: Mapping[int, LearningNode], batched: bool = True,
+                 threads: int = 0) -> None:
+        self.rules, self.threads = dict(rules), threads
         learners = [rule.learner for rule in self.rules.values()]
         self.batched = batched and all(
             isinstance(learner, DataLearner)
@@ -57,7 +60,7 @@ class NodeGroup:
         device = next(iter(self.rules.values())).learner.device
         needed = {j for task in tasks.values() for j in task.neighbours}
         on_device = {j: to_device(routed[j], device) for j in needed}
-        with single_thread():
+        with intra_op_threads(self.threads):
             pending = {pid: self.rules[pid].begin(states[pid].to(device), task,
                                                   {j: on_device[j] for j in task.neighbours},
                                                   self.rules[pid].generator(task))

@@ -134,7 +134,9 @@ class LearningNode:
         """
         device = self.learner.device
         neighbours = {j: to_device(m, device) for j, m in neighbours.items()}
-        with single_thread():
+        # One thread: a node's arithmetic (and so every metric) is then identical in Flower's
+        # actors and in-process, whatever the machine's core count.
+        with intra_op_threads(1):
             pending = self.begin(state.to(device), task, neighbours, self.generator(task))
             outcome = pending.finish(None if pending.train_from is None
                                      else self.learner.train(pending.train_from, pending.gen))
@@ -387,11 +389,11 @@ def mix_row(task: NodeTask, own: StateDict, neighbours: Mapping[int, StateDict])
 
 
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    # One intra-op thread: a node's arithmetic (and so every metric) is then identical in
-    # Flower's actors and in-process, whatever the machine's core count.
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block (0: left as they are)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if count:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
