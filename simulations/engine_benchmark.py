@@ -10,12 +10,13 @@ batch 128, one local epoch, ``--rounds`` rounds (20), every node evaluated on th
 every round. Engines, each a fresh process tree:
 
 - ``per-node``: the in-process engine stepping node after node (``node-batching=false``);
-- ``batched``: the in-process engine, all partitions one node group (the default);
+- ``batched``: the in-process engine, all partitions one node group (the default; torch's
+  default threads, ``node-threads=0``);
 - ``flwr``: `flwr run` (Flower's Simulation Runtime on a private local SuperLink) with
   ``--supernodes`` SuperNodes (2), each hosting its share of the partitions as a node group;
 - ``fluke``: D-PSGD on fluke-fl's decentralized API (``simulations/peers/fluke_dpsgd.py``,
   run by ``--fluke-python``, an interpreter of a separate venv: fluke is never a dependency),
-  on the very same partition.
+  on the very same partition, with torch's default threads (``--fluke-threads``).
 
 Per engine and algorithm it prints s/round (mean of the full rounds 1..R-1; fluke: of its
 rounds 2..R, which train, mix and evaluate like ours), the end-to-end wall time of the command,
@@ -105,8 +106,10 @@ def flwr_run(config: RunConfig, supernodes: int, timeout: float, interval: float
             "peak_pss_mib": result["peak_pss_mib"], "accuracy": result["accuracy"]}
 
 
-def fluke(config: RunConfig, python: str, work: Path, timeout: float, interval: float) -> dict:
-    """fluke-fl's D-PSGD on the same partition (``simulations/peers/fluke_dpsgd.py``)."""
+def fluke(config: RunConfig, python: str, threads: int, work: Path, timeout: float,
+          interval: float) -> dict:
+    """fluke-fl's D-PSGD on the same partition (``simulations/peers/fluke_dpsgd.py``) with
+    ``threads`` torch threads (0: torch's default, as a fluke user runs it)."""
     _, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
                            config.num_nodes, config.alpha, config.min_partition_size)
     partition = work / "partition.npz"
@@ -117,7 +120,7 @@ def fluke(config: RunConfig, python: str, work: Path, timeout: float, interval: 
                "--nodes", str(config.num_nodes), "--density", str(config.density),
                "--rounds", str(config.num_rounds), "--lr", str(config.lr),
                "--batch-size", str(config.batch_size), "--seed", str(config.seed),
-               "--out", str(out)]
+               "--threads", str(threads), "--out", str(out)]
     wall, pss, _ = measured(command, REPO, timeout, interval)
     rounds = [row for row in map(json.loads, out.read_text().splitlines()) if "round" in row]
     full = [row["seconds"] for row in rounds[1:]]
@@ -129,7 +132,8 @@ def run_cell(engine: str, config: RunConfig, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="hp-bench-") as tmp:
         work = Path(tmp)
         if engine == "fluke":
-            return fluke(config, args.fluke_python, work, args.timeout, args.interval)
+            return fluke(config, args.fluke_python, args.fluke_threads, work, args.timeout,
+                         args.interval)
         if engine == "flwr":
             return flwr_run(config, args.supernodes, args.timeout, args.interval)
         return in_process(config, engine == "batched", work, args.timeout, args.interval)
@@ -145,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes of `flwr run`")
     parser.add_argument("--fluke-python", help="python of a venv with fluke-fl 0.8.1 (engine "
                                                "'fluke'; left out without it)")
+    parser.add_argument("--fluke-threads", type=int, default=0,
+                        help="torch threads of the fluke run (0: torch's default, the cores; "
+                             "the batched engine uses the same, node-threads=0)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is kept")
     parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period")
     parser.add_argument("--timeout", type=float, default=3600.0)

@@ -5,8 +5,10 @@
 
 Runs every algorithm in-process (HyperPrism twice: learned degrees and the paper's
 hypernetwork, so the hypernetwork's own training runs on the device too) with ``device=cpu``
-and then ``device=<against>`` (default ``cuda``), after one untimed warm-up round on the device
-(CUDA's start-up is not a node-round). Prints each round's mean accuracy and loss on both (and
+node after node (``node-batching=false``, the reference) and then ``device=<against>``
+(default ``cuda``) as one batched node group (``strategies.base.group``: local SGD and
+evaluation over stacked parameters), after one untimed warm-up round on the device (CUDA's
+start-up is not a node-round). Prints each round's mean accuracy and loss on both (and
 HyperPrism's p_theta) and the seconds per node-round; exits 0 when every round's mean accuracy
 agrees within ``--tolerance`` (absolute) and the mean loss within the same relative
 tolerance, 1 when they do not, 2 when the machine has no such device (nothing was run on it;
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} on {args.dataset}, {args.nodes} nodes, {args.rounds} rounds; "
-          f"cpu vs {device} ({name}); tolerance {args.tolerance}")
+          f"cpu node after node vs {device} ({name}) batched; tolerance {args.tolerance}")
     failed = []
     with tempfile.TemporaryDirectory() as out:
         base = RunConfig(model=args.model, dataset=args.dataset,
@@ -117,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variant in variants:
             (cpu, cpu_seconds), (other, other_seconds) = (
                 timed_run(base.replace(**VARIANTS[variant], device=device_name,
-                                       run_name=f"{variant}-{index}"))
-                for index, device_name in enumerate(("cpu", args.against)))
+                                       node_batching=batched, run_name=f"{variant}-{index}"))
+                for index, (device_name, batched) in enumerate((("cpu", False),
+                                                                (args.against, True))))
             problems = compare(cpu, other, args.tolerance)
             print(f"{variant}: seconds per node-round: cpu {cpu_seconds:.3f}, "
                   f"{args.against} {other_seconds:.3f}; {'OK' if not problems else 'MISMATCH'}")

@@ -276,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=2, help="runs per row; the best is kept")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="client-resources-num-cpus")
+    parser.add_argument("--supernodes", type=int, help="SuperNodes (default: one per node; "
+                                                       "fewer host node groups)")
     parser.add_argument("--interval", type=float, default=0.5, help="memory sampling period")
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.overrides)
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             runs = []
             for _ in range(args.repeat):
                 runs.append(run_once(num_nodes, algorithm, args.rounds, overrides,
-                                     args.num_cpus, args.interval))
+                                     args.num_cpus, args.interval, supernodes=args.supernodes))
                 print(json.dumps(runs[-1]), flush=True)
             best = min(runs, key=lambda r: r["wall_s"])
             best["s_per_round"] = min(r["s_per_round"] for r in runs)

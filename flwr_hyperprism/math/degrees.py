@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .mirror import power_mean
+from .mirror import power_mean, power_means
 
 P_SCHEDULES = ("step", "linear", "cosine", "exponential")
 
@@ -82,6 +82,6 @@ def descent_degree(stacked: Tensor, weights: Tensor, step: Tensor, grid: Sequenc
     """
     linear = power_mean(stacked, weights, 1.0)
     target = linear + step
-    distances = [float(torch.linalg.vector_norm(power_mean(stacked, weights, p) - target))
-                 for p in grid]
+    means = power_means(stacked, weights, grid)
+    distances = [float(torch.linalg.vector_norm(mean - target)) for mean in means]
     return grid[min(range(len(grid)), key=distances.__getitem__)]

@@ -13,6 +13,7 @@ terms that are negligible next to the largest one.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -177,12 +178,25 @@ def _mirror_sum(x: Tensor, weights: Tensor, p: float, mirrored: Tensor, s: Tenso
                 log_scale: Tensor) -> None:
     """For (k, c) columns x, write s_p(x_j / S) into ``mirrored`` (k, c), the weighted sum over
     j into ``s`` (c,) and log2 S into ``log_scale`` (c,)."""
-    torch.abs(x, out=mirrored).log2_()  # -inf at zeros
-    torch.amax(mirrored, dim=0, out=log_scale)  # -inf for an all-zero column: S = 0, out = 0
+    shift = _log_magnitudes(x, mirrored, log_scale)
+    _powered_sum(x, weights, p, mirrored, shift, s)
+
+
+def _log_magnitudes(x: Tensor, logs: Tensor, log_scale: Tensor) -> Tensor:
+    """log2|x_j| into ``logs`` (k, c), its column maximum log2 S into ``log_scale`` (c,);
+    returns log2 S with 0 for all-zero columns (the shift ``_powered_sum`` takes)."""
+    torch.abs(x, out=logs).log2_()  # -inf at zeros
+    torch.amax(logs, dim=0, out=log_scale)  # -inf for an all-zero column: S = 0, out = 0
+    return log_scale.nan_to_num(neginf=0.0)
+
+
+def _powered_sum(x: Tensor, weights: Tensor, p: float, mirrored: Tensor, shift: Tensor,
+                 s: Tensor) -> None:
+    """From log2|x_j| in ``mirrored`` (overwritten with s_p(x_j / S)), the weighted sum over j
+    of s_p(x_j / S) into ``s``; nearly cancelling coordinates are recomputed in float64."""
     # |u_j|**p in [0, 1], floored at the smallest normal float: a term that small is
     # negligible next to the largest (which is a_j * 1), and subnormals are ~100x slower.
     min_exponent = math.log2(torch.finfo(x.dtype).tiny)
-    shift = log_scale.nan_to_num(neginf=0.0)
     mirrored.sub_(shift).mul_(p).clamp_(min=min_exponent).exp2_()
     magnitude = torch.mv(mirrored.T, weights)  # sum_j a_j |m_j|
     mirrored.copysign_(x)
@@ -191,3 +205,49 @@ def _mirror_sum(x: Tensor, weights: Tensor, p: float, mirrored: Tensor, s: Tenso
     if len(ill):
         u = x[:, ill].double() / shift[ill].double().exp2()
         s[ill] = torch.mv(torch.copysign(u.abs().pow(p), u).T, weights.double()).to(s.dtype)
+
+
+@torch.no_grad()
+def power_means(x: Tensor, weights: Tensor, degrees: Sequence[float]) -> Tensor:
+    """``power_mean`` for several degrees at once, without gradients: the logs of ``x`` and
+    the scale are computed once for all of them. Bit for bit ``power_mean``'s values.
+
+    Parameters
+    ----------
+    x : shape (k, *shape), k stacked models or tensors (floating point)
+    weights : shape (k,), non-negative, summing to 1
+    degrees : c degrees, each ``>= 1`` (validated as ``power_mean`` does)
+
+    Returns
+    -------
+    A tensor of shape (c, *shape): the power mean of each degree.
+    """
+    for p in degrees:
+        _check_inputs(x, weights, p)
+    weights = weights.to(dtype=x.dtype)
+    out = x.new_empty((len(degrees), *x.shape[1:]))
+    powered = [i for i, p in enumerate(degrees) if float(p) != 1.0]
+    for i in set(range(len(degrees))) - set(powered):
+        out[i] = torch.tensordot(weights, x, dims=1)
+    if not powered:
+        return out
+    positive = weights > 0
+    if not bool(positive.all()):
+        x, weights = x[positive], weights[positive]
+    flat, columns = x.reshape(x.shape[0], -1), out.reshape(len(degrees), -1)
+    k, n = flat.shape
+    logs, mirrored = flat.new_empty((k, min(n, _BLOCK_COLUMNS))), flat.new_empty(
+        (k, min(n, _BLOCK_COLUMNS)))
+    log_scale, s = flat.new_empty(min(n, _BLOCK_COLUMNS)), flat.new_empty(min(n, _BLOCK_COLUMNS))
+    for start in range(0, n, _BLOCK_COLUMNS):
+        width = min(_BLOCK_COLUMNS, n - start)
+        block = flat[:, start:start + width]
+        shift = _log_magnitudes(block, logs[:, :width], log_scale[:width])
+        scale = log_scale[:width].exp2()
+        for i in powered:
+            p = float(torch.as_tensor(degrees[i]).to(x.dtype))  # as power_mean rounds it
+            mirrored[:, :width].copy_(logs[:, :width])
+            _powered_sum(block, weights, p, mirrored[:, :width], shift, s[:width])
+            t = s[:width].abs().log2_().div_(p).exp2_().copysign_(s[:width])
+            columns[i, start:start + width] = t * scale
+    return out

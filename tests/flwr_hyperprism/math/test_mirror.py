@@ -12,6 +12,7 @@ from flwr_hyperprism.math.mirror import (
     inverse_sign_power,
     mirror_step,
     power_mean,
+    power_means,
     sign_power,
 )
 
@@ -442,3 +443,21 @@ def test_mirror_step_adds_the_step_in_mirror_space(p):
     assert np.max(np.abs(out.double().numpy() - expected) / scale) < 1e-4
     zero = mirror_step(torch.zeros(3), torch.zeros(3), p)
     assert torch.equal(zero, torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_power_means_of_several_degrees_are_power_means_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 300, generator=gen, dtype=dtype) * torch.logspace(-20, 20, 300,
+                                                                          dtype=dtype)
+    x[:, :10] = 0.0  # all-zero columns
+    x[2, 10:20] = 0.0
+    x[:, 20:30] = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0], dtype=dtype)[:, None]  # cancels
+    weights = torch.tensor([0.3, 0.0, 0.2, 0.25, 0.25], dtype=dtype)  # a zero weight too
+    degrees = [1.0, 1.4, 3.0, 15.0, 101.0]
+    means = power_means(x.reshape(5, 30, 10), weights, degrees)
+    assert means.shape == (5, 30, 10)
+    for p, mean in zip(degrees, means):
+        assert torch.equal(mean, power_mean(x.reshape(5, 30, 10), weights, p)), p
+    with pytest.raises(ValueError, match="p must be a finite number >= 1"):
+        power_means(x, weights, [1.0, 0.5])
