@@ -72,7 +72,7 @@ are the paper's base setting on the offline synthetic dataset.
 - **Per run**, on the command line (TOML values: strings in quotes):
 
   ```bash
-  flwr run . --stream --federation-config "num-supernodes=50 client-resources-num-cpus=1" \\
+  flwr run . --stream \\
     --run-config "num-rounds=20 p-mode='fixed' fixed-p=9.0"
   ```
 
@@ -85,8 +85,7 @@ are the paper's base setting on the offline synthetic dataset.
   ```bash
   python -m simulations.to_toml simulations/base.yaml simulations/mnist_lr.yaml \\
     num_rounds=50 --toml run.toml
-  flwr run . --stream --federation-config "num-supernodes=50 client-resources-num-cpus=1" \\
-    --run-config run.toml
+  flwr run . --stream --run-config run.toml
   ```
 
   The same YAML runs without `flwr run`: `python -m simulations.run FILE.yaml ... key=value`
