@@ -103,7 +103,8 @@ def flwr_run(config: RunConfig, supernodes: int, timeout: float, interval: float
     result = run_once(config.num_nodes, config.algorithm, config.num_rounds, overrides,
                       interval=interval, timeout=timeout, supernodes=supernodes)
     return {"s_per_round": result["s_per_round"], "wall_s": result["wall_s"],
-            "peak_pss_mib": result["peak_pss_mib"], "accuracy": result["accuracy"]}
+            "peak_pss_mib": result["peak_pss_mib"], "accuracy": result["accuracy"],
+            "pss_at_peak_mib": result["pss_at_peak_mib"]}
 
 
 def fluke(config: RunConfig, python: str, threads: int, work: Path, timeout: float,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
 from flwr.app import (
@@ -32,6 +32,7 @@ from strategies import ALGORITHMS, NodeState, algorithm_spec
 from strategies.base.checkpoint import node_checkpoints, starting_state
 from strategies.base.group import NodeGroup
 from strategies.base.learner import node_data, resolve_device
+from strategies.base.rule import StateDict
 
 STATE_PREFIX = "node."  # context.state records "node.<partition>.<group>": a node's tensors
 ROUND_KEY = "node-round"  # context.state records "node-round.<partition>"
@@ -132,15 +133,16 @@ def _train(msg: Message, context: Context) -> Message:
                          f"its node config ({PARTITIONS_KEY}, partition-id, num-partitions)")
     group = _node_group(config, hosted)
     owns = message_models(content, OWN_KEY)
-    checkpoints = {pid: node_checkpoints(context.node_config, config.state_dir, run_key(msg),
-                                         pid) for pid in tasks}
-    starting = {pid: starting_state(task, load_state(context, pid), checkpoints[pid],
-                                    owns.get(pid), group.rules[pid].init_state,
-                                    group.rules[pid].restore, pid)
+    key = run_key(msg)
+    checkpoints = {pid: node_checkpoints(context.node_config, config.state_dir, key, pid)
+                   for pid in tasks}
+    kept = load_states(context, tasks)
+    starting = {pid: starting_state(task, kept[pid], checkpoints[pid], owns.get(pid),
+                                    group.rules[pid].init_state, group.rules[pid].restore, pid)
                 for pid, task in tasks.items()}
     outcomes = group.step(starting, tasks, message_models(content, NEIGHBOUR_PREFIX))
+    save_states(context, {pid: outcome.state for pid, outcome in outcomes.items()})
     for pid, outcome in outcomes.items():
-        save_state(context, pid, outcome.state)
         saver = checkpoints[pid]
         if saver is not None:
             saver.save(outcome.state, tasks[pid].stage)
@@ -198,24 +200,50 @@ def _node_group(config: RunConfig, partitions: tuple[int, ...]) -> NodeGroup:
 
 
 def save_state(context: Context, partition: int, state: NodeState) -> None:
-    """Store ``partition``'s ``NodeState`` in ``context.state`` (one ArrayRecord per tensor
-    group; groups the new state no longer has are removed)."""
-    prefix = f"{STATE_PREFIX}{partition}."
-    for key in [k for k in context.state.array_records if k.startswith(prefix)
-                and k[len(prefix):] not in state.tensors]:
+    """Store ``partition``'s ``NodeState`` in ``context.state`` (``save_states``)."""
+    save_states(context, {partition: state})
+
+
+def save_states(context: Context, states: Mapping[int, NodeState]) -> None:
+    """Store each partition's ``NodeState`` in ``context.state`` (one ArrayRecord per tensor
+    group; groups a new state no longer has are removed)."""
+    # context.state.array_records builds a view of every record: once, not per partition
+    stale = []
+    for key in context.state.array_records:
+        parsed = _state_key(key)
+        if parsed is not None and parsed[0] in states and \
+                parsed[1] not in states[parsed[0]].tensors:
+            stale.append(key)
+    for key in stale:
         del context.state[key]
-    for group, tensors in state.tensors.items():
-        context.state[prefix + group] = ArrayRecord(tensors)
-    context.state[partition_key(ROUND_KEY, partition)] = ConfigRecord({"round": state.round})
+    for partition, state in states.items():
+        for group, tensors in state.tensors.items():
+            context.state[f"{STATE_PREFIX}{partition}.{group}"] = ArrayRecord(tensors)
+        context.state[partition_key(ROUND_KEY, partition)] = ConfigRecord({"round": state.round})
 
 
 def load_state(context: Context, partition: int) -> NodeState | None:
     """``partition``'s ``NodeState`` saved by ``save_state``, or None before its first."""
-    round_key = partition_key(ROUND_KEY, partition)
-    if round_key not in context.state:
+    return load_states(context, [partition])[partition]
+
+
+def load_states(context: Context, partitions: Iterable[int]) -> dict[int, NodeState | None]:
+    """Each partition's ``NodeState`` saved by ``save_states`` (None before its first)."""
+    wanted = set(partitions)
+    rounds = context.state.config_records
+    tensors: dict[int, dict[str, StateDict]] = {pid: {} for pid in wanted}
+    for key, record in context.state.array_records.items():
+        parsed = _state_key(key)
+        if parsed is not None and parsed[0] in wanted:
+            tensors[parsed[0]][parsed[1]] = dict(record.to_torch_state_dict())
+    return {pid: NodeState(record_int(rounds[partition_key(ROUND_KEY, pid)], "round"),
+                           tensors[pid])
+            if partition_key(ROUND_KEY, pid) in rounds else None for pid in wanted}
+
+
+def _state_key(key: str) -> tuple[int, str] | None:
+    """(partition, group) of a ``context.state`` key "node.<partition>.<group>"."""
+    if not key.startswith(STATE_PREFIX):
         return None
-    prefix = f"{STATE_PREFIX}{partition}."
-    tensors = {key[len(prefix):]: dict(record.to_torch_state_dict())
-               for key, record in context.state.array_records.items()
-               if key.startswith(prefix)}
-    return NodeState(record_int(context.state.config_records[round_key], "round"), tensors)
+    partition, _, group = key[len(STATE_PREFIX):].partition(".")
+    return (int(partition), group) if partition.isdigit() and group else None

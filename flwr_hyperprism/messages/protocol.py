@@ -92,14 +92,16 @@ def by_partition(keys: Iterable[str], prefix: str) -> dict[int, str]:
 
 def message_tasks(content: RecordDict) -> dict[int, NodeTask]:
     """The task of every partition a train message addresses."""
-    return {pid: record_task(content.config_records[key])
-            for pid, key in by_partition(content.config_records, TASK_KEY).items()}
+    records = content.config_records  # a view built on each access: take it once
+    return {pid: record_task(records[key])
+            for pid, key in by_partition(records, TASK_KEY).items()}
 
 
 def message_models(content: RecordDict, prefix: str) -> dict[int, StateDict]:
     """The models of kind ``prefix`` (``NEIGHBOUR_PREFIX``, ``OWN_KEY``) in a message."""
-    return {pid: dict(content.array_records[key].to_torch_state_dict())
-            for pid, key in by_partition(content.array_records, prefix.rstrip(".")).items()}
+    records = content.array_records  # a view built on each access: take it once
+    return {pid: dict(records[key].to_torch_state_dict())
+            for pid, key in by_partition(records, prefix.rstrip(".")).items()}
 
 
 def reply_content(shared: Mapping[int, StateDict], metrics: Mapping[int, Mapping[str, float]],

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from flwr_hyperprism.messages.protocol import (
@@ -65,13 +65,21 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
     return sent, replies
 
 
-def reply_fault(reply: Message, partition: int) -> str | None:
-    """Why a train reply carries no usable result for ``partition`` (None if it does)."""
+def reply_fault(reply: Message, partition: int,
+                records: tuple[Mapping[str, object], Mapping[str, object]] | None = None
+                ) -> str | None:
+    """Why a train reply carries no usable result for ``partition`` (None if it does).
+    ``records``: the reply's (array records, metric records), when the caller has them (each
+    access of ``RecordDict.array_records`` views every record: once per reply, not per
+    partition)."""
     if reply.has_error():
         return reply.error.reason
     shared, metrics = partition_key(SHARED_KEY, partition), partition_key(METRICS_KEY, partition)
-    if not reply.has_content() or shared not in reply.content.array_records or \
-            metrics not in reply.content.metric_records:
+    if not reply.has_content():
+        return f"the reply has no {shared!r} and {metrics!r} records"
+    arrays, metric_records = records or (reply.content.array_records,
+                                         reply.content.metric_records)
+    if shared not in arrays or metrics not in metric_records:
         return f"the reply has no {shared!r} and {metrics!r} records"
     return None
 
@@ -150,18 +158,20 @@ def train_results(replies: Exchange, node_ids: Mapping[int, int], label: str,
     """The usable results of a train exchange. A node that failed (an error reply, e.g. the
     SuperLink's for an unreachable node) or did not reply in time is logged."""
     results = TrainResults()
+    records: dict[int, tuple[Mapping[str, ArrayRecord], Mapping[str, MetricRecord]]] = {}
     for pid, reply in sorted(replies.replies.items()):
-        fault = reply_fault(reply, pid)
+        if not reply.has_error() and reply.has_content() and id(reply) not in records:
+            records[id(reply)] = (reply.content.array_records, reply.content.metric_records)
+        fault = reply_fault(reply, pid, records.get(id(reply)))
         if fault is not None:
             log.error("%s: node %s (partition %s) failed: %s", label, node_ids.get(pid), pid,
                       fault)
             continue
-        arrays = reply.content.array_records
+        arrays, metrics = records[id(reply)]
         results.shared[pid] = arrays[partition_key(SHARED_KEY, pid)]
         if partition_key(MODEL_KEY, pid) in arrays:
             results.models[pid] = arrays[partition_key(MODEL_KEY, pid)]
-        results.metrics[pid] = scalar_metrics(
-            reply.content.metric_records[partition_key(METRICS_KEY, pid)])
+        results.metrics[pid] = scalar_metrics(metrics[partition_key(METRICS_KEY, pid)])
     if replies.silent:
         log.error("%s: no reply within round-timeout=%ss from %s", label, timeout,
                   partition_list(replies.silent))
