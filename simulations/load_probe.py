@@ -156,20 +156,21 @@ def free_port() -> int:
 # --- what the orchestrator routes -----------------------------------------------------------
 
 
-def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, rounds: int
-                 ) -> dict[str, float]:
+def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, rounds: int,
+                 supernodes: int | None = None) -> dict[str, float]:
     """Bytes the orchestrator routes per round (mean over rounds 1..rounds), without Flower.
 
-    Builds the orchestrator's real train message contents (``routing.train_content`` on the
-    graphs of rounds 1..rounds, every routed model the size of the initial model) and sums
-    them serialized as protobuf: the routed neighbour models dominate. Also the size of one model
-    and of one node's state (what its ``context.state`` holds).
+    Builds the orchestrator's real train message contents (``routing.train_contents`` on the
+    graphs of rounds 1..rounds, one message per SuperNode, partition p on SuperNode
+    p % ``supernodes`` (default: one per partition), every routed model the size of the
+    initial model) and sums them serialized as protobuf: the routed neighbour models dominate.
+    Also the size of one model and of one node's state (what its ``context.state`` holds).
     """
     from flwr.app import ConfigRecord
     from flwr.common.serde import recorddict_to_proto
 
     from flwr_hyperprism.messages.protocol import RUN_KEY, SESSION_KEY, run_record
-    from flwr_hyperprism.orchestration.routing import RoutingTable, train_content
+    from flwr_hyperprism.orchestration.routing import RoutingTable, train_contents
     from flwr_hyperprism.server.app import initial_model
     from flwr_hyperprism.setup.config import RunConfig
     from strategies import algorithm_spec
@@ -184,10 +185,11 @@ def routed_bytes(overrides: dict[str, str], num_nodes: int, algorithm: str, roun
     per_round, links = [], []
     for round_ in range(1, rounds + 1):
         tasks = routing.tasks(plan, round_, 0)
-        # steady state: no node needs its own model sent
-        contents = [train_content({pid: task}, routing, records, send_own=(), report=False)
-                    for pid, task in tasks.items()]
-        per_round.append(sum(recorddict_to_proto(content).ByteSize() for content in contents))
+        # steady state: every node holds its state and the run config
+        contents = train_contents(tasks, {pid: pid % (supernodes or num_nodes) for pid in tasks},
+                                  routing, records, ConfigRecord(), tasks, tasks, report=False)
+        per_round.append(sum(recorddict_to_proto(content).ByteSize()
+                             for content in contents.values()))
         links.append(sum(len(task.neighbours) for task in tasks.values()))
     state = spec.make_rule(config, 0).init_state()
     state_bytes = sum(t.numel() * t.element_size() for group in state.tensors.values()
@@ -296,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             best["s_per_round"] = min(r["s_per_round"] for r in runs)
             best["peak_pss_mib"] = max(r["peak_pss_mib"] for r in runs)
             best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-            best.update(routed_bytes(overrides, num_nodes, algorithm, args.rounds))
+            best.update(routed_bytes(overrides, num_nodes, algorithm, args.rounds,
+                                     args.supernodes))
             results.append(best)
     print(f"\n{'nodes':>5} {'algorithm':<11} {'wall s':>7} {'s/round':>8} {'peak PSS':>9} "
           f"{'peak RSS':>9} {'procs':>5} {'routed':>7} {'train msgs':>10} {'replies':>8}")
