@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,8 @@ def fluke(config: RunConfig, python: str, threads: int, work: Path, timeout: flo
     _, parts = partitioned(config.dataset, config.data_dir, config.download, config.seed,
                            config.num_nodes, config.alpha, config.min_partition_size)
     partition = work / "partition.npz"
-    np.savez(partition, **{str(pid): part for pid, part in enumerate(parts)})
+    arrays: dict[str, Any] = {str(pid): part for pid, part in enumerate(parts)}
+    np.savez(partition, **arrays)
     out = work / "fluke.jsonl"
     command = [python, str(REPO / "simulations" / "peers" / "fluke_dpsgd.py"),
                "--data-dir", config.data_dir, "--partition", str(partition),

@@ -40,7 +40,8 @@ CONFIG_KEY = "node-run-config"  # context.state: the run config the orchestrator
 PARTITIONS_KEY = "partition-ids"  # node config: the partitions a SuperNode hosts ("0-9,12")
 
 
-def hosted_partitions(node_config: Mapping[str, object], num_nodes: int) -> tuple[int, ...]:
+def hosted_partitions(node_config: Mapping[str, bool | int | float | str], num_nodes: int
+                      ) -> tuple[int, ...]:
     """The partitions a SuperNode hosts (its node group).
 
     Node config ``partition-ids`` lists them ("3", "0-9" or "0-4,7,9"); without it a SuperNode

@@ -19,14 +19,15 @@ from strategies import algorithm_spec
 from strategies.base import learner
 from strategies.base.checkpoint import node_checkpoints, starting_state
 from strategies.base.group import NodeGroup
-from strategies.base.rule import NodeRule, NodeState, StateDict
+from strategies.base.node import LearningNode
+from strategies.base.rule import NodeState, StateDict
 
 from .metrics import Row
 from .rounds import NodeMetrics, RoundLoop
 
 
 def run_in_process(loop: RoundLoop, *,
-                   make_rule: Callable[[RunConfig, int], NodeRule] | None = None,
+                   make_rule: Callable[[RunConfig, int], LearningNode] | None = None,
                    initial_model: StateDict | None = None) -> list[Row]:
     """Run ``loop``'s rounds with every node's rule in this process; the metrics rows.
 

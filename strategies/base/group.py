@@ -65,15 +65,17 @@ class NodeGroup:
                                                   {j: on_device[j] for j in task.neighbours},
                                                   self.rules[pid].generator(task))
                        for pid, task in tasks.items()}
-            training = [pid for pid, p in pending.items() if p.train_from is not None]
-            trained = self.pool.train(training, [pending[p].train_from for p in training],
-                                      [pending[p].gen for p in training]) if training else []
+            training = {pid: (start, p.gen) for pid, p in pending.items()
+                        if (start := p.train_from) is not None}
+            trained = self.pool.train(list(training), [s for s, _ in training.values()],
+                                      [g for _, g in training.values()]) if training else []
             updates = dict(zip(training, trained))
             outcomes = {pid: p.finish(updates.get(pid)) for pid, p in pending.items()}
-            scored = [pid for pid, outcome in outcomes.items() if outcome.evaluated is not None]
+            scored = {pid: model for pid, outcome in outcomes.items()
+                      if (model := outcome.evaluated) is not None}
             if scored:
-                for pid, metrics in zip(scored, self.pool.evaluate(
-                        scored, [outcomes[pid].evaluated for pid in scored])):
+                for pid, metrics in zip(scored, self.pool.evaluate(list(scored),
+                                                                   list(scored.values()))):
                     outcomes[pid].metrics.update(metrics)
         return {pid: on_cpu(outcome) for pid, outcome in outcomes.items()}
 

@@ -19,9 +19,10 @@ def test_a_fleet_run_resumed_after_stopping_its_serverapp_has_the_uninterrupted_
         tmp_path: Path) -> None:
     num_nodes, num_rounds = 3, 3
     run_dir = tmp_path / "runs" / "resumed"
+    # node after node (node-batching=false): the in-process reference is one node group
     settings = (f"num-nodes={num_nodes} num-rounds={num_rounds} momentum=0.5 eval-size=500 "
-                f"node-wait-timeout=120 round-timeout=120 output-dir='{run_dir.parent}' "
-                f"run-name='{run_dir.name}'")
+                f"node-batching=false node-wait-timeout=120 round-timeout=120 "
+                f"output-dir='{run_dir.parent}' run-name='{run_dir.name}'")
     with loopback_fleet(tmp_path / "fleet", num_nodes,
                         node_config=lambda i: f"state-dir='{tmp_path / f'state-{i}'}'") as fleet:
         submitted = json.loads(fleet.flwr(["run", str(REPO), fleet.connection, "--format",
@@ -37,7 +38,7 @@ def test_a_fleet_run_resumed_after_stopping_its_serverapp_has_the_uninterrupted_
     assert "resuming" in output, output[-3000:]
 
     reference = run_experiment(RunConfig(num_nodes=num_nodes, num_rounds=num_rounds,
-                                         momentum=0.5, eval_size=500,
+                                         momentum=0.5, eval_size=500, node_batching=False,
                                          output_dir=str(tmp_path / "runs"),
                                          run_name="reference"))
     assert metrics_rows(run_dir) == metrics_rows(reference)
