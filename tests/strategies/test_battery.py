@@ -86,15 +86,16 @@ def test_a_node_without_neighbours_keeps_training_alone(tmp_path, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_batched_node_groups_give_the_per_node_metrics(tmp_path, variant):
-    # One epoch per round (unequal step counts), momentum, the whole evaluation set. The two
-    # paths round differently (one wide product against many narrow ones), so they agree to
+    # One epoch per round (unequal step counts: 2 to 20 minibatches of 400), momentum, the
+    # whole evaluation set. The two paths round differently (one wide product against many
+    # narrow ones), so they agree to
     # float tolerance: loss to 1e-4 relative; accuracy to 5e-4, i.e. up to 15 of the 6 nodes'
     # 30,000 test predictions: a near-tie's argmax flips under any rounding (ADOM's first
     # models, barely off the all-zero start, flip 8).
     rows = {}
     for batched in (False, True):
-        config = make_config(tmp_path, variant, num_rounds=5, local_steps=0, momentum=0.5,
-                             eval_size=0, node_batching=batched,
+        config = make_config(tmp_path, variant, num_rounds=5, local_steps=0, batch_size=400,
+                             momentum=0.5, eval_size=0, node_batching=batched,
                              run_name=f"{variant}-{batched}", mudag_max_gossip=2)
         rows[batched] = run_in_process(round_loop(config))
     assert len(rows[True]) == len(rows[False]) == 6
