@@ -7,7 +7,9 @@
 ``--engine flower`` runs the same apps through Flower's Simulation Runtime (Ray), one virtual
 SuperNode per partition, one CPU per Ray actor (and, with a CUDA ``device``, a share of the
 GPUs: ``gpu_share``). Both write metrics.jsonl and summary.json to the run directory and give
-identical metrics for the same seed and config (on the CPU).
+identical metrics for the same seed and config with ``node_batching=false`` (on the CPU); with
+batched node groups (the default: in-process one group, here one per SuperNode) they agree to
+float rounding.
 """
 
 from __future__ import annotations
