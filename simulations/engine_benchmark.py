@@ -16,7 +16,8 @@ every round. Engines, each a fresh process tree:
   ``--supernodes`` SuperNodes (2), each hosting its share of the partitions as a node group;
 - ``fluke``: D-PSGD on fluke-fl's decentralized API (``simulations/peers/fluke_dpsgd.py``,
   run by ``--fluke-python``, an interpreter of a separate venv: fluke is never a dependency),
-  on the very same partition, with torch's default threads (``--fluke-threads``).
+  on the very same partition and graphs (mixing matrices from our D-PSGD plan), with torch's
+  default threads (``--fluke-threads``).
 
 Per engine and algorithm it prints s/round (mean of the full rounds 1..R-1; fluke: of its
 rounds 2..R, which train, mix and evaluate like ours), the end-to-end wall time of the command,
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from flwr_hyperprism.setup.config import RunConfig
+from strategies import algorithm_spec
 from strategies.base.learner import partitioned
 
 from .load_probe import MIB, MemorySampler, processes_with_env, run_once
@@ -117,10 +119,15 @@ def fluke(config: RunConfig, python: str, threads: int, work: Path, timeout: flo
     partition = work / "partition.npz"
     arrays: dict[str, Any] = {str(pid): part for pid, part in enumerate(parts)}
     np.savez(partition, **arrays)
+    plan = algorithm_spec(config.algorithm).plan(config)
+    matrices: dict[str, Any] = {str(r): plan.mixing_matrix(plan.graphs.at(r))
+                                for r in range(1, config.num_rounds + 1)}
+    mixing = work / "mixing.npz"
+    np.savez(mixing, **matrices)
     out = work / "fluke.jsonl"
     command = [python, str(REPO / "simulations" / "peers" / "fluke_dpsgd.py"),
                "--data-dir", config.data_dir, "--partition", str(partition),
-               "--nodes", str(config.num_nodes), "--density", str(config.density),
+               "--mixing", str(mixing), "--nodes", str(config.num_nodes),
                "--rounds", str(config.num_rounds), "--lr", str(config.lr),
                "--batch-size", str(config.batch_size), "--seed", str(config.seed),
                "--threads", str(threads), "--out", str(out)]

@@ -32,6 +32,7 @@ from strategies import ALGORITHMS, NodeState, algorithm_spec
 from strategies.base.checkpoint import node_checkpoints, starting_state
 from strategies.base.group import NodeGroup
 from strategies.base.learner import node_data, resolve_device
+from strategies.base.node import LearningNode
 from strategies.base.rule import StateDict
 
 STATE_PREFIX = "node."  # context.state records "node.<partition>.<group>": a node's tensors
@@ -192,12 +193,17 @@ def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
 app = make_client_app()
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=256)
 def _node_group(config: RunConfig, partitions: tuple[int, ...]) -> NodeGroup:
-    # a process may serve several SuperNodes (simulation: a Ray actor), each its own group
-    spec = algorithm_spec(config.algorithm)
-    return NodeGroup({pid: spec.make_rule(config, pid) for pid in partitions},
+    # a process may serve many SuperNodes (simulation: a Ray actor), each its own group
+    return NodeGroup({pid: _node_rule(config, pid) for pid in partitions},
                      config.node_batching, config.node_threads)
+
+
+@lru_cache(maxsize=4096)
+def _node_rule(config: RunConfig, partition_id: int) -> LearningNode:
+    # built once per partition and process: its model, data and learner
+    return algorithm_spec(config.algorithm).make_rule(config, partition_id)
 
 
 def save_state(context: Context, partition: int, state: NodeState) -> None:

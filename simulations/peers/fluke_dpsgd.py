@@ -3,15 +3,19 @@
 Run it with fluke's own interpreter (fluke-fl is never a dependency of this project):
 
     /work/fluke-venv/bin/python simulations/peers/fluke_dpsgd.py \
-        --data-dir /work/shared/data --partition /tmp/part.npz --nodes 10 --density 0.5 \
-        --rounds 2 --lr 0.01 --batch-size 128 --seed 0 --out /tmp/fluke.jsonl
+        --data-dir /work/shared/data --partition /tmp/part.npz --mixing /tmp/mixing.npz \
+        --nodes 10 --rounds 2 --lr 0.01 --batch-size 128 --seed 0 --out /tmp/fluke.jsonl
+
+``python -m simulations.engine_benchmark`` writes both files from the project's own partition
+and graphs and runs it.
 
 It imports neither flwr nor flwr_hyperprism.
 
 Workload: multinomial logistic regression on MNIST (one zero-initialised ``nn.Linear(784, 10)``
 behind a Flatten, cross-entropy on the logits), N nodes holding the per-node index arrays of
-``--partition`` (an .npz whose keys "0".."N-1" index the 60k MNIST training set), an
-Erdos-Renyi G(N, density) graph drawn anew every round with Metropolis-Hastings mixing weights,
+``--partition`` (an .npz whose keys "0".."N-1" index the 60k MNIST training set), each round's
+mixing matrix from ``--mixing`` (an .npz whose keys "1".."R" hold the project's Erdos-Renyi
+graph of that round with its Metropolis-Hastings weights: the very same graphs),
 plain SGD (no momentum, no weight decay), one local epoch per round, adapt-then-combine
 (train, then average with the neighbours), and every node's model scored on the full 10k MNIST
 test set after every round.
@@ -69,10 +73,8 @@ added here:
   * ``DPSGD(DecentralizedFL)``: ``run`` (a synchronous D-PSGD round: new graph and weights, all
     nodes adapt, all nodes combine, evaluate) in place of ``GossipDFL.run``; no rich progress
     bars and no ``finalize`` (which would evaluate every node once more after the last round).
-  * the Erdos-Renyi graph per round (``networkx.gnp_random_graph`` seeded with a 63-bit seed
-    derived from (seed, round) by ``numpy.random.SeedSequence``, the same derivation the
-    project's engine uses, so both see the same graph sequence for the same seed) and the
-    Metropolis-Hastings weights a_ij = 1 / (1 + max(d_i, d_j)), a_ii = 1 - sum_j a_ij.
+  * each round's graph and weights read from ``--mixing`` (computed by the project's engine:
+    the same graphs for both).
   * the model (fluke's ``nets.MNIST_LR`` puts a softmax before the cross-entropy and is randomly
     initialised, so it is not this workload's logistic regression), MNIST's usual normalisation
     (mean 0.1307, std 0.3081) applied to fluke's [0, 1] tensors once at load time, and the
@@ -122,27 +124,15 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 TEST_BATCH_SIZE = 128  # fluke's batch size for the server-side test loader (DataSplitter.assign)
 
 
-# --------------------------------------------------------------------------- graphs and weights
-def round_seed(seed: int, round_: int) -> int:
-    """A 63-bit seed determined by (seed, round)."""
-    state = np.random.SeedSequence([int(seed), int(round_)]).generate_state(2, np.uint64)[0]
-    return int(state >> np.uint64(1))
-
-
-def erdos_renyi(num_nodes: int, density: float, seed: int, round_: int) -> nx.Graph:
-    """G(num_nodes, density) for round ``round_`` (1-based), a pure function of (seed, round)."""
-    return nx.gnp_random_graph(num_nodes, density, seed=round_seed(seed, round_))
-
-
-def metropolis_hastings(graph: nx.Graph) -> np.ndarray:
-    """a_ij = 1 / (1 + max(d_i, d_j)) on edges, a_ii = 1 - sum_j a_ij (doubly stochastic)."""
-    m = graph.number_of_nodes()
-    degree = np.array([graph.degree(i) for i in range(m)])
-    weights = np.zeros((m, m))
-    for i, j in graph.edges():
-        weights[i, j] = weights[j, i] = 1.0 / (1.0 + max(degree[i], degree[j]))
-    weights[np.diag_indices(m)] = 1.0 - weights.sum(axis=1)
-    return weights
+# ---------------------------------------------------------------------------- mixing matrices
+def load_mixing(path: str, num_nodes: int, rounds: int) -> list[np.ndarray]:
+    """The mixing matrix of every round 1..rounds: an .npz whose key "<round>" is an
+    (num_nodes, num_nodes) doubly stochastic matrix (its support is the round's graph)."""
+    with np.load(path) as matrices:
+        mixing = [np.asarray(matrices[str(r)], dtype=np.float64) for r in range(1, rounds + 1)]
+    if any(m.shape != (num_nodes, num_nodes) for m in mixing):
+        raise ValueError(f"{path}: every matrix must be {num_nodes} x {num_nodes}")
+    return mixing
 
 
 # ------------------------------------------------------------------------------ fluke subclasses
@@ -192,19 +182,20 @@ class DPSGDClient(AbstractDFLClient):
 
 
 class DPSGD(DecentralizedFL):
-    """Synchronous D-PSGD over a time-varying Erdos-Renyi graph with MH weights."""
+    """Synchronous D-PSGD over a time-varying graph with given mixing matrices."""
 
-    def __init__(self, *args: Any, density: float, graph_seed: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mixing: list[np.ndarray], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.density = density
-        self.graph_seed = graph_seed
+        self.mixing = mixing
 
     def get_client_class(self) -> type[AbstractDFLClient]:
         return DPSGDClient
 
     def _set_round_graph(self, round_: int) -> None:
-        graph = erdos_renyi(self.n_clients, self.density, self.graph_seed, round_)
-        weights = metropolis_hastings(graph)
+        weights = self.mixing[round_ - 1]
+        graph = nx.Graph()
+        graph.add_nodes_from(range(self.n_clients))
+        graph.add_edges_from((i, j) for i, j in zip(*np.nonzero(np.triu(weights, 1))))
         self.topology = Topology(graph)
         for client in self.clients:
             i = client.index
@@ -322,7 +313,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/*-ubyte")
     parser.add_argument("--partition", required=True, help=".npz of per-node index arrays")
     parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--density", type=float, required=True)
+    parser.add_argument("--mixing", required=True,
+                        help=".npz of each round's mixing matrix (keys '1'..'rounds')")
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -339,8 +331,6 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.nodes < 2:
         parser.error("--nodes must be >= 2")
-    if not 0.0 < args.density <= 1.0:
-        parser.error("--density must be in (0, 1]")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     if args.threads < 0:
@@ -394,8 +384,7 @@ def main() -> None:
         data_splitter=splitter,
         hyper_params=hyper_params,
         topology=Topology(nx.empty_graph(args.nodes)),  # replaced by G(1), G(2), ... in run
-        density=args.density,
-        graph_seed=args.seed,
+        mixing=load_mixing(args.mixing, args.nodes, args.rounds),
     )
 
     with open(args.out, "w", encoding="utf-8") as stream:

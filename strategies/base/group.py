@@ -30,9 +30,9 @@ from .rule import NodeState, NodeTask, Outcome, StateDict
 class NodeGroup:
     """The node rules of the partitions one process hosts, {partition id: rule}.
 
-    ``batched``: train and evaluate the nodes together when every rule has a native learner
-    (``DataLearner``) whose model is all parameters; else step them one by one (each
-    single-threaded). ``threads``: torch's intra-op threads for the batched computation (0:
+    ``batched``: train and evaluate the nodes together when there are several and every rule
+    has a native learner (``DataLearner``) whose model is all parameters; else step them one
+    by one (each single-threaded; a group of one is a SuperNode's single partition). ``threads``: torch's intra-op threads for the batched computation (0:
     torch's default, the process's CPUs or, in a Ray actor, its CPU share).
     """
 
@@ -40,7 +40,7 @@ class NodeGroup:
                  threads: int = 0) -> None:
         self.rules, self.threads = dict(rules), threads
         learners = [rule.learner for rule in self.rules.values()]
-        self.batched = batched and all(
+        self.batched = batched and len(self.rules) > 1 and all(
             isinstance(learner, DataLearner)
             and set(learner.initial_model) == {n for n, _ in learner.model.named_parameters()}
             for learner in learners)
