@@ -2,8 +2,8 @@
 
 Run it with fluke's own interpreter (fluke-fl is never a dependency of this project):
 
-    /work/fluke-venv/bin/python simulations/peers/fluke_dpsgd.py \
-        --data-dir /work/shared/data --partition /tmp/part.npz --mixing /tmp/mixing.npz \
+    fluke-venv/bin/python simulations/peers/fluke_dpsgd.py \
+        --data-dir /abs/path/to/data --partition /tmp/part.npz --mixing /tmp/mixing.npz \
         --nodes 10 --rounds 2 --lr 0.01 --batch-size 128 --seed 0 --out /tmp/fluke.jsonl
 
 ``python -m simulations.engine_benchmark`` writes both files from the project's own partition
