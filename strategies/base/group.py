@@ -32,8 +32,9 @@ class NodeGroup:
 
     ``batched``: train and evaluate the nodes together when there are several and every rule
     has a native learner (``DataLearner``) whose model is all parameters; else step them one
-    by one (each single-threaded; a group of one is a SuperNode's single partition). ``threads``: torch's intra-op threads for the batched computation (0:
-    torch's default, the process's CPUs or, in a Ray actor, its CPU share).
+    by one (each single-threaded; a group of one is a SuperNode's single partition).
+    ``threads``: torch's intra-op threads for the batched computation (0: torch's default,
+    the process's CPUs or, in a Ray actor, its CPU share).
     """
 
     def __init__(self, rules: Mapping[int, LearningNode], batched: bool = True,
@@ -141,7 +142,7 @@ class TrainingPool:
                     last_gradient[name][:k] = gradient
             loss_sum[:k] += node_losses.detach().double()
         train_loss = loss_sum.tolist()
-        updates: list[LocalUpdate | None] = [None] * len(pids)
+        updates: dict[int, LocalUpdate] = {}  # by position in ``pids``
         for position, i in enumerate(rank):
             learner = learners[i]
             if momentum != 0:
@@ -151,7 +152,7 @@ class TrainingPool:
                 {**starts[i], **{n: params[n][position].clone() for n in names}},
                 {"train_loss": train_loss[position] / steps[i]},
                 {n: last_gradient[n][position].clone() for n in learner.names})
-        return [update for update in updates if update is not None]
+        return [updates[i] for i in range(len(pids))]
 
     def _minibatches(self, pids: Sequence[int], learners: Sequence[DataLearner],
                      gens: Sequence[torch.Generator]) -> tuple[Tensor, Tensor, list[int]]:

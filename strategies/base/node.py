@@ -337,19 +337,19 @@ class GossipNode(LearningNode, Generic[Extra]):
                     metrics.update(update.metrics)
                     extra = self.trained(start, update, extra)
                     model, extra = (update.model, extra) if atc else self._combined_with(
-                        update, models, weights, task, gen, metrics, extra)
+                        own, update, models, weights, task, gen, metrics, extra)
             shared = {**clone_tensors(model), **self.riders_of(extra)}
             tensors = {"shared": shared, **self.learner.save(), **extra.to_groups()}
             return Outcome(NodeState(task.round, tensors), metrics, evaluated)
 
         return Pending(start if task.train else None, gen, finish)
 
-    def _combined_with(self, update: LocalUpdate, models: list[StateDict], weights: Tensor,
-                       task: NodeTask, gen: torch.Generator, metrics: dict[str, float],
-                       extra: Extra) -> tuple[StateDict, Extra]:
-        """``cta``: the merge of ``models`` plus the local update (``combine_with_step``),
-        or the node's own model if that is not finite (rolled back); the extra state after."""
-        own = self.full_model(models[0])
+    def _combined_with(self, own: StateDict, update: LocalUpdate, models: list[StateDict],
+                       weights: Tensor, task: NodeTask, gen: torch.Generator,
+                       metrics: dict[str, float], extra: Extra) -> tuple[StateDict, Extra]:
+        """``cta``: the merge of ``models`` plus the local update of ``own`` (the node's full
+        model; ``combine_with_step``), or ``own`` if that is not finite (rolled back); the
+        extra state after."""
         step = {k: v - own[k] for k, v in update.model.items()}
         merged, extra = self.combine_with_step(models, weights, step, gen, metrics, extra)
         model = self.full_model({**update.model, **merged})
