@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import REPO, fab_short_hash
-from tests.local_flower import build_fab, offline_env, processes_with_home, run_flwr
+from tests.fleet import fab_short_hash
+from tests.fleet.conftest import BuiltApp
+from tests.local_flower import offline_env, processes_with_home, run_flwr
 
 APP_FILES = {"flwr_hyperprism/server/app.py", "flwr_hyperprism/client/app.py",
              "flwr_hyperprism/server/strategy.py"}
 
 
 @pytest.mark.slow
-def test_fab_leaves_out_tests_and_installs(tmp_path: Path) -> None:
+def test_fab_leaves_out_tests_and_installs(tmp_path: Path, built_app: BuiltApp) -> None:
     """`flwr build` (on a copy: nothing is written into the repo), then `flwr install`."""
     home = tmp_path / "cli-home"
     env = offline_env(home)
-    fab = build_fab(REPO, tmp_path, env)
+    fab = built_app.fab
     names = set(zipfile.ZipFile(fab).namelist())
     assert {"pyproject.toml", ".info/CONTENT", *APP_FILES} <= names
     assert not [name for name in names if name.startswith("tests/")], sorted(names)

@@ -8,37 +8,41 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import CHANCE, REPO, read_rows, wait_until
+from tests.fleet import CHANCE, read_rows, wait_until
+from tests.fleet.conftest import BuiltApp
 from tests.local_flower import loopback_fleet
 
 
 @pytest.mark.slow
-def test_a_fleet_run_survives_a_killed_and_a_terminated_supernode(tmp_path: Path) -> None:
+def test_a_fleet_run_survives_a_killed_and_a_terminated_supernode(tmp_path: Path,
+                                                                  built_app: BuiltApp) -> None:
     """SIGKILL partition 2's SuperNode and restart it (same partition and state-dir): it
     rejoins from its checkpoint. SIGTERM partition 3's SuperNode for good: the run completes
-    without it."""
+    without it. SuperNode 0 hosts partitions 0 and 1 and stays."""
     num_nodes, num_rounds = 4, 6
-    state = {i: tmp_path / f"state-{i}" for i in range(num_nodes)}
+    hosts = ["0-1", "2", "3"]  # partition-ids of SuperNode 0, 1, 2
+    state = {i: tmp_path / f"state-{i}" for i in range(len(hosts))}
     run_dir = tmp_path / "runs" / "survivor"
-    with loopback_fleet(tmp_path / "fleet", num_nodes,
-                        node_config=lambda i: f"state-dir='{state[i]}'") as fleet:
+    with loopback_fleet(tmp_path / "fleet", len(hosts),
+                        node_config=lambda i: f"state-dir='{state[i]}' "
+                                              f"partition-ids='{hosts[i]}'") as fleet:
         runner = fleet.start_flwr("flwr-run", [
-            "run", str(REPO), fleet.connection, "--stream",
+            "run", str(built_app.source), fleet.connection, "--stream",
             "--run-config", f"num-nodes={num_nodes} num-rounds={num_rounds} max-staleness=2 "
-                            f"node-wait-timeout=120 round-timeout=45 "
+                            f"node-wait-timeout=120 round-timeout=30 "
                             f"output-dir='{run_dir.parent}' run-name='{run_dir.name}'"])
         wait_until(lambda: len(read_rows(run_dir)) >= 2 or runner.poll() is not None, 240,
                    "no row 2")
         assert runner.poll() is None, fleet.log("flwr-run")[-3000:]
-        fleet.processes["supernode-2"].kill()
+        fleet.processes["supernode-1"].kill()
+        fleet.processes["supernode-1"].wait(timeout=30)
+        fleet.start_supernode("supernode-1-restarted", 1, len(hosts),
+                              node_config=f"state-dir='{state[1]}' partition-ids='2'")
+        fleet.processes["supernode-2"].terminate()
         fleet.processes["supernode-2"].wait(timeout=30)
-        fleet.start_supernode("supernode-2-restarted", 2, num_nodes,
-                              node_config=f"state-dir='{state[2]}'")
-        fleet.processes["supernode-3"].terminate()
-        fleet.processes["supernode-3"].wait(timeout=30)
         assert runner.wait(timeout=600) == 0, fleet.log("flwr-run")[-3000:]
         serverapp_log = fleet.log("flwr-run")
-        restarted_log = fleet.log("supernode-2-restarted")
+        restarted_log = fleet.log("supernode-1-restarted")
     assert fleet.leftovers() == [], "processes left running"
 
     rows = read_rows(run_dir)

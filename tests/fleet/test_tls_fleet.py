@@ -11,29 +11,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import CHANCE, REPO, fab_short_hash
-from tests.local_flower import (
-    build_fab,
-    loopback_fleet,
-    make_supernode_keys,
-    make_tls_files,
-    offline_env,
-)
+from tests.fleet import CHANCE, fab_short_hash
+from tests.fleet.conftest import BuiltApp
+from tests.local_flower import loopback_fleet, make_supernode_keys, make_tls_files
 
-NUM_NODES, NUM_ROUNDS = 3, 2
+# SuperNode 0 hosts partitions 0 and 2 (a node group), SuperNode 1 partition 1
+NUM_NODES, NUM_SUPERNODES, NUM_ROUNDS = 3, 2, 2
 
 
 @pytest.mark.slow
-def test_tls_fleet_with_supernode_auth_runs_hyperprism(tmp_path: Path) -> None:
-    """TLS + SuperNode authentication, 3 SuperNodes, `flwr run <repo> <connection>`."""
+def test_tls_fleet_with_supernode_auth_runs_hyperprism(tmp_path: Path, built_app: BuiltApp
+                                                      ) -> None:
+    """TLS + SuperNode authentication, 3 partitions on 2 SuperNodes, `flwr run <repo>
+    <connection>`."""
     tls = make_tls_files(tmp_path / "tls")
-    fab = build_fab(REPO, tmp_path / "fab", offline_env(tmp_path / "build-home"))
     run_dir = tmp_path / "runs" / "deployed"
     # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (default 1 s) is the only polling knob of 1.41: at
     # 0.1 s rounds were not faster here (measured again with 3 SuperNodes: 11.9 against
     # 11.5 s a round; the SuperNode's fixed 3 s idle sleep and the per-message flwr-clientapp
     # start, ~2.7 s of CPU, dominate), so the defaults are kept.
-    with loopback_fleet(tmp_path / "fleet", NUM_NODES, tls=tls, supernode_auth=True) as fleet:
+    with loopback_fleet(tmp_path / "fleet", NUM_SUPERNODES, tls=tls, supernode_auth=True
+                        ) as fleet:
         # TLS only: a plain-HTTP request gets no answer.
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
             urllib.request.urlopen(f"http://{fleet.address}/health", timeout=5)
@@ -41,11 +39,12 @@ def test_tls_fleet_with_supernode_auth_runs_hyperprism(tmp_path: Path) -> None:
         # the run starts, is refused (checked after the run, which it does not join).
         rogue_key = fleet.home("rogue") / "unregistered-key"
         make_supernode_keys(rogue_key)
-        rogue = fleet.start_supernode("rogue", NUM_NODES, NUM_NODES + 1, private_key=rogue_key)
+        rogue = fleet.start_supernode("rogue", NUM_SUPERNODES, NUM_SUPERNODES + 1,
+                                       private_key=rogue_key)
 
         started = time.monotonic()
         output = fleet.flwr([
-            "run", str(REPO), fleet.connection, "--stream",
+            "run", str(built_app.source), fleet.connection, "--stream",
             "--run-config", f"num-nodes={NUM_NODES} num-rounds={NUM_ROUNDS} "
                             f"node-wait-timeout=120 round-timeout=120 "
                             f"output-dir='{run_dir.parent}' run-name='{run_dir.name}'",
@@ -68,19 +67,20 @@ def test_tls_fleet_with_supernode_auth_runs_hyperprism(tmp_path: Path) -> None:
     assert summary["rounds_completed"] == NUM_ROUNDS and summary["max_accuracy"] > 5 * CHANCE
 
     # Every SuperNode ran every round-trip (a fresh flwr-clientapp per message) and replied.
-    for i in range(NUM_NODES):
+    for i in range(NUM_SUPERNODES):
         log = fleet.log(f"supernode-{i}")
         assert log.count("Receiving: train.hyperprism message") == NUM_ROUNDS + 1, log[-3000:]
         assert log.count("Sending: train.hyperprism message") == NUM_ROUNDS + 1, log[-3000:]
         assert "Failed to send" not in log
     # What ran is the FAB `flwr build` makes, installed without tests on every machine.
-    for name in ["superlink", *(f"supernode-{i}" for i in range(NUM_NODES))]:
-        (installed,) = (fleet.home(name) / "apps").glob(f"*.{fab_short_hash(fab)}")
+    for name in ["superlink", *(f"supernode-{i}" for i in range(NUM_SUPERNODES))]:
+        (installed,) = (fleet.home(name) / "apps").glob(f"*.{fab_short_hash(built_app.fab)}")
         assert (installed / "flwr_hyperprism" / "client" / "app.py").is_file()
         assert not (installed / "tests").exists()
 
     per_round = [row["seconds"] for row in rows[1:]]  # round 0 also installs the FAB
-    print(f"\ndeployed HyperPrism, {NUM_NODES} loopback SuperNodes, TLS + SuperNode auth: "
+    print(f"\ndeployed HyperPrism, {NUM_NODES} partitions on {NUM_SUPERNODES} loopback "
+          f"SuperNodes, TLS + SuperNode auth: "
           f"{sum(per_round) / len(per_round):.1f} s per round (rounds 1..{NUM_ROUNDS}: "
           f"{', '.join(f'{s:.1f}' for s in per_round)} s; round 0: {rows[0]['seconds']:.1f} s); "
           f"flwr run: {run_seconds:.0f} s")
