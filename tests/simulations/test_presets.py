@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from flwr_hyperprism.orchestration.in_process import run_in_process
 from flwr_hyperprism.orchestration.rounds import round_loop
 from flwr_hyperprism.setup.config import RunConfig, load_config
+from simulations.run import run_experiment
 
 SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
 
@@ -39,3 +42,23 @@ def test_the_defaults_differ_from_the_paper_preset_only_in_choosing_p_by_descent
                                         if "\nmethods:" not in p.read_text()))  # not sweeps
 def test_every_run_yaml_loads(name):
     load_config([SIMULATIONS / "base.yaml", SIMULATIONS / name])
+
+
+def test_the_cifar10_preset_runs_the_cnn_end_to_end_on_files_in_cifar10s_layout(
+        tmp_path, cifar10_files):
+    """The path of a user with the real CIFAR-10 files (simulations/cifar10_cnn.yaml,
+    data_dir at the folder holding cifar-10-batches-py/): torchvision reads them, the 32/64
+    channel CNN trains on 3 x 32 x 32 images and HyperPrism merges its two layer groups."""
+    config = load_config([SIMULATIONS / "base.yaml", SIMULATIONS / "cifar10_cnn.yaml"],
+                         ["num_nodes=4", "num_rounds=3", "alpha=1.0", "min_partition_size=5",
+                          "batch_size=8", "lr=0.05", f"data_dir={tmp_path}",
+                          f"output_dir={tmp_path / 'runs'}", "run_name=cifar"])
+    run_dir = run_experiment(config)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+    assert json.loads((run_dir / "config.json").read_text())["model"] == "cnn"
+    assert all(len(row["p_theta"]) == len(row["p_phi"]) == 4 for row in rows)
+    assert all(math.isfinite(value) for row in rows for value in row["accuracy"].values())
+    # one colour per class: the nodes learn it (chance is 0.1 on the 20 test images)
+    assert rows[-1]["loss_mean"] < rows[0]["loss_mean"]
+    assert rows[-1]["accuracy_mean"] > 0.3, [row["accuracy_mean"] for row in rows]
