@@ -156,22 +156,25 @@ class TrainResults:
 def train_results(replies: Exchange, node_ids: Mapping[int, int], label: str,
                   timeout: float, num_nodes: int) -> TrainResults:
     """The usable results of a train exchange. A node that failed (an error reply, e.g. the
-    SuperLink's for an unreachable node) or did not reply in time is logged."""
+    SuperLink's for an unreachable node) or did not reply in time is logged, once per node
+    and reason (a node group's error reply is one line naming its partitions)."""
     results = TrainResults()
     records: dict[int, tuple[Mapping[str, ArrayRecord], Mapping[str, MetricRecord]]] = {}
+    faults: dict[tuple[int | None, str], list[int]] = {}
     for pid, reply in sorted(replies.replies.items()):
         if not reply.has_error() and reply.has_content() and id(reply) not in records:
             records[id(reply)] = (reply.content.array_records, reply.content.metric_records)
         fault = reply_fault(reply, pid, records.get(id(reply)))
         if fault is not None:
-            log.error("%s: node %s (partition %s) failed: %s", label, node_ids.get(pid), pid,
-                      fault)
+            faults.setdefault((node_ids.get(pid), fault), []).append(pid)
             continue
         arrays, metrics = records[id(reply)]
         results.shared[pid] = arrays[partition_key(SHARED_KEY, pid)]
         if partition_key(MODEL_KEY, pid) in arrays:
             results.models[pid] = arrays[partition_key(MODEL_KEY, pid)]
         results.metrics[pid] = scalar_metrics(metrics[partition_key(METRICS_KEY, pid)])
+    for (node, fault), pids in faults.items():
+        log.error("%s: node %s (%s) failed: %s", label, node, partition_list(pids), fault)
     if replies.silent:
         log.error("%s: no reply within round-timeout=%ss from %s", label, timeout,
                   partition_list(replies.silent))

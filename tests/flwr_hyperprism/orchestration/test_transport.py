@@ -47,6 +47,17 @@ def echo_app(drop: Collection[int] = ()) -> ClientApp:
     return app
 
 
+def failing_app() -> ClientApp:
+    """Raises on every train message: the grid answers with an error reply."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        raise RuntimeError("injected failure")
+
+    return app
+
+
 class SilentGrid(LocalGrid):
     """A LocalGrid whose node ``silent`` never answers."""
 
@@ -121,6 +132,21 @@ def test_a_node_groups_reply_counts_for_each_partition_it_has_records_for(caplog
     assert "round 2: node 1007 (partition 3) failed: the reply has no 'arrays.3' and " \
            "'metrics.3' records" in logged
     assert not any("(partition 2) failed" in line for line in logged)
+
+
+def test_a_node_groups_error_reply_is_one_log_line_naming_its_partitions(caplog):
+    grid = LocalGrid(failing_app(), {1000: (0, 2), 1007: (1, 2)})
+    node_ids = {0: 1000, 1: 1000, 2: 1007, 3: 1007}
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        sent = exchange(grid, [train_message(1000, 1, 0), train_message(1007, 2, 3)],
+                        not_asked, timeout=5.0, label="round 2")
+        results = train_results(sent, node_ids, "round 2", 5.0, 4)
+    assert results.metrics == {}
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 2, failed
+    assert failed == [f"round 2: node {node} (partitions {pids}) failed: "
+                      f"RuntimeError('injected failure')"
+                      for node, pids in ((1000, "0, 1"), (1007, "2, 3"))]
 
 
 @pytest.mark.parametrize("silent", [None, 1000])
