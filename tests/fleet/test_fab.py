@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import fab_short_hash
-from tests.fleet.conftest import BuiltApp
+from tests.fleet import BuiltApp, fab_short_hash
 from tests.local_flower import offline_env, processes_with_home, run_flwr
 
 APP_FILES = {"flwr_hyperprism/server/app.py", "flwr_hyperprism/client/app.py",

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import CHANCE, read_rows, wait_until
-from tests.fleet.conftest import BuiltApp
+from tests.fleet import CHANCE, BuiltApp, read_rows, wait_until
 from tests.local_flower import loopback_fleet
 
 

@@ -9,8 +9,7 @@ import pytest
 
 from flwr_hyperprism.setup.config import RunConfig
 from simulations.run import run_experiment
-from tests.fleet import read_rows, wait_until
-from tests.fleet.conftest import BuiltApp
+from tests.fleet import BuiltApp, read_rows, wait_until
 from tests.local_flower import loopback_fleet
 from tests.variants import metrics_rows
 

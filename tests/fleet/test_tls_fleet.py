@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import CHANCE, fab_short_hash
-from tests.fleet.conftest import BuiltApp
+from tests.fleet import CHANCE, BuiltApp, fab_short_hash
 from tests.local_flower import loopback_fleet, make_supernode_keys, make_tls_files
 
 # SuperNode 0 hosts partitions 0 and 2 (a node group), SuperNode 1 partition 1
