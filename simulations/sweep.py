@@ -152,9 +152,11 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    # the run's and its algorithm's keys (what another algorithm reads cannot outdate a cell)
+    # the run's and its algorithm's keys (what another algorithm reads cannot outdate a cell);
+    # not how many threads ran it: two cells at once each take one (node_threads=1), a cell
+    # alone torch's default, and the metrics differ only in float summation order
     comparable = {k: v for k, v in config.to_run_config().items()
-                  if k not in (*PATH_KEYS, "run-name", "resume")}
+                  if k not in (*PATH_KEYS, "run-name", "resume", "node-threads")}
     # a key newer than the saved run has the value its default stands for
     defaults = RunConfig(algorithm=config.algorithm).to_run_config()
     return (summary.get("rounds_completed") == config.num_rounds
@@ -273,6 +275,11 @@ def improvement(by_cell: Mapping, reference: str, value: object, others: Sequenc
     return acc_text, rounds_text_
 
 
+def results_dir(sweep: Sweep) -> Path:
+    """Where a sweep's cells and report go unless told otherwise."""
+    return Path(__file__).parent / "results" / sweep.name
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="a sweep YAML file under simulations/")
@@ -289,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("flwr").setLevel(logging.INFO)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sweep = Sweep.load(args.sweep, args.overrides, seeds)
-    out = (args.out or Path(__file__).parent / "results" / sweep.name).resolve()
+    out = (args.out or results_dir(sweep)).resolve()
     if args.report:
         if not (out / "cells").is_dir():
             parser.error(f"--report: no cells under {out}; run the sweep first, or pass the "

@@ -75,10 +75,12 @@ def test_an_interrupted_sweep_resumes_with_the_unfinished_cells_only(tmp_path, t
     assert [c.name for c in cells if (c / "metrics.jsonl").stat().st_mtime_ns != stamps[c.name]
             ] == [cells[3].name]
     assert (out / "table.md").read_text().split("## Time per round")[0] == table
-    # a changed setting is a different run: not "finished"; a moved data directory is not
+    # a changed setting is a different run: not "finished"; a moved data directory or another
+    # thread count is not
     cell = tiny_sweep.cells()[0]
     assert finished(out / "cells" / cell.id("alpha"), cell.config)
     assert finished(out / "cells" / cell.id("alpha"), cell.config.replace(data_dir="/elsewhere"))
+    assert finished(out / "cells" / cell.id("alpha"), cell.config.replace(node_threads=1))
     assert not finished(out / "cells" / cell.id("alpha"), cell.config.replace(lr=0.5))
     saved = json.loads((out / "cells" / cell.id("alpha") / "config.json").read_text())
     assert saved["output-dir"] == "cells"  # relative to the sweep's output directory

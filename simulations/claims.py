@@ -1,0 +1,224 @@
+"""The paper's claims, measured on our sweeps: one column per workload.
+
+    python -m simulations.claims simulations/claims.yaml [--results DIR] [--out FILE]
+
+A claims file names the workloads and, for each, the sweep files of its tables (e.g. Tables 2,
+3 and 4). Their finished cells, where ``simulations.sweep`` wrote them
+(``simulations/results/<sweep name>``), are read; nothing is run. A *setting* is one value of
+one sweep (Table 2's alpha = 0.1 is one). HyperPrism's variants are the methods whose algorithm
+is ``hyperprism``; the *baselines* are the other methods but ``local`` (no communication: the
+lower bound, not a baseline of the paper). Each variant is compared with the baselines only:
+the other variants are ablations of it, not competitors.
+
+Per setting, a method's Max Acc is its mean over the finished seeds, and its Conv. Rds the mean
+over seeds of the first round at the target accuracy, counted only when every finished seed
+reaches it (a method that reaches it in some seeds has no Conv. Rds there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from omegaconf import OmegaConf
+
+from .sweep import finished, results_dir
+from .sweep_file import Sweep, cell_rows
+
+NOT_A_BASELINE = {"hyperprism", "local"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One swept value of one sweep, with every method's results there (means over seeds)."""
+
+    label: str  # e.g. "alpha = 0.1"
+    max_accuracy: Mapping[str, float]  # method -> mean Max Acc (fraction)
+    rounds: Mapping[str, float]  # method -> mean Conv. Rds, if every seed reached the target
+    degrees: Mapping[str, Sequence[tuple[float, float]]]  # method -> per round from round 1:
+    # (p_theta, p_phi), means over nodes and seeds
+    seeds: Mapping[str, int]  # method -> finished seeds
+
+
+def load_settings(sweep: Sweep, out: Path) -> list[Setting]:
+    """Every value of ``sweep`` at which at least one cell in ``out`` has finished."""
+    settings = []
+    for value in sweep.values:
+        accuracy: dict[str, list[float]] = {}
+        rounds: dict[str, list[int | None]] = {}
+        degrees: dict[str, list[list[tuple[float, float]]]] = {}
+        for cell in sweep.cells():
+            run_dir = out / "cells" / cell.id(sweep.key)
+            if cell.value != value or not finished(run_dir, cell.config):
+                continue
+            summary = json.loads((run_dir / "summary.json").read_text())
+            accuracy.setdefault(cell.method, []).append(summary["max_accuracy"])
+            rounds.setdefault(cell.method, []).append(summary["rounds_to_target"])
+            per_round = [(row["p_theta_mean"], row["p_phi_mean"])
+                         for row in cell_rows(out, sweep, cell)[1:] if "p_theta_mean" in row]
+            if per_round:
+                degrees.setdefault(cell.method, []).append(per_round)
+        if accuracy:
+            settings.append(Setting(
+                f"{sweep.key} = {value}",
+                {m: statistics.fmean(a) for m, a in accuracy.items()},
+                {m: statistics.fmean(cast(list[int], r)) for m, r in rounds.items()
+                 if None not in r},
+                {m: seed_means(runs) for m, runs in degrees.items()},
+                {m: len(a) for m, a in accuracy.items()}))
+    return settings
+
+
+def seed_means(runs: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Per round, (p_theta, p_phi) averaged over the seeds' ``runs`` (the rounds all have)."""
+    return [(statistics.fmean(run[i][0] for run in runs),
+             statistics.fmean(run[i][1] for run in runs))
+            for i in range(min(len(run) for run in runs))]
+
+
+def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[str]
+                ) -> dict[str, str]:
+    """The claims for HyperPrism variant ``variant`` against ``baselines`` over ``settings``:
+    label -> text (the labels of ``CLAIMS``)."""
+    shared = [s for s in settings if variant in s.max_accuracy
+              and any(b in s.max_accuracy for b in baselines)]
+    texts = {}
+    # converges fastest: the settings where it or a baseline reaches the target in every seed
+    raced = [s for s in shared if any(m in s.rounds for m in (variant, *baselines))]
+    won = [s for s in raced if variant in s.rounds
+           and all(s.rounds[variant] <= s.rounds[b] for b in baselines if b in s.rounds)]
+    lost = [f"{s.label}: {min((b for b in baselines if b in s.rounds), key=s.rounds.__getitem__)}"
+            for s in raced if s not in won]
+    texts["fastest"] = (f"{len(won)} of {len(raced)}"
+                        + (f" (fastest elsewhere: {'; '.join(lost)})" if lost else ""))
+    # best accuracy, and the gap to the best baseline
+    gaps = {s.label: 100 * (s.max_accuracy[variant]
+                            - max(s.max_accuracy[b] for b in baselines if b in s.max_accuracy))
+            for s in shared}
+    best = [label for label, gap in gaps.items() if gap >= 0]
+    texts["best accuracy"] = (f"{len(best)} of {len(gaps)}; against the best baseline "
+                              f"{min(gaps.values()):+.2f} to {max(gaps.values()):+.2f} points"
+                              if gaps else "—")
+    # fewer rounds: against the fastest and against the slowest baseline that reaches it
+    fewer = []
+    for s in shared:
+        reached = sorted((s.rounds[b], b) for b in baselines if b in s.rounds)
+        if variant in s.rounds and reached:
+            for rounds, baseline in (reached[0], reached[-1]):
+                fewer.append((100 * (rounds - s.rounds[variant]) / rounds, s.label, baseline,
+                              rounds, s.rounds[variant]))
+    picks = {which: max(fewer[start::2]) for which, start in (("fastest", 0), ("slowest", 1))
+             if fewer}
+    if picks and picks["slowest"][1:3] == picks["fastest"][1:3]:
+        picks = {"only": picks["fastest"]}  # one baseline reaches the target there
+    texts["fewer rounds"] = "; ".join(
+        f"{pick[0]:+.1f}% against the {which} baseline reaching the target ({pick[1]}, "
+        f"{pick[2]}: {pick[3]:.1f} → {pick[4]:.1f} rounds)"
+        for which, pick in picks.items()) or "—"
+    # more accuracy: over the best baseline, and over any baseline
+    over_any = [(100 * (s.max_accuracy[variant] - s.max_accuracy[b]), s.label, b)
+                for s in shared for b in baselines if b in s.max_accuracy]
+    if gaps:
+        label = max(gaps, key=gaps.__getitem__)
+        points, where, baseline = max(over_any)
+        texts["more accuracy"] = (f"{gaps[label]:+.2f} points over the best baseline "
+                                  f"({label}); {points:+.2f} over any ({where}, {baseline})")
+    else:
+        texts["more accuracy"] = "—"
+    texts["p_theta against p_phi"] = degree_text(shared, variant)
+    return texts
+
+
+def degree_text(settings: Sequence[Setting], variant: str) -> str:
+    """Mean p_theta and p_phi over rounds (range over settings) and their largest gap."""
+    runs = [(s.label, s.degrees[variant]) for s in settings if s.degrees.get(variant)]
+    if not runs:
+        return "—"
+    theta = [statistics.fmean(p for p, _ in rows) for _, rows in runs]
+    phi = [statistics.fmean(p for _, p in rows) for _, rows in runs]
+    gap, label, round_ = max((abs(t - f), label, i + 1) for label, rows in runs
+                             for i, (t, f) in enumerate(rows))
+    return (f"mean over rounds p_θ {span(theta)}, p_φ {span(phi)}; largest gap {gap:.2f} "
+            f"({label}, round {round_})")
+
+
+def span(values: Sequence[float]) -> str:
+    """'a–b' over ``values`` (range over settings), or 'a' where they agree to 2 decimals."""
+    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+    return low if low == high else f"{low}–{high}"
+
+
+CLAIMS = {  # label -> the paper's wording
+    "fastest": "converges fastest (settings where it is first to the target)",
+    "best accuracy": "reaches the best accuracy (settings where its Max Acc is the highest)",
+    "fewer rounds": "up to 98.63% fewer rounds",
+    "more accuracy": "up to 4.87% more accuracy",
+    "p_theta against p_phi": "p_θ (conv/embedding layers) against p_φ (classifier)",
+}
+
+
+def claims_table(workloads: Mapping[str, Sequence[Sweep]], out_dirs: Mapping[str, Path]
+                 ) -> str:
+    """Markdown: a row per claim and HyperPrism variant, a column per workload."""
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    coverage = {}
+    for workload, sweeps in workloads.items():
+        settings = [s for sweep in sweeps for s in load_settings(sweep, out_dirs[sweep.name])]
+        methods = {m: a for sweep in sweeps for m, a in algorithms(sweep).items()}
+        baselines = [m for m, a in methods.items() if a not in NOT_A_BASELINE]
+        cells = sum(len(sweep.cells()) for sweep in sweeps)
+        done = sum(sum(s.seeds.values()) for s in settings)
+        coverage[workload] = f"{done} of {cells} cells, {len(settings)} settings"
+        for variant in (m for m, a in methods.items() if a == "hyperprism"):
+            for claim, text in claim_texts(settings, variant, baselines).items():
+                rows.setdefault((claim, variant), {})[workload] = text
+    names = list(workloads)
+    lines = ["| claim | HyperPrism | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names),
+             "| (finished) | | " + " | ".join(coverage[n] for n in names) + " |"]
+    lines += [f"| {CLAIMS[claim]} | {variant} | "
+              + " | ".join(texts.get(n, "—") for n in names) + " |"
+              for (claim, variant), texts in sorted(rows.items(),
+                                                    key=lambda r: list(CLAIMS).index(r[0][0]))]
+    return "\n".join(lines) + "\n"
+
+
+def algorithms(sweep: Sweep) -> dict[str, str]:
+    """Method -> algorithm, in the sweep file's order."""
+    return {m: s.get("algorithm", sweep.base.algorithm) for m, s in sweep.methods.items()}
+
+
+def load_claims_file(path: Path) -> dict[str, list[Sweep]]:
+    spec = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
+    if set(spec) != {"workloads"} or not isinstance(spec["workloads"], dict):
+        raise ValueError(f"claims file {path}: give exactly 'workloads', a mapping from a "
+                         f"workload's name to its sweep files, e.g. "
+                         f"workloads: {{MNIST LR: [table2_alpha.yaml]}}")
+    return {name: [Sweep.load(path.parent / file) for file in files]
+            for name, files in spec["workloads"].items()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("claims", type=Path, help="a claims YAML file under simulations/")
+    parser.add_argument("--results", type=Path,
+                        help="the folder holding each sweep's results as <sweep name>/ "
+                             "(default: simulations/results, where the sweeps write them)")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    workloads = load_claims_file(args.claims)
+    out_dirs = {s.name: args.results / s.name if args.results else results_dir(s)
+                for sweeps in workloads.values() for s in sweeps}
+    table = claims_table(workloads, out_dirs)
+    if args.out:
+        args.out.write_text(table)
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The claims table: its measures on known numbers, and end to end on a tiny sweep's cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simulations.claims import Setting, claim_texts, load_claims_file, main
+from simulations.sweep import run_sweep
+from simulations.sweep_file import Sweep
+
+SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
+BASELINES = ["D-PSGD", "Mudag"]
+
+
+def setting(label: str, accuracy: dict[str, float], rounds: dict[str, float],
+            degrees: list[tuple[float, float]] | None = None) -> Setting:
+    return Setting(label, accuracy, rounds, {"HyperPrism": degrees or [(1.0, 1.0)]},
+                   dict.fromkeys(accuracy, 1))
+
+
+def test_the_claims_compare_the_variant_with_the_baselines_only():
+    settings = [
+        # Local (not a baseline) is more accurate and faster here: it is not counted
+        setting("alpha = 0.1", {"HyperPrism": 0.80, "D-PSGD": 0.78, "Mudag": 0.60, "Local": 0.9},
+                {"HyperPrism": 5.0, "D-PSGD": 20.0, "Mudag": 50.0, "Local": 1.0},
+                [(9.0, 1.0), (3.0, 1.0)]),
+        setting("alpha = 1.0", {"HyperPrism": 0.85, "D-PSGD": 0.86, "Mudag": 0.70},
+                {"HyperPrism": 12.0, "Mudag": 10.0}, [(1.0, 1.0), (1.0, 2.0)]),
+        setting("alpha = 10.0", {"HyperPrism": 0.50, "D-PSGD": 0.40, "Mudag": 0.45}, {}),
+    ]
+    texts = claim_texts(settings, "HyperPrism", BASELINES)
+    assert texts["fastest"] == "1 of 2 (fastest elsewhere: alpha = 1.0: Mudag)"
+    assert texts["best accuracy"] == "2 of 3; against the best baseline -1.00 to +5.00 points"
+    # 20 -> 5 rounds against D-PSGD (the fastest baseline), 50 -> 5 against Mudag (slowest)
+    assert texts["fewer rounds"] == (
+        "+75.0% against the fastest baseline reaching the target (alpha = 0.1, D-PSGD: "
+        "20.0 → 5.0 rounds); +90.0% against the slowest baseline reaching the target "
+        "(alpha = 0.1, Mudag: 50.0 → 5.0 rounds)")
+    assert texts["more accuracy"] == ("+5.00 points over the best baseline (alpha = 10.0); "
+                                      "+20.00 over any (alpha = 0.1, Mudag)")
+    # per setting: theta (9 + 3) / 2 = 6 and 1; phi 1 and 1.5; the gap 8 is at round 1
+    assert texts["p_theta against p_phi"] == ("mean over rounds p_θ 1.00–6.00, p_φ 1.00–1.50; "
+                                             "largest gap 8.00 (alpha = 0.1, round 1)")
+
+
+def test_one_baseline_reaching_the_target_is_named_once_and_none_gives_a_dash():
+    reached = [setting("density = 0.5", {"HyperPrism": 0.8, "D-PSGD": 0.7, "Mudag": 0.1},
+                       {"HyperPrism": 8.0, "D-PSGD": 10.0})]
+    assert claim_texts(reached, "HyperPrism", BASELINES)["fewer rounds"] == (
+        "+20.0% against the only baseline reaching the target (density = 0.5, D-PSGD: "
+        "10.0 → 8.0 rounds)")
+    not_reached = [setting("density = 0.5", {"HyperPrism": 0.8, "D-PSGD": 0.7}, {})]
+    texts = claim_texts(not_reached, "HyperPrism", BASELINES)
+    assert (texts["fastest"], texts["fewer rounds"]) == ("0 of 0", "—")
+
+
+TINY = """
+name: tiny_claims
+title: Tiny claims
+configs: [base.yaml, tiny_settings.yaml]
+methods:
+  HyperPrism: {algorithm: hyperprism}
+  D-PSGD: {algorithm: dpsgd}
+  Local: {algorithm: local}
+sweep:
+  alpha: [0.1, 10.0]
+seeds: [0]
+"""
+
+
+def test_the_command_reads_the_finished_cells_of_each_workload(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text((SIMULATIONS / "base.yaml").read_text())
+    (tmp_path / "tiny_settings.yaml").write_text(
+        "{num_nodes: 4, num_rounds: 2, local_steps: 3, eval_size: 300, target_accuracy: 0.3}")
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    sweep = Sweep.load(tmp_path / "tiny.yaml")
+    (tmp_path / "claims.yaml").write_text('workloads: {"Tiny LR": [tiny.yaml]}\n')
+    summaries = run_sweep(sweep, tmp_path / "results" / "tiny_claims", jobs=1)
+    main([str(tmp_path / "claims.yaml"), "--results", str(tmp_path / "results"),
+          "--out", str(tmp_path / "claims.md")])
+    table = capsys.readouterr().out
+    assert table == (tmp_path / "claims.md").read_text()
+    assert "| claim | HyperPrism | Tiny LR |" in table
+    assert "| (finished) | | 6 of 6 cells, 2 settings |" in table
+    by_cell = {(s["method"], s["value"]): s["max_accuracy"] for s in summaries}
+    gaps = [100 * (by_cell["HyperPrism", v] - by_cell["D-PSGD", v]) for v in (0.1, 10.0)]
+    assert f"against the best baseline {min(gaps):+.2f} to {max(gaps):+.2f} points" in table
+
+
+def test_a_claims_file_names_its_workloads(tmp_path):
+    (tmp_path / "claims.yaml").write_text("table2: [table2_alpha.yaml]\n")
+    with pytest.raises(ValueError, match="give exactly 'workloads'"):
+        load_claims_file(tmp_path / "claims.yaml")
+    shipped = load_claims_file(SIMULATIONS / "claims.yaml")
+    assert [s.name for s in shipped["LR on MNIST"]] == ["table2_alpha", "table3_density",
+                                                        "table4_nodes"]
