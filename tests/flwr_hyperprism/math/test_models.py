@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flwr_hyperprism.math.models import DECISION, REPRESENTATION, build_model, layer_group
+from flwr_hyperprism.math.models import (
+    DECISION,
+    REPRESENTATION,
+    MaxPool2x2,
+    build_model,
+    layer_group,
+)
 
 
 @pytest.mark.parametrize("name, shape", [("logreg", (1, 28, 28)), ("cnn", (1, 28, 28)),
@@ -43,3 +49,20 @@ def test_bad_model_requests_raise():
         build_model("mlp", (1, 28, 28), 10, 0)
     with pytest.raises(ValueError, match="needs \\(C, H, W\\) images"):
         build_model("cnn", (784,), 10, 0)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 28, 28), (2, 4, 9, 7), (5, 1, 2, 2)])
+def test_max_pool_without_autograd_gives_torchs_values_nan_and_odd_edges_included(shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    x[0, 0, 0, 1] = float("nan")
+    x[1:, :, :2, :2] = 0.25  # a tied window
+    pool, reference = MaxPool2x2(), torch.nn.MaxPool2d(2)
+    with torch.no_grad():
+        fast = pool(x)
+    assert fast.shape == reference(x).shape
+    assert torch.equal(fast.nan_to_num(7.0), reference(x).nan_to_num(7.0))
+    assert fast[0, 0, 0, 0].isnan()
+    # with autograd: torch's max-pool, whose gradient goes to one element of a tied window
+    leaf = x.nan_to_num(0.0).requires_grad_()
+    pool(leaf).sum().backward()
+    assert leaf.grad is not None and leaf.grad[1, 0, :2, :2].sum() == 1.0
