@@ -50,7 +50,10 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1)
     if jobs < 1 or (jobs > 1 and engine != "inprocess"):
         raise ValueError(f"--jobs {jobs}: use an integer >= 1, and > 1 only with --engine "
                          f"inprocess (Flower simulations each start their own Ray)")
-    cells = sweep.cells()
+    # seed by seed, and within a seed column by column: a sweep stopped part way leaves whole
+    # columns of its first seeds, which a table can compare
+    cells = sorted(sweep.cells(), key=lambda c: (sweep.seeds.index(c.seed),
+                                                 sweep.values.index(c.value)))
     (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = []
     for index, cell in enumerate(cells, 1):

@@ -47,6 +47,12 @@ def test_a_tiny_sweep_runs_every_cell_and_writes_csv_table_and_plots(tmp_path, t
         (m, v, s) for m in ("HyperPrism", "D-PSGD") for v in (0.1, 10.0) for s in (0, 1)}
     assert any("cell 8 of 8" in r.getMessage() and "ETA" in r.getMessage()
                for r in caplog.records)
+    # run seed by seed and column by column: a stopped sweep leaves whole columns
+    done = sorted((out / "cells").iterdir(),
+                  key=lambda c: (c / "summary.json").stat().st_mtime_ns)
+    assert [c.name for c in done[:4]] == [
+        "HyperPrism__alpha=0.1__seed0", "D-PSGD__alpha=0.1__seed0",
+        "HyperPrism__alpha=10.0__seed0", "D-PSGD__alpha=10.0__seed0"]
     with open(out / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 8 * 3  # rounds 0..2 of every cell
