@@ -12,7 +12,8 @@ the other variants are ablations of it, not competitors.
 
 Per setting, a method's Max Acc is its mean over the finished seeds, and its Conv. Rds the mean
 over seeds of the first round at the target accuracy, counted only when every finished seed
-reaches it (a method that reaches it in some seeds has no Conv. Rds there).
+reaches it (a method that reaches it in some seeds has no Conv. Rds there). A variant is
+compared at a setting only where it and every baseline have finished the same number of seeds.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
                 ) -> dict[str, str]:
     """The claims for HyperPrism variant ``variant`` against ``baselines`` over ``settings``:
     label -> text (the labels of ``CLAIMS``)."""
-    shared = [s for s in settings if variant in s.max_accuracy
-              and any(b in s.max_accuracy for b in baselines)]
+    # only where the variant and every baseline have finished the same seeds: a partial setting
+    # would compare it with whichever baselines happen to have finished
+    shared = [s for s in settings if s.seeds.get(variant)
+              and all(s.seeds.get(b) == s.seeds[variant] for b in baselines)]
     texts = {}
     # converges fastest: the settings where it or a baseline reaches the target in every seed
     raced = [s for s in shared if any(m in s.rounds for m in (variant, *baselines))]
@@ -102,8 +105,7 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
             for s in shared}
     best = [label for label, gap in gaps.items() if gap >= 0]
     texts["best accuracy"] = (f"{len(best)} of {len(gaps)}; against the best baseline "
-                              f"{min(gaps.values()):+.2f} to {max(gaps.values()):+.2f} points"
-                              if gaps else "—")
+                              f"{span(list(gaps.values()), '+.2f')} points" if gaps else "—")
     # fewer rounds: against the fastest and against the slowest baseline that reaches it
     fewer = []
     for s in shared:
@@ -147,10 +149,11 @@ def degree_text(settings: Sequence[Setting], variant: str) -> str:
             f"({label}, round {round_})")
 
 
-def span(values: Sequence[float]) -> str:
-    """'a–b' over ``values`` (range over settings), or 'a' where they agree to 2 decimals."""
-    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
-    return low if low == high else f"{low}–{high}"
+def span(values: Sequence[float], spec: str = ".2f") -> str:
+    """'low to high' of ``values`` (a range over settings) in format ``spec``, or one value
+    where both print the same."""
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low} to {high}"
 
 
 CLAIMS = {  # label -> the paper's wording

@@ -41,8 +41,9 @@ def test_the_claims_compare_the_variant_with_the_baselines_only():
     assert texts["more accuracy"] == ("+5.00 points over the best baseline (alpha = 10.0); "
                                       "+20.00 over any (alpha = 0.1, Mudag)")
     # per setting: theta (9 + 3) / 2 = 6 and 1; phi 1 and 1.5; the gap 8 is at round 1
-    assert texts["p_theta against p_phi"] == ("mean over rounds p_θ 1.00–6.00, p_φ 1.00–1.50; "
-                                             "largest gap 8.00 (alpha = 0.1, round 1)")
+    assert texts["p_theta against p_phi"] == (
+        "mean over rounds p_θ 1.00 to 6.00, p_φ 1.00 to 1.50; largest gap 8.00 (alpha = 0.1, "
+        "round 1)")
 
 
 def test_one_baseline_reaching_the_target_is_named_once_and_none_gives_a_dash():
@@ -51,9 +52,20 @@ def test_one_baseline_reaching_the_target_is_named_once_and_none_gives_a_dash():
     assert claim_texts(reached, "HyperPrism", BASELINES)["fewer rounds"] == (
         "+20.0% against the only baseline reaching the target (density = 0.5, D-PSGD: "
         "10.0 → 8.0 rounds)")
-    not_reached = [setting("density = 0.5", {"HyperPrism": 0.8, "D-PSGD": 0.7}, {})]
+    not_reached = [setting("density = 0.5", {"HyperPrism": 0.8, "D-PSGD": 0.7, "Mudag": 0.6},
+                           {})]
     texts = claim_texts(not_reached, "HyperPrism", BASELINES)
     assert (texts["fastest"], texts["fewer rounds"]) == ("0 of 0", "—")
+
+
+def test_a_setting_where_a_baseline_has_not_finished_is_not_compared():
+    finished = setting("alpha = 0.1", {"HyperPrism": 0.8, "D-PSGD": 0.7, "Mudag": 0.6}, {})
+    # Mudag has not finished at alpha = 1.0: HyperPrism would look best against D-PSGD alone
+    partial = setting("alpha = 1.0", {"HyperPrism": 0.8, "D-PSGD": 0.7}, {})
+    fewer_seeds = Setting("alpha = 10.0", {"HyperPrism": 0.8, "D-PSGD": 0.7, "Mudag": 0.9}, {},
+                          {}, {"HyperPrism": 3, "D-PSGD": 3, "Mudag": 1})
+    texts = claim_texts([finished, partial, fewer_seeds], "HyperPrism", BASELINES)
+    assert texts["best accuracy"] == "1 of 1; against the best baseline +10.00 points"
 
 
 TINY = """

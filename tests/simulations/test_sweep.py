@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flwr_hyperprism.setup.settings import settings_type
 from simulations.sweep import finished, main, markdown_table, run_sweep
 from simulations.sweep_file import Sweep
 
@@ -202,6 +203,35 @@ def test_the_cnn_sweeps_run_lenet_on_fashion_mnist_and_share_their_seed_0_cells(
     by_id = {c.id(table.key): c.config for c in table.cells()}
     shared = [c for c in seeds.cells() if c.seed == 0]
     assert shared and all(by_id[c.id(seeds.key)] == c.config for c in shared)
+
+
+STEP_GRID = {0.01, 0.03, 0.1}  # the validation searches' grid of SGD steps (lr, or 1 / L)
+
+
+def test_the_tuned_cnn_tables_share_methods_settings_and_their_base_column():
+    tuned = Sweep.load(SIMULATIONS / "table2_alpha_cnn_tuned.yaml")
+    density = Sweep.load(SIMULATIONS / "table3_density_cnn.yaml")
+    nodes = Sweep.load(SIMULATIONS / "table4_nodes_cnn.yaml")
+    assert tuned.methods == density.methods == nodes.methods
+    assert (tuned.values, density.values, nodes.values) == ((0.1, 1.0, 10.0), (0.2, 0.5, 0.8),
+                                                            (20, 50, 100))
+    assert tuned.seeds == (0, 1, 2)
+    base = tuned.base
+    assert (base.dataset, base.model, base.num_nodes, base.density, base.num_rounds,
+            base.batch_size, base.target_accuracy) == ("fashion-mnist", "lenet", 50, 0.5, 100,
+                                                       128, 0.70)
+    cells = tuned.cells()
+    assert {c.config.algorithm for c in cells} == PAPER_ALGORITHMS
+    for cell in cells:  # every method's step was chosen from the grid
+        algorithm = cell.config.algorithm
+        step = (1 / settings_type(algorithm).of(cell.config).smoothness  # type: ignore[attr-defined]
+                if algorithm in ("mudag", "adom") else cell.config.lr)
+        assert step in STEP_GRID, cell.method
+    # Table 3's density 0.5 and Table 4's 50 nodes are Table 2's alpha = 0.1, seed 0: same runs
+    by_method = {c.method: c.config for c in cells if c.value == 0.1 and c.seed == 0}
+    for sweep, value in ((density, 0.5), (nodes, 50)):
+        column = {c.method: c.config for c in sweep.cells() if c.value == value}
+        assert column == by_method
 
 
 def test_the_command_line_takes_overrides_and_seeds(tmp_path, tiny_sweep, capsys):
