@@ -38,8 +38,9 @@ def test_the_defaults_differ_from_the_paper_preset_only_in_choosing_p_by_descent
     assert preset == RunConfig.build(output_dir=preset.output_dir, p_mode="hypernetwork")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in SIMULATIONS.glob("*.yaml")
-                                        if "\nmethods:" not in p.read_text()))  # not sweeps
+@pytest.mark.parametrize("name", sorted(  # run configs: not sweep files, not claims files
+    p.name for p in SIMULATIONS.glob("*.yaml")
+    if "\nmethods:" not in p.read_text() and "\nworkloads:" not in p.read_text()))
 def test_every_run_yaml_loads(name):
     load_config([SIMULATIONS / "base.yaml", SIMULATIONS / name])
 
