@@ -50,7 +50,8 @@ class MaxPool2x2(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return super().forward(x)
+            pooled: torch.Tensor = super().forward(x)
+            return pooled
         x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # floor mode: drop an odd edge
         return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
                              torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
