@@ -31,6 +31,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flwr_hyperprism.orchestration.store import ROUTING_FILE
 from flwr_hyperprism.setup.config import RunConfig
 
 from .run import ENGINES, run_experiment
@@ -62,12 +63,18 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1)
             log.info("[sweep %s] cell %s of %s (%s) already done", sweep.name, index,
                      len(cells), run_dir.name)
             continue
-        if run_dir.exists():  # an interrupted or outdated cell starts again from round 0
+        # the nodes checkpoint their state every round-trip, so a stopped cell continues
+        config = cell.config.replace(output_dir=str(run_dir.parent), run_name=run_dir.name,
+                                     state_dir=str(run_dir / NODE_STATE))
+        if resumable(run_dir, cell.config):
+            log.info("[sweep %s] cell %s of %s (%s) was stopped: continuing it", sweep.name,
+                     index, len(cells), run_dir.name)
+            config = config.replace(resume=True)
+        elif run_dir.exists():  # outdated, or stopped before its nodes' first checkpoint
             log.info("[sweep %s] cell %s of %s (%s) is unfinished: starting it again",
                      sweep.name, index, len(cells), run_dir.name)
             shutil.rmtree(run_dir)
-        todo.append((cell.config.replace(output_dir=str(run_dir.parent),
-                                         run_name=run_dir.name), run_dir))
+        todo.append((config, run_dir))
     started = time.perf_counter()
     with _pool(jobs) as pool:
         running = [pool.submit(run_cell, config, engine, run_dir, out)
@@ -111,6 +118,8 @@ def run_cell(config: RunConfig, engine: str, run_dir: Path, out: Path) -> tuple[
     """Run one cell; returns its directory and seconds."""
     started = time.perf_counter()
     run_experiment(config, engine, run_dir)
+    if (run_dir / NODE_STATE).exists():  # only a stopped cell needs its nodes' checkpoints
+        shutil.rmtree(run_dir / NODE_STATE)
     relative_paths(run_dir, out)
     return run_dir, time.perf_counter() - started
 
@@ -134,6 +143,7 @@ def _pool(jobs: int) -> futures.Executor:
 
 
 PATH_KEYS = ("data-dir", "output-dir", "state-dir")  # where things are, not the experiment
+NODE_STATE = "node-state"  # a cell's folder of its nodes' checkpoints while it runs
 
 
 
@@ -152,6 +162,22 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
     """Whether ``run_dir`` holds a run of ``config`` that completed all its rounds."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (summary.get("rounds_completed") == config.num_rounds
+            and same_settings(run_dir, config))
+
+
+def resumable(run_dir: Path, config: RunConfig) -> bool:
+    """Whether ``run_dir`` holds a stopped run of ``config`` that can continue: its
+    orchestrator's and its nodes' checkpoints are there."""
+    return ((run_dir / ROUTING_FILE).is_file() and (run_dir / NODE_STATE).is_dir()
+            and same_settings(run_dir, config))
+
+
+def same_settings(run_dir: Path, config: RunConfig) -> bool:
+    """Whether the run in ``run_dir`` has ``config``'s settings (its config.json)."""
+    try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
@@ -162,8 +188,7 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
                   if k not in (*PATH_KEYS, "run-name", "resume", "node-threads")}
     # a key newer than the saved run has the value its default stands for
     defaults = RunConfig(algorithm=config.algorithm).to_run_config()
-    return (summary.get("rounds_completed") == config.num_rounds
-            and all(saved.get(k, defaults[k]) == v for k, v in comparable.items()))
+    return all(saved.get(k, defaults[k]) == v for k, v in comparable.items())
 
 
 def write_csv(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> None:

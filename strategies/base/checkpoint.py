@@ -51,7 +51,7 @@ class NodeCheckpoints:
 
     def __init__(self, state_dir: str | Path, run_key: str, partition_id: int,
                  keep: int = 2) -> None:
-        if not re.fullmatch(r"[\w.-]+", run_key):
+        if not re.fullmatch(r"[\w.=-]+", run_key):  # '=': a sweep cell's "alpha=0.1"
             raise ValueError(f"run key {run_key!r} is not a plain file name")
         self.directory = Path(state_dir) / run_key / f"partition-{partition_id}"
         self.keep = keep

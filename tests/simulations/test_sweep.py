@@ -12,6 +12,7 @@ import pytest
 from flwr_hyperprism.setup.settings import settings_type
 from simulations.sweep import finished, main, markdown_table, run_sweep
 from simulations.sweep_file import Sweep
+from strategies.base.group import NodeGroup
 
 SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
 
@@ -91,6 +92,41 @@ def test_an_interrupted_sweep_resumes_with_the_unfinished_cells_only(tmp_path, t
     assert not finished(out / "cells" / cell.id("alpha"), cell.config.replace(lr=0.5))
     saved = json.loads((out / "cells" / cell.id("alpha") / "config.json").read_text())
     assert saved["output-dir"] == "cells"  # relative to the sweep's output directory
+
+
+def test_a_cell_stopped_part_way_continues_from_its_checkpoints_with_the_same_metrics(
+        tmp_path, tiny_sweep, monkeypatch, caplog):
+    # batched, HyperPrism and D-PSGD, one seed, a round more than the tiny sweep
+    sweep = Sweep.load(tmp_path / "tiny.yaml", [*TINY_SETTINGS, "num_rounds=3",
+                                                "node_batching=true"], seeds=[0])
+    run_sweep(sweep, tmp_path / "clean")
+
+    class Stopped(Exception):
+        pass
+
+    step = NodeGroup.step
+
+    def stop_at_round_2(group, states, tasks, routed):
+        if any(task.round == 2 for task in tasks.values()):
+            raise Stopped
+        return step(group, states, tasks, routed)
+
+    monkeypatch.setattr(NodeGroup, "step", stop_at_round_2)
+    with pytest.raises(Stopped):
+        run_sweep(sweep, tmp_path / "again")
+    monkeypatch.undo()
+    stopped = tmp_path / "again" / "cells" / sweep.cells()[0].id("alpha")
+    assert (stopped / "node-state").is_dir() and not finished(stopped, sweep.cells()[0].config)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_sweep(sweep, tmp_path / "again")
+    assert any("was stopped: continuing it" in r.getMessage() for r in caplog.records)
+    for cell in sweep.cells():
+        rows = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for out in ("clean", "again")
+                for line in (tmp_path / out / "cells" / cell.id("alpha") / "metrics.jsonl"
+                             ).read_text().splitlines()]
+        assert rows[:4] == rows[4:] and len(rows) == 8  # rounds 0..3, as uninterrupted
+        assert not (tmp_path / "again" / "cells" / cell.id("alpha") / "node-state").exists()
 
 
 def test_a_report_shows_the_finished_cells_and_runs_none(tmp_path, tiny_sweep):

@@ -24,6 +24,8 @@ def test_the_newest_checkpoints_are_kept_and_found_before_a_position(tmp_path):
     assert saver.latest_before((2, 0)) is None  # round 1's file is gone
     with pytest.raises(ValueError, match="not a plain file name"):
         NodeCheckpoints(tmp_path, "../elsewhere", 3)
+    assert NodeCheckpoints(tmp_path, "D-PSGD__alpha=0.1__seed0-0123abcd", 3).directory.parent \
+        == tmp_path / "D-PSGD__alpha=0.1__seed0-0123abcd"  # a sweep cell's run name
 
 
 def test_a_node_starts_from_memory_then_checkpoint_then_routed_model_then_afresh(tmp_path):
