@@ -165,7 +165,7 @@ def per_node_degree_methods(sweep: Sweep) -> dict[str, str]:
     (p_nodes_<method>.png for a second method of that p-mode)."""
     methods: dict[str, str] = {}
     for method, settings in sweep.methods.items():
-        if settings.get("algorithm", sweep.base.algorithm) != "hyperprism":
+        if sweep.algorithm(method) != "hyperprism":
             continue
         p_mode = HyperPrismSettings.of(sweep.base.replace(**settings)).p_mode
         if p_mode in ("descent", "hypernetwork", "tracking"):

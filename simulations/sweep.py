@@ -237,8 +237,7 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     # the baselines: other algorithms (rows of HyperPrism with other degrees are ablations)
-    baselines = [m for m, settings in sweep.methods.items()
-                 if settings.get("algorithm", sweep.base.algorithm) != "hyperprism"]
+    baselines = [m for m in sweep.methods if sweep.algorithm(m) != "hyperprism"]
     if REFERENCE_METHOD in sweep.methods and baselines:
         lines += ["## HyperPrism against the best other method", "", header, rule]
         # only where every seed of HyperPrism and of every baseline is there: a partial column

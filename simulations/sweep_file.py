@@ -67,14 +67,17 @@ class Sweep:
                           f"{path}: they have no effect", stacklevel=2)
         return sweep
 
+    def algorithm(self, method: str) -> str:
+        """The algorithm of row ``method``: its own, or the configs'."""
+        return str(self.methods[method].get("algorithm", self.base.algorithm))
+
     def cells(self) -> list[Cell]:
         """Every run: the base, the settings given for its method's algorithm (a sweep's
         ``smoothness=50`` reaches its Mudag and ADOM+ rows), the method's, the value, the
         seed."""
         cells = []
         for method, settings in self.methods.items():
-            algorithm = settings.get("algorithm", self.base.algorithm)
-            given = _own(algorithm, self.given)
+            given = _own(self.algorithm(method), self.given)
             cells += [Cell(method, value, seed, self.base.replace(
                           **{**given, **settings, self.key: value, "seed": seed}))
                       for value in self.values for seed in self.seeds]
