@@ -159,8 +159,8 @@ def span(values: Sequence[float], spec: str = ".2f") -> str:
 
 
 CLAIMS = {  # label -> the paper's wording
-    "fastest": "converges fastest (settings where it is first to the target)",
-    "best accuracy": "reaches the best accuracy (settings where its Max Acc is the highest)",
+    "fastest": "converges fastest (settings where no baseline reaches the target sooner)",
+    "best accuracy": "reaches the best accuracy (settings where no baseline's Max Acc is higher)",
     "fewer rounds": "up to 98.63% fewer rounds",
     "more accuracy": "up to 4.87% more accuracy",
     "p_theta against p_phi": "p_θ (conv/embedding layers) against p_φ (classifier)",
