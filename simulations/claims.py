@@ -21,7 +21,6 @@ density = 0.5, Table 4's 50 nodes) counts once per table, as the paper's tables 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any, cast
 
 from omegaconf import OmegaConf
 
-from .sweep import finished, results_dir
+from .sweep import finished_summaries, results_dir
 from .sweep_file import Sweep, cell_rows
 
 NOT_A_BASELINE = {"hyperprism", "local"}
@@ -50,16 +49,15 @@ class Setting:
 
 def load_settings(sweep: Sweep, out: Path) -> list[Setting]:
     """Every value of ``sweep`` at which at least one cell in ``out`` has finished."""
+    done = finished_summaries(sweep, out)
     settings = []
     for value in sweep.values:
         accuracy: dict[str, list[float]] = {}
         rounds: dict[str, list[int | None]] = {}
         degrees: dict[str, list[list[tuple[float, float]]]] = {}
-        for cell in sweep.cells():
-            run_dir = out / "cells" / cell.id(sweep.key)
-            if cell.value != value or not finished(run_dir, cell.config):
+        for cell, summary in done:
+            if cell.value != value:
                 continue
-            summary = json.loads((run_dir / "summary.json").read_text())
             accuracy.setdefault(cell.method, []).append(summary["max_accuracy"])
             rounds.setdefault(cell.method, []).append(summary["rounds_to_target"])
             per_round = [(row["p_theta_mean"], row["p_phi_mean"])
@@ -102,8 +100,7 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
     texts["fastest"] = (f"{len(won)} of {len(raced)}"
                         + (f" (fastest elsewhere: {'; '.join(lost)})" if lost else ""))
     # best accuracy, and the gap to the best baseline
-    gaps = {s.label: 100 * (s.max_accuracy[variant]
-                            - max(s.max_accuracy[b] for b in baselines if b in s.max_accuracy))
+    gaps = {s.label: 100 * (s.max_accuracy[variant] - max(s.max_accuracy[b] for b in baselines))
             for s in shared}
     best = [label for label, gap in gaps.items() if gap >= 0]
     texts["best accuracy"] = (f"{len(best)} of {len(gaps)}; against the best baseline "
@@ -126,7 +123,7 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
         for which, pick in picks.items()) or "—"
     # more accuracy: over the best baseline, and over any baseline
     over_any = [(100 * (s.max_accuracy[variant] - s.max_accuracy[b]), s.label, b)
-                for s in shared for b in baselines if b in s.max_accuracy]
+                for s in shared for b in baselines]
     if gaps:
         label = max(gaps, key=gaps.__getitem__)
         points, where, baseline = max(over_any)

@@ -91,16 +91,14 @@ def report(sweep: Sweep, out: Path) -> list[dict]:
     """Write metrics.csv, table.md and the plots from the cells in ``out`` that completed
     (a sweep still running, or stopped, gets a partial table: "—" where a cell is missing);
     returns their summaries (with method, value and seed)."""
-    cells = [cell for cell in sweep.cells()
-             if finished(out / "cells" / cell.id(sweep.key), cell.config)]
+    done = finished_summaries(sweep, out)
+    cells = [cell for cell, _ in done]
     others = len([d for d in (out / "cells").glob("*") if d.is_dir()]) - len(cells)
     if others:
         log.info("[sweep %s] %s cell folder(s) in %s are unfinished or of other settings: "
                  "not in the report", sweep.name, others, out / "cells")
-    summaries = []
-    for cell in cells:
-        summary = json.loads((out / "cells" / cell.id(sweep.key) / "summary.json").read_text())
-        summaries.append({**summary, "method": cell.method, "value": cell.value})
+    summaries = [{**summary, "method": cell.method, "value": cell.value}
+                 for cell, summary in done]
     write_csv(sweep, out, cells)
     (out / "table.md").write_text(markdown_table(sweep, summaries))
     try:
@@ -112,6 +110,12 @@ def report(sweep: Sweep, out: Path) -> list[dict]:
     else:
         plot_sweep(sweep, out, cells)
     return summaries
+
+
+def finished_summaries(sweep: Sweep, out: Path) -> list[tuple[Cell, dict]]:
+    """The cells of ``sweep`` that finished in ``out``, each with its summary.json."""
+    return [(cell, json.loads((out / "cells" / cell.id(sweep.key) / "summary.json").read_text()))
+            for cell in sweep.cells() if finished(out / "cells" / cell.id(sweep.key), cell.config)]
 
 
 def run_cell(config: RunConfig, engine: str, run_dir: Path, out: Path) -> tuple[Path, float]:
