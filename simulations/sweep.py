@@ -1,7 +1,8 @@
 """Experiment sweeps: one command per table or figure of the paper.
 
     python -m simulations.sweep simulations/table2_alpha.yaml data_dir=/abs/data [key=value ...]
-        [--engine flower|inprocess] [--seeds 0,1,2] [--out DIR] [--jobs N] [--report]
+        [--engine flower|inprocess] [--seeds 0,1,2] [--method NAME ...] [--value V ...]
+        [--out DIR] [--jobs N] [--report]
 
 A sweep file names the run configs to compose (``configs``, relative to the sweep file), the
 methods (rows of the table: a name and the RunConfig settings that make it), one swept key and
@@ -12,7 +13,8 @@ whose summary says it completed all its rounds of the same config is not run aga
 interrupted sweep resumes where it stopped. Then the sweep writes ``metrics.csv``
 (every round of every cell), ``table.md`` (Max Acc and Conv. Rds, mean ± std over seeds, in the
 paper's layout) and, with matplotlib installed, the plots (``simulations.plots``).
-``--report`` writes those three from the cells finished so far and runs nothing.
+``--report`` writes those three from the cells finished so far and runs nothing;
+``--method`` and ``--value`` (each repeatable) run only those rows and columns.
 """
 
 from __future__ import annotations
@@ -44,17 +46,19 @@ CSV_KEYS = ("round", "exchanges", "nodes_replied", "accuracy_mean", "accuracy_st
             "seconds")
 
 
-def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1) -> list[dict]:
-    """Run every unfinished cell, ``jobs`` at a time (separate processes; in-process engine),
-    then write metrics.csv, table.md and the plots; returns the per-cell summaries (with
-    method, value and seed). A cell's metrics do not depend on ``jobs``."""
+def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1,
+              cells: Sequence[Cell] | None = None) -> list[dict]:
+    """Run every unfinished cell of ``cells`` (default: all of ``sweep``'s), ``jobs`` at a time
+    (separate processes; in-process engine), then write metrics.csv, table.md and the plots of
+    the whole sweep; returns the summaries of its finished cells (with method, value and
+    seed). A cell's metrics do not depend on ``jobs``."""
     if jobs < 1 or (jobs > 1 and engine != "inprocess"):
         raise ValueError(f"--jobs {jobs}: use an integer >= 1, and > 1 only with --engine "
                          f"inprocess (Flower simulations each start their own Ray)")
     # seed by seed, and within a seed column by column: a sweep stopped part way leaves whole
     # columns of its first seeds, which a table can compare
-    cells = sorted(sweep.cells(), key=lambda c: (sweep.seeds.index(c.seed),
-                                                 sweep.values.index(c.value)))
+    cells = sorted(sweep.cells() if cells is None else cells,
+                   key=lambda c: (sweep.seeds.index(c.seed), sweep.values.index(c.value)))
     (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = []
     for index, cell in enumerate(cells, 1):
@@ -317,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value settings for every cell")
     parser.add_argument("--engine", choices=ENGINES, default="flower")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
+    parser.add_argument("--method", action="append", default=[], dest="methods",
+                        help="run only this row (repeat for more); the table shows every row")
+    parser.add_argument("--value", action="append", default=[], dest="values",
+                        help="run only this column of the swept key (repeat for more)")
     parser.add_argument("--out", type=Path, help="default: simulations/results/<sweep name>")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells run at once, each in its own process (in-process engine)")
@@ -334,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                          f"--out it wrote to")
         report(sweep, out)
     else:
-        run_sweep(sweep, out, args.engine, args.jobs)
+        try:
+            cells = sweep.selected(args.methods, args.values)
+        except ValueError as err:
+            parser.error(str(err))
+        run_sweep(sweep, out, args.engine, args.jobs, cells)
     print(out / "table.md")
 
 

@@ -83,6 +83,22 @@ class Sweep:
                       for value in self.values for seed in self.seeds]
         return cells
 
+    def selected(self, methods: Sequence[str] = (), values: Sequence[str] = ()) -> list[Cell]:
+        """The cells of rows ``methods`` at columns ``values`` (each as written on a command
+        line, e.g. ``"0.1"``); an empty selection means all of them."""
+        unknown = sorted(set(methods) - set(self.methods))
+        if unknown:
+            raise ValueError(f"methods {unknown} are not rows of sweep {self.name}; its rows: "
+                             f"{list(self.methods)}")
+        columns = {str(value): value for value in self.values}
+        unknown = sorted(set(values) - set(columns))
+        if unknown:
+            raise ValueError(f"values {unknown} are not columns of sweep {self.name}; its "
+                             f"{self.key} values: {list(columns)}")
+        chosen = {columns[text] for text in values}
+        return [cell for cell in self.cells() if (not methods or cell.method in methods)
+                and (not values or cell.value in chosen)]
+
 
 def _own(algorithm: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Those of ``settings`` that ``algorithm``'s config has: the run's and its own."""

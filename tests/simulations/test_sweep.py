@@ -278,6 +278,20 @@ def test_the_command_line_takes_overrides_and_seeds(tmp_path, tiny_sweep, capsys
     assert len(list((tmp_path / "cli" / "cells").iterdir())) == 4
 
 
+def test_the_command_line_runs_chosen_rows_and_columns_and_reports_the_whole_table(
+        tmp_path, tiny_sweep, capsys):
+    out = tmp_path / "some"
+    main([str(tmp_path / "tiny.yaml"), *TINY_SETTINGS, "--engine", "inprocess", "--seeds", "0",
+          "--method", "D-PSGD", "--value", "10.0", "--out", str(out)])
+    assert [c.name for c in (out / "cells").iterdir()] == ["D-PSGD__alpha=10.0__seed0"]
+    table = (out / "table.md").read_text()
+    assert "HyperPrism" in table and "D-PSGD" in table and "—" in table
+    for wrong, named in ((["--method", "DPSGD"], "'DPSGD'"), (["--value", "10"], "'10'")):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "tiny.yaml"), *TINY_SETTINGS, *wrong, "--out", str(out)])
+        assert named in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_flower_engine_gives_the_in_process_metrics(tmp_path, tiny_sweep):
     (tmp_path / "one.yaml").write_text(TINY.replace("  D-PSGD: {algorithm: dpsgd}\n", "")
