@@ -241,7 +241,8 @@ def test_the_cnn_sweeps_run_lenet_on_fashion_mnist_and_share_their_seed_0_cells(
     assert shared and all(by_id[c.id(seeds.key)] == c.config for c in shared)
 
 
-STEP_GRID = {0.01, 0.03, 0.1}  # the validation searches' grid of SGD steps (lr, or 1 / L)
+# the validation searches' grid of SGD steps: lr, or 1 / L (L = 3 gives 0.33)
+STEP_GRID = {0.01, 0.03, 0.1, 0.3, 1.0, 1 / 3}
 
 
 def test_the_tuned_cnn_tables_share_methods_settings_and_their_base_column():
