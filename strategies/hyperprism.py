@@ -23,6 +23,7 @@ from torch import Tensor
 
 from flwr_hyperprism.math.degrees import (
     P_SCHEDULES,
+    bounded_step,
     degree_grid,
     descent_degree,
     scheduled_degree,
@@ -323,18 +324,25 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
         """p-mode descent: per layer group, the degree whose merge lands nearest the step
         -p_trust * lr * (mixed tracker) from the linear merge (``descent_degree``): p-min
         unless a larger degree is predicted to lower the network's loss. Without trackers
-        (round-trip 1, a neighbour that has not trained yet) or neighbours: p-min."""
+        (round-trip 1, a neighbour that has not trained yet) or neighbours: p-min.
+
+        The step is no longer than p_trust times the node's own last local update (per
+        group), so a merge departs from the linear one by at most twice that, whatever its
+        neighbours' trackers say: a diverging neighbour's tracker, mixed in, would otherwise
+        ask for the largest degree, whose merge follows that neighbour's largest values."""
         grid = degree_grid(self.settings.p_min, self.settings.p_max)
         degrees = dict.fromkeys(self.groups, self.settings.p_min)
-        if extra.tracker_mixed is None or len(models) < 2:
+        if extra.tracker_mixed is None or extra.local_update is None or len(models) < 2:
             return degrees
         offset = 0
-        step = -self.settings.p_trust * self.config.lr * extra.tracker_mixed
+        scale = self.settings.p_trust * self.config.lr
         for group, names in self.groups.items():
             size = sum(models[0][n].numel() for n in names)
             if names:
-                degrees[group] = descent_degree(stack_group(models, names), weights,
-                                                step[offset:offset + size], grid)
+                step = bounded_step(-scale * extra.tracker_mixed[offset:offset + size],
+                                    scale * extra.local_update[offset:offset + size])
+                degrees[group] = descent_degree(stack_group(models, names), weights, step,
+                                                grid)
             offset += size
         return degrees
 
@@ -358,7 +366,14 @@ class HyperPrismNode(GossipNode[HyperPrismExtra]):
                                    self.settings.p_min, self.settings.p_max)
 
     def diverged(self, extra: HyperPrismExtra) -> HyperPrismExtra:
-        """Back off: the next merge is linear (p-min), and p-mode tracking's p restarts there."""
+        """Back off: the next merge is linear (p-min), and p-mode tracking's p restarts there.
+        The tracker takes no new local update, y <- sum_j a_ij y_j (zero before any merge of
+        trackers), so it is routed even when the node's first training diverged."""
+        if self.tracks:
+            assert extra.local_update is not None  # tracked modes keep it
+            extra = dataclasses.replace(extra, tracker=(
+                extra.tracker_mixed if extra.tracker_mixed is not None
+                else torch.zeros_like(extra.local_update)))
         return dataclasses.replace(extra, diverged=True, p=(
             self.settings.p_min if self.settings.p_mode == "tracking" else extra.p))
 

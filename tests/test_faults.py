@@ -432,6 +432,18 @@ def test_a_diverging_node_rolls_back_and_is_counted(tmp_path, caplog, variant):
         assert rows[3]["p_phi"]["2"] == 1.0 and rows[3]["p_phi"]["1"] > 1.0
 
 
+@pytest.mark.parametrize("variant", ["hyperprism", "hyperprism-tracking"])
+def test_a_node_whose_first_training_diverges_still_routes_its_tracker(tmp_path, variant):
+    # Its neighbours expect a gradient tracker with every model (the rider of p-modes descent
+    # and tracking) and would drop one without it as malformed; a node that has never
+    # trained routes the mix of its neighbours' trackers (zero before the first mix).
+    config = make_config(tmp_path, variant, num_nodes=4, num_rounds=3, density=1.0)
+    rows = run_in_process(round_loop(config, tmp_path / variant),
+                          make_rule=diverging_rules(config, 2, at_call=1))
+    assert [row["partitions_diverged"] for row in rows] == [[2], [2], [2], []]
+    assert [row["neighbours_dropped_mean"] for row in rows] == [0.0] * 4
+
+
 def test_result_arrays_average_the_finite_final_models_only(tmp_path, caplog):
     config = make_config(tmp_path, "dpsgd", num_nodes=3)
     loop = round_loop(config, tmp_path / "dpsgd")

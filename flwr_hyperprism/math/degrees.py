@@ -58,6 +58,24 @@ def degree_grid(p_min: float, p_max: float, size: int = 9) -> tuple[float, ...]:
     return tuple(p_min * ratio ** (k / (size - 1)) for k in range(size))
 
 
+def bounded_step(step: Tensor, reference: Tensor) -> Tensor:
+    """``step`` shortened, if need be, to the Euclidean length of ``reference``.
+
+    Parameters
+    ----------
+    step : (n,) a target departure from the linear mean
+    reference : (n,) a vector whose length bounds it (only its norm is used)
+
+    Returns
+    -------
+    (n,) ``step`` scaled by min(1, ||reference|| / ||step||); zeros when ``reference`` is zero.
+    """
+    length, limit = torch.linalg.vector_norm(step), torch.linalg.vector_norm(reference)
+    if length <= limit:
+        return step
+    return step * (limit / length)
+
+
 def descent_degree(stacked: Tensor, weights: Tensor, step: Tensor, grid: Sequence[float]
                    ) -> float:
     """The degree of ``grid`` whose power mean lands nearest the linear mean plus ``step``.

@@ -271,12 +271,40 @@ def test_descent_chooses_each_layer_groups_degree_from_its_part_of_the_tracker(t
     tracker = -flat({n: wanted[n] for n in rule.names}).float() / config.lr
     for model in models:
         model[TRACKER] = tracker
-    extra = HyperPrismExtra(torch.zeros(1), tracker_mixed=rule._mixed_tracker(models, weights))
+    extra = HyperPrismExtra(torch.zeros(1), local_update=tracker,
+                            tracker_mixed=rule._mixed_tracker(models, weights))
     assert rule._descent_degrees(models, weights, extra) == {"theta": pytest.approx(15.0),
                                                              "phi": 1.0}
     models[2] = {k: v for k, v in models[2].items() if k != TRACKER}  # no tracker yet: linear
-    extra = HyperPrismExtra(torch.zeros(1), tracker_mixed=rule._mixed_tracker(models, weights))
+    extra = HyperPrismExtra(torch.zeros(1), local_update=tracker,
+                            tracker_mixed=rule._mixed_tracker(models, weights))
     assert rule._descent_degrees(models, weights, extra) == {"theta": 1.0, "phi": 1.0}
+
+
+def test_descent_departs_from_the_linear_merge_by_no_more_than_the_nodes_own_update(tmp_path):
+    # A diverging neighbour (values 100x the others) whose huge tracker, mixed in, asks for
+    # exactly the p = 15 merge, which follows that neighbour: the step is cut to the length of
+    # the node's own last local update, so the merge stays linear. With an own update as long
+    # as the tracked one the same merge is taken (the bound, not the tracker, decides).
+    config = small_config(tmp_path, p_mode="descent", model="lenet", lr=0.3)
+    rule = HyperPrismNode.for_partition(config, 0)
+    gen = torch.Generator().manual_seed(5)
+    models = [{k: torch.randn(v.shape, generator=gen) for k, v in
+               rule.learner.initial_model.items()} for _ in range(3)]
+    models[2] = {k: 100.0 * v for k, v in models[2].items()}
+    weights = torch.tensor([0.4, 0.3, 0.3])
+    far = merge_models(models, weights, {"theta": 15.0, "phi": 15.0}, rule.groups)
+    linear = merge_models(models, weights, {"theta": 1.0, "phi": 1.0}, rule.groups)
+    tracker = -flat({n: far[n] - linear[n] for n in rule.names}).float() / config.lr
+    own_update = torch.randn(tracker.shape, generator=gen)  # |w| ~ 1, as a normal node's
+    for model in models:
+        model[TRACKER] = tracker
+    mixed = rule._mixed_tracker(models, weights)
+    bounded = HyperPrismExtra(torch.zeros(1), local_update=own_update, tracker_mixed=mixed)
+    assert rule._descent_degrees(models, weights, bounded) == {"theta": 1.0, "phi": 1.0}
+    unbounded = dataclasses.replace(bounded, local_update=tracker)
+    assert rule._descent_degrees(models, weights, unbounded) == {
+        "theta": pytest.approx(15.0), "phi": pytest.approx(15.0)}
 
 
 def test_descent_keeps_the_default_task_near_plain_averaging(tmp_path):

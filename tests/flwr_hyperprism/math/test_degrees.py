@@ -10,6 +10,7 @@ import torch
 
 from flwr_hyperprism.math.degrees import (
     P_SCHEDULES,
+    bounded_step,
     degree_grid,
     descent_degree,
     scheduled_degree,
@@ -91,3 +92,16 @@ def test_the_descent_degree_stays_linear_unless_a_larger_degree_is_predicted_to_
     assert descent_degree(x, weights, -outwards, grid) == 1.0  # predicted to raise the loss
     assert descent_degree(x, weights, 1e-6 * outwards, grid) == 1.0  # too little to gain
     assert descent_degree(x, weights, outwards, grid) == pytest.approx(15.0)
+
+
+def test_a_bounded_step_keeps_its_direction_and_is_no_longer_than_the_reference():
+    gen = torch.Generator().manual_seed(2)
+    step = torch.randn(50, generator=gen, dtype=torch.float64)
+    reference = 0.1 * torch.randn(50, generator=gen, dtype=torch.float64)
+    short = bounded_step(step, reference)
+    assert torch.linalg.vector_norm(short) == pytest.approx(
+        float(torch.linalg.vector_norm(reference)))
+    assert torch.allclose(short / torch.linalg.vector_norm(short),
+                          step / torch.linalg.vector_norm(step))
+    assert torch.equal(bounded_step(reference, step), reference)  # already short enough
+    assert not bounded_step(step, torch.zeros(50, dtype=torch.float64)).any()
