@@ -73,7 +73,8 @@ def bounded_step(step: Tensor, reference: Tensor) -> Tensor:
     length, limit = torch.linalg.vector_norm(step), torch.linalg.vector_norm(reference)
     if length <= limit:
         return step
-    return step * (limit / length)
+    shortened: Tensor = step * (limit / length)
+    return shortened
 
 
 def descent_degree(stacked: Tensor, weights: Tensor, step: Tensor, grid: Sequence[float]
