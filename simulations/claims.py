@@ -10,11 +10,11 @@ is ``hyperprism``; the *baselines* are the other methods but ``local`` (no commu
 lower bound, not a baseline of the paper). Each variant is compared with the baselines only:
 the other variants are ablations of it, not competitors.
 
-Per setting, a method's Max Acc is its mean over the finished seeds, and its Conv. Rds the mean
-over seeds of the first round at the target accuracy, counted only when every finished seed
-reaches it (a method that reaches it in some seeds has no Conv. Rds there). A variant is
-compared at a setting only where it and every baseline have finished the same number of seeds.
-A setting that several tables share (the base setting: Table 2's alpha = 0.1, Table 3's
+Per setting, a variant is compared with the baselines over the seeds that it and every
+baseline have finished (none: not compared there). A method's Max Acc is its mean over those
+seeds, and its Conv. Rds the mean over them of the first round at the target accuracy, counted
+only when every one of them reaches it (a method that reaches it in some seeds has no Conv. Rds
+there). A setting that several tables share (the base setting: Table 2's alpha = 0.1, Table 3's
 density = 0.5, Table 4's 50 nodes) counts once per table, as the paper's tables count it.
 """
 
@@ -36,15 +36,49 @@ NOT_A_BASELINE = {"hyperprism", "local"}
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One swept value of one sweep, with every method's results there (means over seeds)."""
+class Run:
+    """One finished cell's measures."""
+
+    max_accuracy: float  # fraction
+    rounds_to_target: int | None  # first round at the target accuracy; None if never
+    degrees: Sequence[tuple[float, float]]  # per round from round 1: (p_theta, p_phi), means
+    # over nodes; empty for a method without degrees
+
+
+@dataclass(frozen=True)
+class Means:
+    """Every compared method's results at one setting, means over the seeds they all
+    finished."""
 
     label: str  # e.g. "alpha = 0.1"
+    seeds: Sequence[int]  # the seeds every compared method finished there
     max_accuracy: Mapping[str, float]  # method -> mean Max Acc (fraction)
     rounds: Mapping[str, float]  # method -> mean Conv. Rds, if every seed reached the target
     degrees: Mapping[str, Sequence[tuple[float, float]]]  # method -> per round from round 1:
     # (p_theta, p_phi), means over nodes and seeds
-    seeds: Mapping[str, int]  # method -> finished seeds
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One swept value of one sweep, with every method's finished runs there."""
+
+    label: str  # e.g. "alpha = 0.1"
+    runs: Mapping[str, Mapping[int, Run]]  # method -> seed -> run
+
+    def means(self, methods: Sequence[str]) -> Means | None:
+        """The results of ``methods`` over the seeds all of them finished here; None where
+        they share none (one of them has not finished, or each finished other seeds)."""
+        seeds = sorted(set.intersection(*(set(self.runs.get(m, ())) for m in methods)))
+        if not seeds:
+            return None
+        runs = {m: [self.runs[m][seed] for seed in seeds] for m in methods}
+        return Means(
+            self.label, seeds,
+            {m: statistics.fmean(r.max_accuracy for r in rs) for m, rs in runs.items()},
+            {m: statistics.fmean(cast(int, r.rounds_to_target) for r in rs)
+             for m, rs in runs.items() if all(r.rounds_to_target is not None for r in rs)},
+            {m: seed_means([r.degrees for r in rs]) for m, rs in runs.items()
+             if all(r.degrees for r in rs)})
 
 
 def load_settings(sweep: Sweep, out: Path) -> list[Setting]:
@@ -52,26 +86,15 @@ def load_settings(sweep: Sweep, out: Path) -> list[Setting]:
     done = finished_summaries(sweep, out)
     settings = []
     for value in sweep.values:
-        accuracy: dict[str, list[float]] = {}
-        rounds: dict[str, list[int | None]] = {}
-        degrees: dict[str, list[list[tuple[float, float]]]] = {}
+        runs: dict[str, dict[int, Run]] = {}
         for cell, summary in done:
-            if cell.value != value:
-                continue
-            accuracy.setdefault(cell.method, []).append(summary["max_accuracy"])
-            rounds.setdefault(cell.method, []).append(summary["rounds_to_target"])
-            per_round = [(row["p_theta_mean"], row["p_phi_mean"])
-                         for row in cell_rows(out, sweep, cell)[1:] if "p_theta_mean" in row]
-            if per_round:
-                degrees.setdefault(cell.method, []).append(per_round)
-        if accuracy:
-            settings.append(Setting(
-                f"{sweep.key} = {value}",
-                {m: statistics.fmean(a) for m, a in accuracy.items()},
-                {m: statistics.fmean(cast(list[int], r)) for m, r in rounds.items()
-                 if None not in r},
-                {m: seed_means(runs) for m, runs in degrees.items()},
-                {m: len(a) for m, a in accuracy.items()}))
+            if cell.value == value:
+                degrees = [(row["p_theta_mean"], row["p_phi_mean"])
+                           for row in cell_rows(out, sweep, cell)[1:] if "p_theta_mean" in row]
+                runs.setdefault(cell.method, {})[cell.seed] = Run(
+                    summary["max_accuracy"], summary["rounds_to_target"], degrees)
+        if runs:
+            settings.append(Setting(f"{sweep.key} = {value}", runs))
     return settings
 
 
@@ -86,11 +109,11 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
                 ) -> dict[str, str]:
     """The claims for HyperPrism variant ``variant`` against ``baselines`` over ``settings``:
     label -> text (the labels of ``CLAIMS``)."""
-    # only where the variant and every baseline have finished the same seeds: a partial setting
-    # would compare it with whichever baselines happen to have finished
-    shared = [s for s in settings if s.seeds.get(variant)
-              and all(s.seeds.get(b) == s.seeds[variant] for b in baselines)]
-    texts = {}
+    # over the seeds the variant and every baseline have finished: a partial setting would
+    # compare it with whichever baselines happen to have finished, or on other seeds
+    shared = [m for s in settings if (m := s.means([variant, *baselines])) is not None]
+    texts = {"compared": (f"{len(shared)}; seeds each: {span([len(s.seeds) for s in shared], 'd')}"
+                          if shared else "0")}
     # converges fastest: the settings where it or a baseline reaches the target in every seed
     raced = [s for s in shared if any(m in s.rounds for m in (variant, *baselines))]
     won = [s for s in raced if variant in s.rounds
@@ -135,7 +158,7 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
     return texts
 
 
-def degree_text(settings: Sequence[Setting], variant: str) -> str:
+def degree_text(settings: Sequence[Means], variant: str) -> str:
     """Mean p_theta and p_phi over rounds (range over settings) and their largest gap."""
     runs = [(s.label, s.degrees[variant]) for s in settings if s.degrees.get(variant)]
     if not runs:
@@ -156,6 +179,7 @@ def span(values: Sequence[float], spec: str = ".2f") -> str:
 
 
 CLAIMS = {  # label -> the paper's wording
+    "compared": "settings compared (where it and every baseline finished a seed)",
     "fastest": "converges fastest (settings where no baseline reaches the target sooner)",
     "best accuracy": "reaches the best accuracy (settings where no baseline's Max Acc is higher)",
     "fewer rounds": "up to 98.63% fewer rounds",
@@ -174,7 +198,7 @@ def claims_table(workloads: Mapping[str, Sequence[Sweep]], out_dirs: Mapping[str
         methods = {m: sweep.algorithm(m) for sweep in sweeps for m in sweep.methods}
         baselines = [m for m, a in methods.items() if a not in NOT_A_BASELINE]
         cells = sum(len(sweep.cells()) for sweep in sweeps)
-        done = sum(sum(s.seeds.values()) for s in settings)
+        done = sum(len(seeds) for s in settings for seeds in s.runs.values())
         coverage[workload] = f"{done} of {cells} cells, {len(settings)} settings"
         for variant in (m for m, a in methods.items() if a == "hyperprism"):
             for claim, text in claim_texts(settings, variant, baselines).items():

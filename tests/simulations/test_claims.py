@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from simulations.claims import Setting, claim_texts, load_claims_file, main
+from simulations.claims import Run, Setting, claim_texts, load_claims_file, main
 from simulations.sweep import run_sweep
 from simulations.sweep_file import Sweep
 
@@ -16,8 +17,10 @@ BASELINES = ["D-PSGD", "Mudag"]
 
 def setting(label: str, accuracy: dict[str, float], rounds: dict[str, float],
             degrees: list[tuple[float, float]] | None = None) -> Setting:
-    return Setting(label, accuracy, rounds, {"HyperPrism": degrees or [(1.0, 1.0)]},
-                   dict.fromkeys(accuracy, 1))
+    """One seed (0) of each method in ``accuracy``; HyperPrism's degrees ``degrees``."""
+    return Setting(label, {m: {0: Run(a, cast(int | None, rounds.get(m)),
+                                      (degrees or [(1.0, 1.0)]) if m == "HyperPrism" else [])}
+                           for m, a in accuracy.items()})
 
 
 def test_the_claims_compare_the_variant_with_the_baselines_only():
@@ -62,10 +65,39 @@ def test_a_setting_where_a_baseline_has_not_finished_is_not_compared():
     finished = setting("alpha = 0.1", {"HyperPrism": 0.8, "D-PSGD": 0.7, "Mudag": 0.6}, {})
     # Mudag has not finished at alpha = 1.0: HyperPrism would look best against D-PSGD alone
     partial = setting("alpha = 1.0", {"HyperPrism": 0.8, "D-PSGD": 0.7}, {})
-    fewer_seeds = Setting("alpha = 10.0", {"HyperPrism": 0.8, "D-PSGD": 0.7, "Mudag": 0.9}, {},
-                          {}, {"HyperPrism": 3, "D-PSGD": 3, "Mudag": 1})
-    texts = claim_texts([finished, partial, fewer_seeds], "HyperPrism", BASELINES)
+    texts = claim_texts([finished, partial], "HyperPrism", BASELINES)
+    assert texts["compared"] == "1; seeds each: 1"
     assert texts["best accuracy"] == "1 of 1; against the best baseline +10.00 points"
+
+
+def runs(by_seed: dict[int, tuple[float, int | None]]) -> dict[int, Run]:
+    return {seed: Run(accuracy, rounds, []) for seed, (accuracy, rounds) in by_seed.items()}
+
+
+def test_a_setting_is_compared_over_the_seeds_every_method_finished():
+    # seed 1 is the only one all three finished: the others' seeds 0 and 2 are left out
+    three_and_one = Setting("alpha = 1.0", {
+        "HyperPrism": runs({0: (0.9, 5), 1: (0.8, 10), 2: (0.9, 5)}),
+        "D-PSGD": runs({0: (0.5, None), 1: (0.7, 20), 2: (0.5, None)}),
+        "Mudag": runs({1: (0.6, None)})})
+    # as many seeds each, but different ones: nothing to compare
+    disjoint = Setting("alpha = 10.0", {"HyperPrism": runs({0: (0.9, 5)}),
+                                        "D-PSGD": runs({0: (0.5, 9)}),
+                                        "Mudag": runs({1: (0.6, 7)})})
+    texts = claim_texts([three_and_one, disjoint], "HyperPrism", BASELINES)
+    assert texts["compared"] == "1; seeds each: 1"
+    assert texts["best accuracy"] == "1 of 1; against the best baseline +10.00 points"
+    assert texts["fewer rounds"] == (
+        "+50.0% against the only baseline reaching the target (alpha = 1.0, D-PSGD: "
+        "20.0 → 10.0 rounds)")
+    # a method reaching the target in some of the shared seeds only has no Conv. Rds there
+    some = Setting("alpha = 0.1", {"HyperPrism": runs({0: (0.9, 5), 1: (0.8, None)}),
+                                   "D-PSGD": runs({0: (0.5, 30), 1: (0.7, 20)}),
+                                   "Mudag": runs({0: (0.6, None), 1: (0.6, None)})})
+    texts = claim_texts([some], "HyperPrism", BASELINES)
+    assert texts["compared"] == "1; seeds each: 2"
+    assert texts["fastest"] == "0 of 1 (fastest elsewhere: alpha = 0.1: D-PSGD)"
+    assert texts["best accuracy"] == "1 of 1; against the best baseline +25.00 points"
 
 
 TINY = """
