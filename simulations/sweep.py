@@ -10,7 +10,9 @@ its values (columns), and the seeds. ``key=value`` overrides apply to every cell
 (method x value x seed) is one run; its metrics.jsonl / summary.json go to
 ``<out>/cells/<cell id>/`` (its config.json with directories relative to ``<out>``). A cell
 whose summary says it completed all its rounds of the same config is not run again, so an
-interrupted sweep resumes where it stopped. Then the sweep writes ``metrics.csv``
+interrupted sweep resumes where it stopped; nor is one that a sweep the file names under
+``reuses`` finished with the same settings (Table 2's alpha = 0.1 column is Table 3's density
+= 0.5 column): that cell's results are copied. Then the sweep writes ``metrics.csv``
 (every round of every cell), ``table.md`` (Max Acc and Conv. Rds, mean ± std over seeds, in the
 paper's layout) and, with matplotlib installed, the plots (``simulations.plots``).
 ``--report`` writes those three from the cells finished so far and runs nothing;
@@ -33,13 +35,15 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flwr.common.logger import FLOWER_LOGGER
+
 from flwr_hyperprism.orchestration.store import ROUTING_FILE
 from flwr_hyperprism.setup.config import RunConfig
 
 from .run import ENGINES, run_experiment
 from .sweep_file import REFERENCE_METHOD, Cell, Sweep, cell_rows
 
-log = logging.getLogger("flwr")
+log = FLOWER_LOGGER
 
 CSV_KEYS = ("round", "exchanges", "nodes_replied", "accuracy_mean", "accuracy_std", "loss_mean",
             "p_theta_mean", "p_theta_std", "p_phi_mean", "p_phi_std", "neighbours_dropped_mean",
@@ -66,6 +70,16 @@ def run_sweep(sweep: Sweep, out: Path, engine: str = "inprocess", jobs: int = 1,
         if finished(run_dir, cell.config):
             log.info("[sweep %s] cell %s of %s (%s) already done", sweep.name, index,
                      len(cells), run_dir.name)
+            continue
+        source = reusable_cell(sweep, out, cell.config)
+        if source is not None:  # same seed and settings: the same metrics, so not run again
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir()
+            for name in CELL_FILES:
+                shutil.copy2(source / name, run_dir / name)
+            log.info("[sweep %s] cell %s of %s (%s): copied from %s, a finished run of the "
+                     "same settings", sweep.name, index, len(cells), run_dir.name,
+                     source.relative_to(out.parent))
             continue
         # the nodes checkpoint their state every round-trip, so a stopped cell continues
         config = cell.config.replace(output_dir=str(run_dir.parent), run_name=run_dir.name,
@@ -152,6 +166,7 @@ def _pool(jobs: int) -> futures.Executor:
 
 PATH_KEYS = ("data-dir", "output-dir", "state-dir")  # where things are, not the experiment
 NODE_STATE = "node-state"  # a cell's folder of its nodes' checkpoints while it runs
+CELL_FILES = ("config.json", "metrics.jsonl", "summary.json")  # a finished cell's results
 
 
 
@@ -164,6 +179,16 @@ def relative_paths(run_dir: Path, out: Path) -> None:
         if config.get(key) and Path(config[key]).is_absolute():
             config[key] = os.path.relpath(config[key], out)
     path.write_text(json.dumps(config, indent=2))
+
+
+def reusable_cell(sweep: Sweep, out: Path, config: RunConfig) -> Path | None:
+    """A finished cell of ``config``'s settings among those of the sweeps ``sweep`` reuses
+    (their results beside ``out``), or None."""
+    for name in sweep.reuses:
+        for run_dir in sorted((out.parent / name / "cells").glob("*")):
+            if finished(run_dir, config):
+                return run_dir
+    return None
 
 
 def finished(run_dir: Path, config: RunConfig) -> bool:
@@ -332,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run no cell: write metrics.csv, table.md and the plots from the "
                              "cells that have finished")
     args = parser.parse_args(argv)
-    logging.getLogger("flwr").setLevel(logging.INFO)
+    FLOWER_LOGGER.setLevel(logging.INFO)  # Flower's console handler prints the progress
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     sweep = Sweep.load(args.sweep, args.overrides, seeds)
     out = (args.out or results_dir(sweep)).resolve()

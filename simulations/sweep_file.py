@@ -34,16 +34,19 @@ class Sweep:
     seeds: tuple[int, ...]
     base: RunConfig  # composed configs + overrides, for the configs' algorithm
     given: Mapping[str, Any] = field(default_factory=dict)  # every non-default setting given
+    reuses: tuple[str, ...] = ()  # names of sweeps whose finished cells of the same settings
+    # are this sweep's too (e.g. Table 3's base column is Table 2's)
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = (),
              seeds: Sequence[int] | None = None) -> Sweep:
         path = Path(path)
         spec = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
-        unknown = sorted(set(spec) - {"name", "title", "configs", "methods", "sweep", "seeds"})
+        unknown = sorted(set(spec) - {"name", "title", "configs", "methods", "sweep", "seeds",
+                                      "reuses"})
         if unknown:
             raise ValueError(f"unknown keys {unknown} in sweep file {path}; valid: name, title, "
-                             f"configs, methods, sweep, seeds")
+                             f"configs, methods, sweep, seeds, reuses")
         if len(spec.get("sweep", {})) != 1:
             raise ValueError(f"sweep file {path}: 'sweep' must name exactly one config key and "
                              f"its values, e.g. sweep: {{alpha: [0.1, 1.0, 10.0]}}")
@@ -56,7 +59,8 @@ class Sweep:
         given = {k: v for k, v in loaded.items() if v != defaults[config_key(k)]}
         base = RunConfig.build(**_own(loaded["algorithm"], given))
         sweep = cls(spec.get("name", path.stem), spec.get("title", path.stem), key,
-                    tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base, given)
+                    tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base, given,
+                    tuple(_sweep_name(path.parent / file) for file in spec.get("reuses", [])))
         cells = sweep.cells()  # every cell's config must be valid up front
         for cell in cells:
             algorithm_spec(cell.config.algorithm)
@@ -98,6 +102,15 @@ class Sweep:
         chosen = {columns[text] for text in values}
         return [cell for cell in self.cells() if (not methods or cell.method in methods)
                 and (not values or cell.value in chosen)]
+
+
+def _sweep_name(path: Path) -> str:
+    """The name of the sweep in file ``path`` (its ``name``, else the file's stem)."""
+    if not path.is_file():
+        raise ValueError(f"reuses: no sweep file {path}; name sweep files beside this one, "
+                         f"e.g. reuses: [table2_alpha.yaml]")
+    spec = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
+    return str(spec.get("name", path.stem))
 
 
 def _own(algorithm: str, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flwr_hyperprism.setup.settings import settings_type
-from simulations.sweep import finished, main, markdown_table, run_sweep
+from simulations.sweep import finished, main, markdown_table, reusable_cell, run_sweep
 from simulations.sweep_file import Sweep
 from strategies.base.group import NodeGroup
 
@@ -92,6 +92,36 @@ def test_an_interrupted_sweep_resumes_with_the_unfinished_cells_only(tmp_path, t
     assert not finished(out / "cells" / cell.id("alpha"), cell.config.replace(lr=0.5))
     saved = json.loads((out / "cells" / cell.id("alpha") / "config.json").read_text())
     assert saved["output-dir"] == "cells"  # relative to the sweep's output directory
+
+
+def test_a_sweep_copies_the_cells_a_reused_sweep_finished_with_the_same_settings(
+        tmp_path, tiny_sweep, caplog):
+    results = tmp_path / "results"
+    run_sweep(tiny_sweep, results / "tiny")
+    # a second table whose alpha = 10.0 column, seed 0, is the tiny sweep's; 1.0 is new
+    (tmp_path / "other.yaml").write_text(TINY.replace("name: tiny", "name: other")
+                                         .replace("[0.1, 10.0]", "[10.0, 1.0]")
+                                         .replace("seeds: [0, 1]", "seeds: [0]")
+                                         + "reuses: [tiny.yaml]\n")
+    other = Sweep.load(tmp_path / "other.yaml", TINY_SETTINGS)
+    assert other.reuses == ("tiny",)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        summaries = run_sweep(other, results / "other")
+    copied = sorted(r.getMessage().split("(")[1].split(")")[0] for r in caplog.records
+                    if "copied from" in r.getMessage())
+    assert copied == ["D-PSGD__alpha=10.0__seed0", "HyperPrism__alpha=10.0__seed0"]
+    assert len(summaries) == 4
+    for name in copied:
+        for file in ("metrics.jsonl", "summary.json"):
+            assert ((results / "other" / "cells" / name / file).read_bytes()
+                    == (results / "tiny" / "cells" / name / file).read_bytes())
+    # another setting is another run: nothing to copy
+    changed = Sweep.load(tmp_path / "other.yaml", [*TINY_SETTINGS, "lr=0.02"])
+    assert reusable_cell(changed, results / "other", changed.cells()[0].config) is None
+    (tmp_path / "bad.yaml").write_text("methods: {A: {}}\nsweep: {alpha: [1.0]}\n"
+                                       "reuses: [missing.yaml]\n")
+    with pytest.raises(ValueError, match="reuses: no sweep file .*missing.yaml"):
+        Sweep.load(tmp_path / "bad.yaml")
 
 
 def test_a_cell_stopped_part_way_continues_from_its_checkpoints_with_the_same_metrics(
@@ -269,6 +299,7 @@ def test_the_tuned_cnn_tables_share_methods_settings_and_their_base_column():
     for sweep, value in ((density, 0.5), (nodes, 50)):
         column = {c.method: c.config for c in sweep.cells() if c.value == value}
         assert column == by_method
+        assert sweep.reuses == ("table2_alpha_cnn_tuned",)  # so those cells are copied
 
 
 def test_the_command_line_takes_overrides_and_seeds(tmp_path, tiny_sweep, capsys):
