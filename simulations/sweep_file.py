@@ -50,6 +50,9 @@ class Sweep:
         if len(spec.get("sweep", {})) != 1:
             raise ValueError(f"sweep file {path}: 'sweep' must name exactly one config key and "
                              f"its values, e.g. sweep: {{alpha: [0.1, 1.0, 10.0]}}")
+        if not isinstance(spec.get("reuses", []), list):
+            raise ValueError(f"sweep file {path}: 'reuses' must be a list of sweep files, e.g. "
+                             f"reuses: [table2_alpha.yaml]; got {spec['reuses']!r}")
         [(key, values)] = spec["sweep"].items()
         key = key.replace("-", "_")
         methods = {name: {k.replace("-", "_"): v for k, v in (settings or {}).items()}

@@ -224,6 +224,8 @@ def test_table_metrics_mean_std_reached_counts_and_improvements(tiny_sweep):
     ("methods: {A: {}}\nsweep: {alpha: [1.0], density: [0.5]}\n", "exactly one config key"),
     ("methods: {A: {}}\nsweep: {alpha: [0.0]}\n", "'alpha' must be > 0, got 0.0"),
     ("methods: {A: {algorithm: fedavg}}\nsweep: {alpha: [1.0]}\n", "'fedavg' is not one of"),
+    ("methods: {A: {}}\nsweep: {alpha: [1.0]}\nreuses: table2_alpha.yaml\n",
+     "'reuses' must be a list"),
 ])
 def test_bad_sweep_files_fail_before_any_run(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
