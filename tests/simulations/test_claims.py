@@ -18,7 +18,7 @@ BASELINES = ["D-PSGD", "Mudag"]
 def setting(label: str, accuracy: dict[str, float], rounds: dict[str, float],
             degrees: list[tuple[float, float]] | None = None) -> Setting:
     """One seed (0) of each method in ``accuracy``; HyperPrism's degrees ``degrees``."""
-    return Setting(label, {m: {0: Run(a, cast(int | None, rounds.get(m)),
+    return Setting(label, {m: {0: Run(a, a, cast(int | None, rounds.get(m)),
                                       (degrees or [(1.0, 1.0)]) if m == "HyperPrism" else [])}
                            for m, a in accuracy.items()})
 
@@ -70,8 +70,12 @@ def test_a_setting_where_a_baseline_has_not_finished_is_not_compared():
     assert texts["best accuracy"] == "1 of 1; against the best baseline +10.00 points"
 
 
-def runs(by_seed: dict[int, tuple[float, int | None]]) -> dict[int, Run]:
-    return {seed: Run(accuracy, rounds, []) for seed, (accuracy, rounds) in by_seed.items()}
+def runs(by_seed: dict[int, tuple[float, int | None]], final: float | None = None
+         ) -> dict[int, Run]:
+    """Runs of (Max Acc, Conv. Rds) by seed; their last-round accuracy ``final`` (default:
+    their Max Acc)."""
+    return {seed: Run(accuracy, accuracy if final is None else final, rounds, [])
+            for seed, (accuracy, rounds) in by_seed.items()}
 
 
 def test_a_setting_is_compared_over_the_seeds_every_method_finished():
@@ -98,6 +102,15 @@ def test_a_setting_is_compared_over_the_seeds_every_method_finished():
     assert texts["compared"] == "1; seeds each: 2"
     assert texts["fastest"] == "0 of 1 (fastest elsewhere: alpha = 0.1: D-PSGD)"
     assert texts["best accuracy"] == "1 of 1; against the best baseline +25.00 points"
+
+
+def test_a_run_that_collapses_after_its_peak_keeps_its_max_acc_but_not_its_final_accuracy():
+    collapsed = Setting("alpha = 0.1", {"HyperPrism": runs({0: (0.80, 20)}, final=0.09),
+                                        "D-PSGD": runs({0: (0.78, 20)}, final=0.78),
+                                        "Mudag": runs({0: (0.60, None)}, final=0.55)})
+    texts = claim_texts([collapsed], "HyperPrism", BASELINES)
+    assert texts["best accuracy"] == "1 of 1; against the best baseline +2.00 points"
+    assert texts["final accuracy"] == "0 of 1; against the best baseline -69.00 points"
 
 
 TINY = """
