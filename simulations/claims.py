@@ -128,17 +128,11 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
     texts["fastest"] = (f"{len(won)} of {len(raced)}"
                         + (f" (fastest elsewhere: {'; '.join(lost)})" if lost else ""))
     # best accuracy, and the gap to the best baseline
-    gaps = {s.label: 100 * (s.max_accuracy[variant] - max(s.max_accuracy[b] for b in baselines))
-            for s in shared}
-    best = [label for label, gap in gaps.items() if gap >= 0]
-    texts["best accuracy"] = (f"{len(best)} of {len(gaps)}; against the best baseline "
-                              f"{span(list(gaps.values()), '+.2f')} points" if gaps else "—")
+    gaps = {s.label: lead(s.max_accuracy, variant, baselines) for s in shared}
+    texts["best accuracy"] = lead_text(gaps)
     # the same at the last round: a run that collapsed after its peak keeps its Max Acc
-    final = {s.label: 100 * (s.final_accuracy[variant]
-                             - max(s.final_accuracy[b] for b in baselines)) for s in shared}
-    texts["final accuracy"] = (f"{sum(gap >= 0 for gap in final.values())} of {len(final)}; "
-                               f"against the best baseline {span(list(final.values()), '+.2f')} "
-                               f"points" if final else "—")
+    texts["final accuracy"] = lead_text({s.label: lead(s.final_accuracy, variant, baselines)
+                                         for s in shared})
     # fewer rounds: against the fastest and against the slowest baseline that reaches it
     fewer = []
     for s in shared:
@@ -167,6 +161,20 @@ def claim_texts(settings: Sequence[Setting], variant: str, baselines: Sequence[s
         texts["more accuracy"] = "—"
     texts["p_theta against p_phi"] = degree_text(shared, variant)
     return texts
+
+
+def lead(accuracy: Mapping[str, float], variant: str, baselines: Sequence[str]) -> float:
+    """The variant's ``accuracy`` (method -> fraction) minus the best baseline's, in points."""
+    return 100 * (accuracy[variant] - max(accuracy[b] for b in baselines))
+
+
+def lead_text(gaps: Mapping[str, float]) -> str:
+    """'k of n; against the best baseline low to high points' for per-setting ``gaps``."""
+    if not gaps:
+        return "—"
+    ahead = sum(gap >= 0 for gap in gaps.values())
+    return (f"{ahead} of {len(gaps)}; against the best baseline "
+            f"{span(list(gaps.values()), '+.2f')} points")
 
 
 def degree_text(settings: Sequence[Means], variant: str) -> str:
