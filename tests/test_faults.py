@@ -26,9 +26,18 @@ from flwr_hyperprism.orchestration.rounds import round_loop
 from flwr_hyperprism.server.app import make_server_app, run
 from flwr_hyperprism.setup.config import RunConfig
 from strategies import ALGORITHMS
+from strategies.base.learner import LocalUpdate
 from strategies.base.rule import NodeTask
+from strategies.base.screening import divergence_fault
 from tests.harness import LocalGrid, stamp, train_round
-from tests.variants import config_of, make_config, metrics_rows, model_groups, nodes_for
+from tests.variants import (
+    config_of,
+    make_config,
+    metrics_rows,
+    model_groups,
+    nodes_for,
+    spread_states,
+)
 from tests.variants import variant as variant_of
 
 
@@ -430,6 +439,43 @@ def test_a_diverging_node_rolls_back_and_is_counted(tmp_path, caplog, variant):
     if variant == "hyperprism-fixed-p3" or variant == "hyperprism-hypernetwork":
         # the merge after a divergence is linear; the other nodes keep their degree
         assert rows[3]["p_phi"]["2"] == 1.0 and rows[3]["p_phi"]["1"] > 1.0
+
+
+@pytest.mark.parametrize("variant", GOSSIP_VARIANTS)
+def test_a_finite_blow_up_under_the_growth_limit_is_caught_by_its_loss(tmp_path, caplog, variant):
+    # The CNN at lr 0.3 (RESULTS.md): a node's training blew up to a finite model under the
+    # 1000x growth limit; it passed, and the neighbours whose merges held it blew up in turn
+    # and rolled back to those merges, so nothing recovered.
+    config = make_config(tmp_path, variant, num_nodes=3, fixed_p=3.0)
+    plan, rules = nodes_for(config)
+    states = spread_states(rules)
+    task = NodeTask(2, (1, 2), (0.25, 0.25), 0.5, coefficients=plan.coefficients(2))
+    neighbours = {j: states[j].shared for j in (1, 2)}
+    own = rules[0].full_model(states[0].shared)
+    pending = rules[0].begin(states[0], task, neighbours, rules[0].generator(task))
+    start = pending.train_from
+    ceiling = config.max_train_loss_ratio * math.log(10)  # ten classes
+    blown = LocalUpdate({k: 50 * v if v.is_floating_point() else v for k, v in start.items()},
+                        {"train_loss": 1.01 * ceiling}, {n: torch.zeros_like(start[n])
+                                                         for n in rules[0].learner.names})
+    assert divergence_fault(start, blown.model, blown.metrics, config.max_neighbour_ratio) is None
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        state, metrics, _ = pending.finish(blown)
+    assert metrics["diverged"] == 1.0 and "train_loss" not in metrics
+    assert any("round 2: partition 0 diverged (training: train_loss" in w for w in records(caplog))
+    # it keeps its model from before the round-trip: not the blow-up, nor the merge (atc)
+    kept = rules[0].model_of(state.shared)
+    assert all(torch.equal(kept[k], own[k]) for k in kept)
+    if config.order == "atc":
+        assert any(not torch.equal(start[k], own[k]) for k in rules[0].learner.names)
+
+    # the same model with a loss under the ceiling is a trained model
+    fine = dataclasses.replace(blown, metrics={"train_loss": 0.99 * ceiling})
+    rules[0].learner.load(states[0])
+    pending = rules[0].begin(states[0], task, neighbours, rules[0].generator(task))
+    _, metrics, _ = pending.finish(fine)
+    assert "diverged" not in metrics and metrics["train_loss"] == fine.metrics["train_loss"]
 
 
 @pytest.mark.parametrize("variant", ["hyperprism", "hyperprism-tracking"])

@@ -123,3 +123,7 @@ class HandlerLearner:
 
     def probe(self, model: StateDict, gen: torch.Generator) -> None:
         return None
+
+    def training_fault(self, update: LocalUpdate) -> None:
+        """None: the handler's loss (if it reports one) has no known scale to judge it by."""
+        return None

@@ -94,6 +94,9 @@ class RunConfig(Settings):
     # the node's own largest |value| and the lower median over the node and its neighbours) is
     # dropped for the round (large p makes the power mean follow the largest magnitude)
     max_neighbour_ratio: float = 1000.0
+    # a native node's training has diverged (and is rolled back) when its mean training loss
+    # exceeds this ratio times ln(classes), the cross-entropy of a uniform guess
+    max_train_loss_ratio: float = 10.0
     # orchestration and outputs
     round_timeout: float = 600.0  # seconds a round-trip waits for replies (docs/fleet.md)
     node_wait_timeout: float = 300.0
@@ -142,6 +145,7 @@ class RunConfig(Settings):
             ("local_steps", 0, None, ">= 0"), ("mobility_speed", 0.0, None, ">= 0"),
             ("target_accuracy", 0.0, 1.0, "in [0, 1]"),
             ("max_neighbour_ratio", 1.0, None, ">= 1 (and finite)"),
+            ("max_train_loss_ratio", 1.0, None, ">= 1 (and finite)"),
             ("max_staleness", 0, None, "an integer >= 0"),
             ("server_eval_every", 1, None, "an integer >= 1"),
             ("server_eval_nodes", 0, None, "an integer >= 0 (0: every node)"),

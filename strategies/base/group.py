@@ -141,6 +141,8 @@ class TrainingPool:
                     value[:k].add_(direction, alpha=-config.lr)
                     last_gradient[name][:k] = gradient
             loss_sum[:k] += node_losses.detach().double()
+            if t == 0:  # every node takes a first step
+                first_loss = node_losses.detach().double().tolist()
         train_loss = loss_sum.tolist()
         updates: dict[int, LocalUpdate] = {}  # by position in ``pids``
         for position, i in enumerate(rank):
@@ -151,7 +153,8 @@ class TrainingPool:
             updates[i] = LocalUpdate(
                 {**starts[i], **{n: params[n][position].clone() for n in names}},
                 {"train_loss": train_loss[position] / steps[i]},
-                {n: last_gradient[n][position].clone() for n in learner.names})
+                {n: last_gradient[n][position].clone() for n in learner.names},
+                first_loss[position])
         return [updates[i] for i in range(len(pids))]
 
     def _minibatches(self, pids: Sequence[int], learners: Sequence[DataLearner],

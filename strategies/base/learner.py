@@ -10,6 +10,7 @@ in both modes. Pure torch, no Flower.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,11 +55,14 @@ class LocalUpdate:
     gradient : {parameter name: tensor}, an estimate of the local gradient: the last
         minibatch's gradient for the node's own SGD, the pseudo-gradient (start - trained) / lr
         for a train handler
+    first_loss : the loss of the first minibatch, at the model the training started from
+        (None: not known, e.g. a train handler)
     """
 
     model: StateDict
     metrics: dict[str, float]
     gradient: StateDict
+    first_loss: float | None = None
 
 
 class Learner(Protocol):
@@ -103,6 +107,12 @@ class Learner(Protocol):
 
     def train(self, model: StateDict, gen: torch.Generator) -> LocalUpdate:
         """Train ``model`` locally (one round's worth)."""
+        ...
+
+    def training_fault(self, update: LocalUpdate) -> str | None:
+        """Why a finite ``update`` of this learner's training has nevertheless diverged (its
+        loss is out of all proportion), or None; non-finite and runaway models are the node
+        rule's check (``screening.divergence_fault``)."""
         ...
 
     def gradient(self, params: StateDict, gen: torch.Generator
@@ -294,7 +304,21 @@ class DataLearner:
                 last_gradient[name] = (torch.zeros_like(parameter) if grad is None
                                        else grad.detach().clone())
         return LocalUpdate(clone_tensors(self.model.state_dict()),
-                           {"train_loss": sum(losses) / len(losses)}, last_gradient)
+                           {"train_loss": sum(losses) / len(losses)}, last_gradient, losses[0])
+
+    def training_fault(self, update: LocalUpdate) -> str | None:
+        """Diverged when the mean training loss exceeds ``max-train-loss-ratio`` times the
+        larger of the first minibatch's loss (where the training started) and ln(classes),
+        the cross-entropy of a uniform guess: training made the model far worse on the very
+        data it trained on. A blow-up at a step size near the edge of stability can stay
+        finite and under the growth limit (``divergence_fault``) and still spread through the
+        merges. A node whose model starts bad may still train: only a rise counts."""
+        ratio, loss = self.config.max_train_loss_ratio, update.metrics["train_loss"]
+        start = max(update.first_loss or 0.0, math.log(NUM_CLASSES))
+        if loss > ratio * start:
+            return (f"train_loss {loss:.4g} > {ratio:g} x max(first minibatch's loss, "
+                    f"ln {NUM_CLASSES}) = {ratio * start:.4g}")
+        return None
 
     def gradient(self, params: StateDict, gen: torch.Generator
                  ) -> tuple[dict[str, float], StateDict]:

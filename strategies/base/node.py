@@ -155,8 +155,8 @@ class LearningNode:
 
     def report_divergence(self, task: NodeTask, fault: str, metrics: dict[str, float]) -> None:
         """Log a rolled-back round-trip and count it in the metric ``diverged``."""
-        log.warning("round %s: partition %s diverged (%s); it keeps its last finite model",
-                    task.round, self.partition_id, fault)
+        log.warning("round %s: partition %s diverged (%s); it keeps its model from before "
+                    "this round-trip", task.round, self.partition_id, fault)
         metrics["diverged"] = 1.0
 
     def full_model(self, tensors: Mapping[str, Tensor]) -> StateDict:
@@ -329,10 +329,15 @@ class GossipNode(LearningNode, Generic[Extra]):
         def finish(update: LocalUpdate | None) -> Outcome:
             nonlocal model, extra
             if update is not None:
-                fault = divergence_fault(start, update.model, update.metrics,
-                                         self.config.max_neighbour_ratio)
-                if fault is not None:  # the node keeps ``start``
-                    _, extra = self._roll_back(start, task, f"training: {fault}", metrics, extra)
+                fault = (divergence_fault(start, update.model, update.metrics,
+                                          self.config.max_neighbour_ratio)
+                         or self.learner.training_fault(update))
+                if fault is not None:
+                    # back to the model the node had before this round-trip, not to ``start``:
+                    # a merge that training blew up may hold a neighbour's own blow-up, which
+                    # passed its checks, and would carry it on
+                    model, extra = self._roll_back(own, task, f"training: {fault}", metrics,
+                                                   extra)
                 else:
                     metrics.update(update.metrics)
                     extra = self.trained(start, update, extra)
@@ -358,14 +363,15 @@ class GossipNode(LearningNode, Generic[Extra]):
             model, extra = self._roll_back(own, task, f"its merge: {fault}", metrics, extra)
         return model, extra
 
-    def _roll_back(self, finite: StateDict, task: NodeTask, fault: str,
+    def _roll_back(self, own: StateDict, task: NodeTask, fault: str,
                    metrics: dict[str, float], extra: Extra) -> tuple[StateDict, Extra]:
-        """A diverged round-trip: keep the last finite model, restart the learner's own state
-        (momentum that went non-finite with the model), let the algorithm react
-        (``diverged``), log it, and count it in the metric ``diverged``."""
+        """A diverged round-trip: the node keeps ``own``, its model from before the round-trip
+        (the last one that ended a healthy round-trip), restarts its learner's own state
+        (momentum that diverged with the model), lets the algorithm react (``diverged``), logs
+        it, and counts it in the metric ``diverged``."""
         self.report_divergence(task, fault, metrics)
         self.learner.load(NodeState())
-        return finite, self.diverged(extra)
+        return own, self.diverged(extra)
 
 
 def screen_and_log(own: StateDict, task: NodeTask, neighbours: Mapping[int, StateDict],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -52,6 +55,29 @@ def test_a_local_update_reports_the_last_minibatch_gradient():
     # the first of the three steps starts at the zero model: its gradient is not the last one
     _, first = learner.gradient(start, torch.Generator().manual_seed(0))
     assert any(not torch.allclose(first[n], update.gradient[n]) for n in learner.names)
+
+
+def test_training_diverged_when_its_loss_rose_past_the_ratio_times_where_it_started():
+    config = RunConfig(num_nodes=5, local_steps=3, eval_size=100, max_train_loss_ratio=4.0)
+    learner = DataLearner(config, node_data(config, 0))
+    update = learner.train(learner.initial_model, torch.Generator().manual_seed(0))
+    first, _ = learner.gradient(learner.initial_model, torch.Generator().manual_seed(0))
+    assert update.first_loss == pytest.approx(first["train_loss"])  # the same first minibatch
+    assert learner.training_fault(update) is None
+    # the reference is the larger of the first minibatch's loss and ln 10 (a uniform guess)
+    uniform = math.log(10)
+    for first_loss, loss, diverged in [(0.01, 1.001 * 4 * uniform, True),
+                                       (0.01, 0.999 * 4 * uniform, False),
+                                       (50.0, 199.0, False), (50.0, 201.0, True),
+                                       (None, 1.001 * 4 * uniform, True)]:
+        fault = learner.training_fault(dataclasses.replace(
+            update, metrics={"train_loss": loss}, first_loss=first_loss))
+        assert (fault is not None) == diverged, (first_loss, loss)
+    fault = learner.training_fault(dataclasses.replace(update, metrics={"train_loss": 201.0},
+                                                       first_loss=50.0))
+    assert fault == "train_loss 201 > 4 x max(first minibatch's loss, ln 10) = 200"
+    with pytest.raises(ValueError, match="'max-train-loss-ratio' must be >= 1"):
+        config.replace(max_train_loss_ratio=0.5)
 
 
 def test_native_local_layers_keep_the_nodes_own_tensors(zero_learning_rate):
