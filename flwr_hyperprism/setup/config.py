@@ -95,7 +95,8 @@ class RunConfig(Settings):
     # dropped for the round (large p makes the power mean follow the largest magnitude)
     max_neighbour_ratio: float = 1000.0
     # a native node's training has diverged (and is rolled back) when its mean training loss
-    # exceeds this ratio times ln(classes), the cross-entropy of a uniform guess
+    # exceeds this ratio times the larger of its first minibatch's loss and ln(classes), the
+    # cross-entropy of a uniform guess (a train handler's loss has no known scale: unchecked)
     max_train_loss_ratio: float = 10.0
     # orchestration and outputs
     round_timeout: float = 600.0  # seconds a round-trip waits for replies (docs/fleet.md)
