@@ -61,7 +61,7 @@ class Sweep:
         defaults = flat_defaults()
         given = {k: v for k, v in loaded.items() if v != defaults[config_key(k)]}
         base = RunConfig.build(**_own(loaded["algorithm"], given))
-        sweep = cls(spec.get("name", path.stem), spec.get("title", path.stem), key,
+        sweep = cls(_name(spec, path), spec.get("title", path.stem), key,
                     tuple(values), methods, tuple(seeds or spec.get("seeds", [0])), base, given,
                     tuple(_sweep_name(path.parent / file) for file in spec.get("reuses", [])))
         cells = sweep.cells()  # every cell's config must be valid up front
@@ -112,7 +112,11 @@ def _sweep_name(path: Path) -> str:
     if not path.is_file():
         raise ValueError(f"reuses: no sweep file {path}; name sweep files beside this one, "
                          f"e.g. reuses: [table2_alpha.yaml]")
-    spec = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
+    return _name(cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path))), path)
+
+
+def _name(spec: Mapping[str, Any], path: Path) -> str:
+    """A sweep's name: the ``name`` of its file's contents ``spec``, else the file's stem."""
     return str(spec.get("name", path.stem))
 
 
