@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flwr_hyperprism.setup.config import RunConfig
@@ -39,6 +40,26 @@ def test_batched_training_gives_each_node_its_own_sgd_and_momentum():
                                            rtol=1e-4, atol=1e-4)
         for key in ("accuracy", "loss", "train_loss"):
             assert abs(batched.metrics[key] - per_node.metrics[key]) < 1e-4, key
+
+
+def test_batched_training_reports_each_nodes_first_minibatch_loss():
+    # the divergence check compares a node's training loss with its first minibatch's loss
+    # (DataLearner.training_fault): the batched loop must hand each node its own
+    config = RunConfig(algorithm="dpsgd", num_nodes=5, alpha=0.1, eval_size=300)
+    batched, per_node = group_of(config, True), group_of(config, False)
+    pids = [3, 0, 4]
+    noise = torch.Generator().manual_seed(0)
+    starts = [{k: v + 0.01 * torch.randn(v.shape, generator=noise) for k, v in
+               batched.rules[pid].learner.initial_model.items()} for pid in pids]
+    updates = batched.pool.train(pids, starts, [torch.Generator().manual_seed(pid)
+                                                for pid in pids])
+    for pid, start, update in zip(pids, starts, updates):
+        alone = per_node.rules[pid].learner.train(start, torch.Generator().manual_seed(pid))
+        assert update.first_loss is not None and alone.first_loss is not None
+        assert update.first_loss == pytest.approx(alone.first_loss, rel=1e-5)
+        assert update.metrics["train_loss"] == pytest.approx(alone.metrics["train_loss"],
+                                                             rel=1e-5)
+    assert len({update.first_loss for update in updates}) == len(pids)
 
 
 def test_a_batched_group_is_deterministic_and_steps_only_the_given_partitions():
