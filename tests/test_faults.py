@@ -472,7 +472,6 @@ def test_a_finite_blow_up_under_the_growth_limit_is_caught_by_its_loss(tmp_path,
 
     # the same model with a loss under the ceiling is a trained model
     fine = dataclasses.replace(blown, metrics={"train_loss": 0.99 * ceiling})
-    rules[0].learner.load(states[0])
     pending = rules[0].begin(states[0], task, neighbours, rules[0].generator(task))
     _, metrics, _ = pending.finish(fine)
     assert "diverged" not in metrics and metrics["train_loss"] == fine.metrics["train_loss"]
