@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +20,34 @@ Row = dict[str, Any]
 # ``server_*`` metric (a Strategy.start evaluate_fn's, per node).
 PER_NODE_KEYS = ("accuracy", "p_theta", "p_phi")
 DIVERGED = "diverged"  # a node's metric when its model diverged and was rolled back
+# The checkout this package runs from, when it runs from one (not an installed wheel or a
+# Flower app bundle).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def code_version(source: Path = SOURCE_ROOT) -> str:
+    """Which code is running: ``git <commit>`` when ``source`` is a git checkout (with
+    ``+modified`` when its Python files differ from that commit), else ``flwr-hyperprism
+    <version>`` of the installed package (``unknown`` without its metadata).
+
+    Only Python files count as modified: a sweep rewrites tracked result files as it runs.
+    """
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(["git", "-C", str(source), *args], capture_output=True,
+                                  text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+            return None
+
+    commit = git("rev-parse", "--short=12", "HEAD") if (source / ".git").exists() else None
+    if commit is not None and commit.returncode == 0:
+        modified = git("diff", "--quiet", "HEAD", "--", "*.py")
+        return (f"git {commit.stdout.strip()}"
+                f"{'+modified' if modified is None or modified.returncode != 0 else ''}")
+    try:
+        return f"flwr-hyperprism {importlib.metadata.version('flwr-hyperprism')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "flwr-hyperprism unknown"
 
 
 def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> Row:
@@ -76,6 +106,8 @@ class RunRecorder:
     A new run (``keep_rows`` None) refuses a run directory whose metrics.jsonl already has
     rows: an earlier run is never overwritten silently. A resumed run keeps the first
     ``keep_rows`` rows of its metrics.jsonl (those its checkpoint covers) and appends.
+    summary.json's ``code_versions`` lists the code (``code_version``) that wrote the rows, in
+    order: one entry, or more when a run was resumed by other code.
     """
 
     def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "",
@@ -97,9 +129,20 @@ class RunRecorder:
                              f"rows but metrics.jsonl has {len(lines)}")
         self.rows: list[Row] = [json.loads(line) for line in lines[:keep_rows or 0]]
         self.nonfinite_final: list[int] = []
+        self.code_versions = self._earlier_code_versions() if keep_rows else []
+        if code_version() not in self.code_versions[-1:]:
+            self.code_versions.append(code_version())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.settings, indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+
+    def _earlier_code_versions(self) -> list[str]:
+        """The code versions in the resumed run's summary.json (none in runs before them)."""
+        try:
+            summary = json.loads((self.run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return list(summary.get("code_versions", []))
 
     def record(self, row: Row) -> None:
         self.rows.append(row)
@@ -108,7 +151,8 @@ class RunRecorder:
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
     def summary(self) -> Row:
-        summary = {**summarise_run(self.rows, self.config), "algorithm_name": self.description}
+        summary = {**summarise_run(self.rows, self.config), "algorithm_name": self.description,
+                   "code_versions": self.code_versions}
         if self.nonfinite_final:
             summary.update(complete=False, partitions_nonfinite_final=self.nonfinite_final)
         return {k: v for k, v in summary.items()  # no dataset or model a run did not use

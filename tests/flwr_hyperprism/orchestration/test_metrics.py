@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import subprocess
 
 import pytest
 
+from flwr_hyperprism.orchestration import metrics
 from flwr_hyperprism.orchestration.metrics import (
     RunRecorder,
+    code_version,
     format_round,
     summarise_round,
     summarise_run,
@@ -81,3 +85,41 @@ def test_a_new_run_never_overwrites_an_existing_one_and_a_resumed_one_keeps_its_
     assert [json.loads(line)["round"] for line in lines] == [0, 1]
     with pytest.raises(ValueError, match="checkpoint covers 5 rows but metrics.jsonl has 2"):
         RunRecorder(tmp_path / "run", config, keep_rows=5)
+
+
+def test_code_version_is_the_checkouts_commit_marked_when_its_python_files_differ(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    installed = importlib.metadata.version("flwr-hyperprism")
+    assert code_version(tmp_path) == f"flwr-hyperprism {installed}"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "node.py").write_text("x = 1\n")
+    (tmp_path / "summary.json").write_text("{}")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "--short=12", "HEAD")
+    assert code_version(tmp_path) == f"git {commit}"
+    (tmp_path / "summary.json").write_text('{"rounds_completed": 3}')  # a result, not code
+    assert code_version(tmp_path) == f"git {commit}"
+    (tmp_path / "node.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"git {commit}+modified"
+
+
+def test_summary_lists_the_code_that_wrote_the_rows_and_a_resume_by_other_code_adds_it(
+        tmp_path, monkeypatch):
+    config = RunConfig(num_nodes=2)
+
+    def run(version: str, keep_rows: int | None, rounds: range) -> list[str]:
+        monkeypatch.setattr(metrics, "code_version", lambda: version)
+        recorder = RunRecorder(tmp_path / "run", config, keep_rows=keep_rows)
+        for round_ in rounds:
+            recorder.record({**summarise_round(round_, {0: {"accuracy": 0.5}}),
+                             "exchanges": round_, "seconds": 1.0})
+        return json.loads((tmp_path / "run" / "summary.json").read_text())["code_versions"]
+
+    assert run("git aaa", None, range(3)) == ["git aaa"]
+    assert run("git aaa", 3, range(3, 5)) == ["git aaa"]
+    assert run("git bbb", 5, range(5, 6)) == ["git aaa", "git bbb"]
