@@ -16,7 +16,9 @@ interrupted sweep resumes where it stopped; nor is one that a sweep the file nam
 (every round of every cell), ``table.md`` (Max Acc and Conv. Rds, mean ± std over seeds, in the
 paper's layout) and, with matplotlib installed, the plots (``simulations.plots``).
 ``--report`` writes those three from the cells finished so far and runs nothing;
-``--method`` and ``--value`` (each repeatable) run only those rows and columns.
+``--method``, ``--value`` (each repeatable) and ``--seeds`` run only those rows, columns and
+seeds. The table always shows every row and column, and the file's seeds and any ``--seeds``
+added to them (so ``--seeds 2`` on a file of seeds [0, 1] runs seed 2 and reports all three).
 """
 
 from __future__ import annotations
@@ -345,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("sweep", help="a sweep YAML file under simulations/")
     parser.add_argument("overrides", nargs="*", help="key=value settings for every cell")
     parser.add_argument("--engine", choices=ENGINES, default="flower")
-    parser.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
+    parser.add_argument("--seeds", help="comma-separated seeds to run (default: the sweep "
+                                        "file's); the table shows them and the file's")
     parser.add_argument("--method", action="append", default=[], dest="methods",
                         help="run only this row (repeat for more); the table shows every row")
     parser.add_argument("--value", action="append", default=[], dest="values",
@@ -359,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     FLOWER_LOGGER.setLevel(logging.INFO)  # Flower's console handler prints the progress
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    sweep = Sweep.load(args.sweep, args.overrides, seeds)
+    sweep = Sweep.load(args.sweep, args.overrides).with_seeds(seeds or ())
     out = (args.out or results_dir(sweep)).resolve()
     if args.report:
         if not (out / "cells").is_dir():
@@ -368,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report(sweep, out)
     else:
         try:
-            cells = sweep.selected(args.methods, args.values)
+            cells = sweep.selected(args.methods, args.values, seeds or ())
         except ValueError as err:
             parser.error(str(err))
         run_sweep(sweep, out, args.engine, args.jobs, cells)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -90,9 +90,10 @@ class Sweep:
                       for value in self.values for seed in self.seeds]
         return cells
 
-    def selected(self, methods: Sequence[str] = (), values: Sequence[str] = ()) -> list[Cell]:
+    def selected(self, methods: Sequence[str] = (), values: Sequence[str] = (),
+                 seeds: Sequence[int] = ()) -> list[Cell]:
         """The cells of rows ``methods`` at columns ``values`` (each as written on a command
-        line, e.g. ``"0.1"``); an empty selection means all of them."""
+        line, e.g. ``"0.1"``) and ``seeds``; an empty selection means all of them."""
         unknown = sorted(set(methods) - set(self.methods))
         if unknown:
             raise ValueError(f"methods {unknown} are not rows of sweep {self.name}; its rows: "
@@ -102,9 +103,17 @@ class Sweep:
         if unknown:
             raise ValueError(f"values {unknown} are not columns of sweep {self.name}; its "
                              f"{self.key} values: {list(columns)}")
+        unknown = sorted(set(seeds) - set(self.seeds))
+        if unknown:
+            raise ValueError(f"seeds {unknown} are not seeds of sweep {self.name}: "
+                             f"{list(self.seeds)}")
         chosen = {columns[text] for text in values}
         return [cell for cell in self.cells() if (not methods or cell.method in methods)
-                and (not values or cell.value in chosen)]
+                and (not values or cell.value in chosen) and (not seeds or cell.seed in seeds)]
+
+    def with_seeds(self, seeds: Sequence[int]) -> Sweep:
+        """This sweep with ``seeds`` added after its own (those it has already are kept once)."""
+        return replace(self, seeds=tuple(dict.fromkeys((*self.seeds, *seeds))))
 
 
 def _sweep_name(path: Path) -> str:

@@ -304,12 +304,17 @@ def test_the_tuned_cnn_tables_share_methods_settings_and_their_base_column():
         assert sweep.reuses == ("table2_alpha_cnn_tuned",)  # so those cells are copied
 
 
-def test_the_command_line_takes_overrides_and_seeds(tmp_path, tiny_sweep, capsys):
+def test_the_command_line_takes_overrides_and_runs_the_seeds_given_reporting_the_files_too(
+        tmp_path, tiny_sweep, capsys):
     main([str(tmp_path / "tiny.yaml"), *TINY_SETTINGS, "--engine", "inprocess",
           "--seeds", "5", "--out", str(tmp_path / "cli")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "table.md")
-    assert "seeds [5]" in (tmp_path / "cli" / "table.md").read_text()
-    assert len(list((tmp_path / "cli" / "cells").iterdir())) == 4
+    cells = list((tmp_path / "cli" / "cells").iterdir())
+    assert len(cells) == 4 and all(c.name.endswith("seed5") for c in cells)
+    table = (tmp_path / "cli" / "table.md").read_text()  # the file's seeds stay in the table
+    assert "seeds [0, 1, 5]" in table and "4 of 12 cells have finished" in table
+    with pytest.raises(ValueError, match=r"seeds \[7\] are not seeds of sweep tiny: \[0, 1\]"):
+        tiny_sweep.selected(seeds=[7])
 
 
 def test_the_command_line_runs_chosen_rows_and_columns_and_reports_the_whole_table(
