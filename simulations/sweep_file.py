@@ -103,9 +103,9 @@ class Sweep:
         if unknown:
             raise ValueError(f"values {unknown} are not columns of sweep {self.name}; its "
                              f"{self.key} values: {list(columns)}")
-        unknown = sorted(set(seeds) - set(self.seeds))
-        if unknown:
-            raise ValueError(f"seeds {unknown} are not seeds of sweep {self.name}: "
+        unknown_seeds = sorted(set(seeds) - set(self.seeds))
+        if unknown_seeds:
+            raise ValueError(f"seeds {unknown_seeds} are not seeds of sweep {self.name}: "
                              f"{list(self.seeds)}")
         chosen = {columns[text] for text in values}
         return [cell for cell in self.cells() if (not methods or cell.method in methods)

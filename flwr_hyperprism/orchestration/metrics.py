@@ -130,8 +130,9 @@ class RunRecorder:
         self.rows: list[Row] = [json.loads(line) for line in lines[:keep_rows or 0]]
         self.nonfinite_final: list[int] = []
         self.code_versions = self._earlier_code_versions() if keep_rows else []
-        if code_version() not in self.code_versions[-1:]:
-            self.code_versions.append(code_version())
+        running = code_version()
+        if running not in self.code_versions[-1:]:
+            self.code_versions.append(running)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.settings, indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
