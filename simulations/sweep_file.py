@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -94,19 +94,13 @@ class Sweep:
                  seeds: Sequence[int] = ()) -> list[Cell]:
         """The cells of rows ``methods`` at columns ``values`` (each as written on a command
         line, e.g. ``"0.1"``) and ``seeds``; an empty selection means all of them."""
-        unknown = sorted(set(methods) - set(self.methods))
-        if unknown:
-            raise ValueError(f"methods {unknown} are not rows of sweep {self.name}; its rows: "
-                             f"{list(self.methods)}")
         columns = {str(value): value for value in self.values}
-        unknown = sorted(set(values) - set(columns))
-        if unknown:
-            raise ValueError(f"values {unknown} are not columns of sweep {self.name}; its "
-                             f"{self.key} values: {list(columns)}")
-        unknown_seeds = sorted(set(seeds) - set(self.seeds))
-        if unknown_seeds:
-            raise ValueError(f"seeds {unknown_seeds} are not seeds of sweep {self.name}: "
-                             f"{list(self.seeds)}")
+        _require_known("methods", methods, self.methods,
+                       f"rows of sweep {self.name}; its rows: {list(self.methods)}")
+        _require_known("values", values, columns,
+                       f"columns of sweep {self.name}; its {self.key} values: {list(columns)}")
+        _require_known("seeds", seeds, self.seeds,
+                       f"seeds of sweep {self.name}: {list(self.seeds)}")
         chosen = {columns[text] for text in values}
         return [cell for cell in self.cells() if (not methods or cell.method in methods)
                 and (not values or cell.value in chosen) and (not seeds or cell.seed in seeds)]
@@ -114,6 +108,14 @@ class Sweep:
     def with_seeds(self, seeds: Sequence[int]) -> Sweep:
         """This sweep with ``seeds`` added after its own (those it has already are kept once)."""
         return replace(self, seeds=tuple(dict.fromkeys((*self.seeds, *seeds))))
+
+
+def _require_known(kind: str, given: Iterable[Any], known: Iterable[Any], what: str) -> None:
+    """Raise a ValueError "<kind> [the unknown ones] are not <what>" when some of ``given``
+    are not in ``known``."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"{kind} {unknown} are not {what}")
 
 
 def _sweep_name(path: Path) -> str:
