@@ -16,6 +16,7 @@ The two are imported on first use, so ``import flwr_hyperprism`` stays free of F
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
 
 from .math.graphs import TimeVaryingGraph, metropolis_hastings_weights
@@ -37,4 +38,5 @@ __all__ = [
     "inverse_sign_power", "load_config", "metropolis_hastings_weights", "power_mean",
     "sign_power",
 ]
-__version__ = "0.1.0"
+# pyproject.toml holds the one version string (Flower reads it there, so it stays static)
+__version__ = importlib.metadata.version("flwr-hyperprism")
