@@ -38,5 +38,9 @@ __all__ = [
     "inverse_sign_power", "load_config", "metropolis_hastings_weights", "power_mean",
     "sign_power",
 ]
-# pyproject.toml holds the one version string (Flower reads it there, so it stays static)
-__version__ = importlib.metadata.version("flwr-hyperprism")
+# pyproject.toml holds the one version string (Flower reads it there, so it stays static);
+# a source tree on sys.path without the package installed has no metadata to read it from
+try:
+    __version__ = importlib.metadata.version("flwr-hyperprism")
+except importlib.metadata.PackageNotFoundError:
+    __version__ = "unknown"
