@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import subprocess
@@ -11,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr_hyperprism import __version__
 from flwr_hyperprism.setup.config import RunConfig
 
 Row = dict[str, Any]
@@ -44,10 +44,7 @@ def code_version(source: Path = SOURCE_ROOT) -> str:
         modified = git("diff", "--quiet", "HEAD", "--", "*.py")
         return (f"git {commit.stdout.strip()}"
                 f"{'+modified' if modified is None or modified.returncode != 0 else ''}")
-    try:
-        return f"flwr-hyperprism {importlib.metadata.version('flwr-hyperprism')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "flwr-hyperprism unknown"
+    return f"flwr-hyperprism {__version__}"
 
 
 def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> Row:
