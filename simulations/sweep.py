@@ -237,9 +237,10 @@ def write_csv(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> None:
                                 + tuple(row.get(k, "") for k in CSV_KEYS))
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std_text(values: Sequence[float], decimals: int) -> str:
+    """"mean ± sample std" of ``values``; a single value alone, since one seed has no spread."""
+    mean = f"{statistics.fmean(values):.{decimals}f}"
+    return f"{mean} ± {statistics.stdev(values):.{decimals}f}" if len(values) > 1 else mean
 
 
 def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
@@ -257,7 +258,8 @@ def markdown_table(sweep: Sweep, summaries: Sequence[Mapping]) -> str:
     header = "| Method | " + " | ".join(f"{sweep.key} = {v}" for v in sweep.values) + " |"
     rule = "|---|" + "---|" * len(sweep.values)
     lines = [f"# {sweep.title}", "",
-             f"Mean ± std over seeds {list(sweep.seeds)}. Max Acc: max over rounds of the mean "
+             f"Mean ± std over seeds {list(sweep.seeds)} (one value alone where one seed "
+             f"stands for it). Max Acc: max over rounds of the mean "
              f"node accuracy (%). Conv. Rds: first round with mean node accuracy >= "
              f"{100 * target:g}%.", ""]
     expected = len(sweep.methods) * len(sweep.values) * len(sweep.seeds)
@@ -302,8 +304,7 @@ def seeds_shown(text: str, finished_seeds: int, seeds: int) -> str:
 def max_acc_text(group: Sequence[Mapping]) -> str:
     if not group:
         return "—"
-    mean, std = mean_std([100 * s["max_accuracy"] for s in group])
-    return f"{mean:.2f} ± {std:.2f}"
+    return mean_std_text([100 * s["max_accuracy"] for s in group], decimals=2)
 
 
 def rounds_text(group: Sequence[Mapping]) -> str:
@@ -312,8 +313,7 @@ def rounds_text(group: Sequence[Mapping]) -> str:
     reached = [s["rounds_to_target"] for s in group if s["rounds_to_target"] is not None]
     if not reached:
         return f"not reached (0/{len(group)})"
-    mean, std = mean_std(reached)
-    text = f"{mean:.1f} ± {std:.1f}"
+    text = mean_std_text(reached, decimals=1)
     return text if len(reached) == len(group) else f"{text} ({len(reached)}/{len(group)} reached)"
 
 

@@ -208,14 +208,14 @@ def test_table_metrics_mean_std_reached_counts_and_improvements(tiny_sweep):
     table = markdown_table(tiny_sweep, summaries)
     assert "| HyperPrism | 91.00 ± 1.41 | 80.50 ± 0.71 |" in table  # sample std
     assert "| HyperPrism | 12.0 ± 2.8 | not reached (0/2) |" in table
-    assert "| D-PSGD | 20.0 ± 0.0 (1/2 reached) | 90.0 ± 0.0 (1/2 reached) |" in table
+    assert "| D-PSGD | 20.0 (1/2 reached) | 90.0 (1/2 reached) |" in table
     # +4 points over D-PSGD's 87%; 12 rounds against 20: 40% fewer
     assert "| Max Acc (points) | +4.00 | -4.00 |" in table
     assert "| Conv. Rds (fewer rounds) | +40.0% | — |" in table
     assert "first round with mean node accuracy >= 85%" in table
     partial = markdown_table(tiny_sweep, summaries[1:])  # HyperPrism's first seed is missing
-    assert "| HyperPrism | 92.00 ± 0.00 [1 of 2 seeds] | 80.50 ± 0.71 |" in partial
-    assert "| HyperPrism | 14.0 ± 0.0 [1 of 2 seeds] | not reached (0/2) |" in partial
+    assert "| HyperPrism | 92.00 [1 of 2 seeds] | 80.50 ± 0.71 |" in partial
+    assert "| HyperPrism | 14.0 [1 of 2 seeds] | not reached (0/2) |" in partial
     assert "| HyperPrism | 0.10 |" in table  # 10 s over 100 rounds
 
 
