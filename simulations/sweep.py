@@ -238,7 +238,7 @@ def write_csv(sweep: Sweep, out: Path, cells: Sequence[Cell]) -> None:
 
 
 def mean_std_text(values: Sequence[float], decimals: int) -> str:
-    """"mean ± sample std" of ``values``; a single value alone, since one seed has no spread."""
+    """``values``' mean ± sample std as text, or the mean alone for one value (no spread)."""
     mean = f"{statistics.fmean(values):.{decimals}f}"
     return f"{mean} ± {statistics.stdev(values):.{decimals}f}" if len(values) > 1 else mean
 
