@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flwr_hyperprism import __version__
 from flwr_hyperprism.setup.config import RunConfig
 
@@ -45,6 +47,14 @@ def code_version(source: Path = SOURCE_ROOT) -> str:
         return (f"git {commit.stdout.strip()}"
                 f"{'+modified' if modified is None or modified.returncode != 0 else ''}")
     return f"flwr-hyperprism {__version__}"
+
+
+def numerics_platform() -> str:
+    """What the float results depend on besides the code and the seed: the torch build and
+    the CPU kernels it picked (``torch.backends.cpu.get_cpu_capability``: AVX2, AVX512, ...),
+    e.g. ``torch 2.14.1+cu130, CPU AVX512``. Runs on two platforms may differ in the last
+    bits from the first round on, and training amplifies that."""
+    return f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}"
 
 
 def summarise_round(round_: int, node_metrics: Mapping[int, Mapping[str, float]]) -> Row:
@@ -104,7 +114,9 @@ class RunRecorder:
     rows: an earlier run is never overwritten silently. A resumed run keeps the first
     ``keep_rows`` rows of its metrics.jsonl (those its checkpoint covers) and appends.
     summary.json's ``code_versions`` lists the code (``code_version``) that wrote the rows, in
-    order: one entry, or more when a run was resumed by other code.
+    order: one entry, or more when a run was resumed by other code; ``platforms`` likewise the
+    torch build and CPU kernels (``numerics_platform``) of the process that records (with
+    Flower on a fleet, the SuperNodes' may differ).
     """
 
     def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "",
@@ -126,21 +138,20 @@ class RunRecorder:
                              f"rows but metrics.jsonl has {len(lines)}")
         self.rows: list[Row] = [json.loads(line) for line in lines[:keep_rows or 0]]
         self.nonfinite_final: list[int] = []
-        self.code_versions = self._earlier_code_versions() if keep_rows else []
-        running = code_version()
-        if running not in self.code_versions[-1:]:
-            self.code_versions.append(running)
+        earlier = self._earlier_summary() if keep_rows else {}
+        self.code_versions = appended(earlier.get("code_versions", []), code_version())
+        self.platforms = appended(earlier.get("platforms", []), numerics_platform())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.settings, indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
-    def _earlier_code_versions(self) -> list[str]:
-        """The code versions in the resumed run's summary.json (none in runs before them)."""
+    def _earlier_summary(self) -> Row:
+        """The resumed run's summary.json (empty if it has none or cannot be read)."""
         try:
             summary = json.loads((self.run_dir / "summary.json").read_text())
         except (OSError, ValueError):
-            return []
-        return list(summary.get("code_versions", []))
+            return {}
+        return summary if isinstance(summary, dict) else {}
 
     def record(self, row: Row) -> None:
         self.rows.append(row)
@@ -150,7 +161,7 @@ class RunRecorder:
 
     def summary(self) -> Row:
         summary = {**summarise_run(self.rows, self.config), "algorithm_name": self.description,
-                   "code_versions": self.code_versions}
+                   "code_versions": self.code_versions, "platforms": self.platforms}
         if self.nonfinite_final:
             summary.update(complete=False, partitions_nonfinite_final=self.nonfinite_final)
         return {k: v for k, v in summary.items()  # no dataset or model a run did not use
@@ -161,6 +172,12 @@ class RunRecorder:
         ``complete`` and summary.json lists them in ``partitions_nonfinite_final``."""
         self.nonfinite_final = sorted(partitions)
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+
+
+def appended(earlier: list[str], running: str) -> list[str]:
+    """``earlier`` (what wrote a resumed run's rows, in order) with ``running`` added unless
+    it wrote the last of them."""
+    return list(earlier) if earlier[-1:] == [running] else [*earlier, running]
 
 
 def summarise_run(rows: list[Row], config: RunConfig) -> Row:

@@ -8,6 +8,7 @@ import math
 import subprocess
 
 import pytest
+import torch
 
 from flwr_hyperprism.orchestration import metrics
 from flwr_hyperprism.orchestration.metrics import (
@@ -108,18 +109,33 @@ def test_code_version_is_the_checkouts_commit_marked_when_its_python_files_diffe
     assert code_version(tmp_path) == f"git {commit}+modified"
 
 
-def test_summary_lists_the_code_that_wrote_the_rows_and_a_resume_by_other_code_adds_it(
+def test_summary_lists_the_code_and_platform_that_wrote_the_rows_and_a_resume_adds_a_new_one(
         tmp_path, monkeypatch):
     config = RunConfig(num_nodes=2)
 
-    def run(version: str, keep_rows: int | None, rounds: range) -> list[str]:
+    def run(version: str, platform: str, keep_rows: int | None,
+            rounds: range) -> tuple[list[str], list[str]]:
         monkeypatch.setattr(metrics, "code_version", lambda: version)
+        monkeypatch.setattr(metrics, "numerics_platform", lambda: platform)
         recorder = RunRecorder(tmp_path / "run", config, keep_rows=keep_rows)
         for round_ in rounds:
             recorder.record({**summarise_round(round_, {0: {"accuracy": 0.5}}),
                              "exchanges": round_, "seconds": 1.0})
-        return json.loads((tmp_path / "run" / "summary.json").read_text())["code_versions"]
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        return summary["code_versions"], summary["platforms"]
 
-    assert run("git aaa", None, range(3)) == ["git aaa"]
-    assert run("git aaa", 3, range(3, 5)) == ["git aaa"]
-    assert run("git bbb", 5, range(5, 6)) == ["git aaa", "git bbb"]
+    assert run("git aaa", "torch 1, CPU X", None, range(3)) == (["git aaa"], ["torch 1, CPU X"])
+    assert run("git aaa", "torch 1, CPU X", 3, range(3, 5)) == (["git aaa"], ["torch 1, CPU X"])
+    assert run("git bbb", "torch 1, CPU X", 5, range(5, 6)) == (
+        ["git aaa", "git bbb"], ["torch 1, CPU X"])
+    assert run("git bbb", "torch 2, CPU Y", 6, range(6, 7)) == (
+        ["git aaa", "git bbb"], ["torch 1, CPU X", "torch 2, CPU Y"])
+
+
+def test_a_runs_summary_names_the_torch_build_and_cpu_kernels_it_ran_on(tmp_path):
+    recorder = RunRecorder(tmp_path / "run", RunConfig(num_nodes=2))
+    recorder.record({**summarise_round(0, {0: {"accuracy": 0.5}}), "exchanges": 0,
+                     "seconds": 1.0})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["platforms"] == [
+        f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}"]
