@@ -384,3 +384,26 @@ def test_an_override_reaches_the_rows_of_the_algorithms_that_have_it():
     assert {c.num_rounds for c in by_algorithm.values()} == {7}
     with pytest.warns(UserWarning, match="settings swarm_unmatched belong to no algorithm"):
         Sweep.load(SIMULATIONS / "fig2_p_sweep.yaml", ["swarm-unmatched=idle"])
+
+
+@pytest.mark.parametrize(("seeds_file", "table_file", "base_value"), [
+    ("table3_density_cnn_seeds", "table3_density_cnn", 0.5),
+    ("table4_nodes_cnn_seeds", "table4_nodes_cnn", 50),
+])
+def test_the_cnn_seed_sweeps_rerun_only_the_cells_their_tables_lack(seeds_file, table_file,
+                                                                    base_value):
+    """Three seeds of a CNN table's rows: its seed-0 cells are the table's runs, and its base
+    column's are Table 2's alpha = 0.1 runs (same config), so only the others are new."""
+    seeds = Sweep.load(SIMULATIONS / f"{seeds_file}.yaml")
+    table = Sweep.load(SIMULATIONS / f"{table_file}.yaml")
+    table2 = Sweep.load(SIMULATIONS / "table2_alpha_cnn_tuned.yaml")
+    assert seeds.seeds == (0, 1, 2) and (seeds.key, seeds.values) == (table.key, table.values)
+    assert set(seeds.methods) < set(table.methods)
+    assert seeds.reuses == (table.name, table2.name)
+    in_table = {c.id(table.key): c.config for c in table.cells()}
+    in_table2 = {(c.method, c.seed): c.config for c in table2.cells() if c.value == 0.1}
+    for cell in seeds.cells():
+        if cell.seed == 0:
+            assert cell.config == in_table[cell.id(seeds.key)]
+        if cell.value == base_value:
+            assert cell.config == in_table2[(cell.method, cell.seed)]
