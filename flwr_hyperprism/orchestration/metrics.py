@@ -116,7 +116,8 @@ class RunRecorder:
     summary.json's ``code_versions`` lists the code (``code_version``) that wrote the rows, in
     order: one entry, or more when a run was resumed by other code; ``platforms`` likewise the
     torch build and CPU kernels (``numerics_platform``) of the process that records (with
-    Flower on a fleet, the SuperNodes' may differ).
+    Flower on a fleet, the SuperNodes' may differ). A resumed run whose summary.json lacks
+    either list starts it with ``unknown``.
     """
 
     def __init__(self, run_dir: str | Path, config: RunConfig, description: str = "",
@@ -138,9 +139,12 @@ class RunRecorder:
                              f"rows but metrics.jsonl has {len(lines)}")
         self.rows: list[Row] = [json.loads(line) for line in lines[:keep_rows or 0]]
         self.nonfinite_final: list[int] = []
+        # a resumed run's rows so far were written by what its summary.json names: "unknown"
+        # where it names nothing (a run from before the key existed)
         earlier = self._earlier_summary() if keep_rows else {}
-        self.code_versions = appended(earlier.get("code_versions", []), code_version())
-        self.platforms = appended(earlier.get("platforms", []), numerics_platform())
+        unnamed = ["unknown"] if keep_rows else []
+        self.code_versions = appended(earlier.get("code_versions", unnamed), code_version())
+        self.platforms = appended(earlier.get("platforms", unnamed), numerics_platform())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.settings, indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))

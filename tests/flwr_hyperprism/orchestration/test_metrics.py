@@ -130,6 +130,12 @@ def test_summary_lists_the_code_and_platform_that_wrote_the_rows_and_a_resume_ad
         ["git aaa", "git bbb"], ["torch 1, CPU X"])
     assert run("git bbb", "torch 2, CPU Y", 6, range(6, 7)) == (
         ["git aaa", "git bbb"], ["torch 1, CPU X", "torch 2, CPU Y"])
+    # a run from before either list existed: who wrote its first rows is not known
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    del summary["code_versions"], summary["platforms"]
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    assert run("git bbb", "torch 2, CPU Y", 7, range(7, 8)) == (
+        ["unknown", "git bbb"], ["unknown", "torch 2, CPU Y"])
 
 
 def test_a_runs_summary_names_the_torch_build_and_cpu_kernels_it_ran_on(tmp_path):
