@@ -143,8 +143,8 @@ class RunRecorder:
         # where it names nothing (a run from before the key existed)
         earlier = self._earlier_summary() if keep_rows else {}
         unnamed = ["unknown"] if keep_rows else []
-        self.code_versions = appended(earlier.get("code_versions", unnamed), code_version())
-        self.platforms = appended(earlier.get("platforms", unnamed), numerics_platform())
+        self.code_versions = _writers_with(earlier.get("code_versions", unnamed), code_version())
+        self.platforms = _writers_with(earlier.get("platforms", unnamed), numerics_platform())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.settings, indent=2))
         metrics.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
@@ -178,9 +178,9 @@ class RunRecorder:
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
 
-def appended(earlier: list[str], running: str) -> list[str]:
-    """``earlier`` (what wrote a resumed run's rows, in order) with ``running`` added unless
-    it wrote the last of them."""
+def _writers_with(earlier: list[str], running: str) -> list[str]:
+    """The writers of a run's rows: ``earlier`` (those of a resumed run's rows, in order) and
+    then ``running``, unless it wrote the last of them."""
     return list(earlier) if earlier[-1:] == [running] else [*earlier, running]
 
 
